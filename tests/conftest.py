@@ -1,0 +1,31 @@
+"""Shared fixtures: the two real models come from their PyPI packages, assembled once per cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    from tandem.weights.default_model import gemma_model_path
+
+    return gemma_model_path()
+
+
+@pytest.fixture(scope="session")
+def qwen_gguf() -> Path:
+    from tandem.weights.default_model import default_model_path
+
+    return default_model_path()
