@@ -1,0 +1,102 @@
+"""Build a Hugging Face model on the meta device, inject operators by rules, load weights from GGUF."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from tandem.errors import WeightError
+from tandem.inject.injector import Placement, inject
+from tandem.inject.rules import load_rules
+from tandem.ops.base import TandemModule
+from tandem.weights.arch import get_architecture
+from tandem.weights.gguf_file import GGUFFile
+from tandem.weights.source import GGUFWeights
+
+
+@contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Create parameters on the meta device (no memory), keep buffers real.
+
+    Buffers such as rotary frequencies and Gemma's embedding scale are computed in
+    __init__ and are not in the weight file, so they must hold real values.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=False)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_meta_model(config: PretrainedConfig) -> PreTrainedModel:
+    """The Hugging Face causal LM for `config` with every parameter on the meta device."""
+    with meta_parameters():
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    return model.eval()
+
+
+def optimize_and_load_gguf(
+    model: nn.Module,
+    rule_path: str | Path,
+    gguf_path: str | Path | GGUFFile,
+    config: PretrainedConfig,
+    default_device: str = "cpu",
+    progress: bool = False,
+) -> list[Placement]:
+    """Inject the rules' operators into `model` (built on meta) and load every weight from the GGUF.
+
+    Operators load their own weights; modules no rule replaced get their parameters
+    dequantized onto their device. Returns where each matched module went.
+    """
+    gguf = gguf_path if isinstance(gguf_path, GGUFFile) else GGUFFile.open(gguf_path)
+    weights = GGUFWeights(gguf, get_architecture(gguf.architecture), config)
+    placements, devices = inject(model, load_rules(rule_path), config, default_device)
+    load_weights(model, weights, devices, progress)
+    # Operators that dequantize per call hold views of the mapped file: keep it open with the model.
+    model._tandem_gguf = gguf
+    return placements
+
+
+def load_weights(model: nn.Module, weights: GGUFWeights, devices: dict[str, str], progress: bool = False) -> None:
+    modules = list(model.named_modules())
+    ops = [(path, m) for path, m in modules if isinstance(m, TandemModule)]
+    inside_op = tuple(f"{path}." for path, _ in ops)
+    plain = [(path, m) for path, m in modules if not isinstance(m, TandemModule) and not path.startswith(inside_op or ("\0",))]
+    loaded: dict[int, nn.Parameter] = {}  # tied parameters (one object, two names) are loaded once
+    bar = tqdm(total=len(ops) + len(plain), desc="loading", unit="module", disable=not progress, leave=False)
+    for path, op in ops:
+        op.load(weights)
+        bar.update()
+    for path, module in plain:
+        device = devices.get(path, devices[""])
+        for name, param in list(module.named_parameters(recurse=False)):
+            full = f"{path}.{name}" if path else name
+            if id(param) not in loaded:
+                values = weights.dense(full, tuple(param.shape), torch.float32, device)
+                loaded[id(param)] = nn.Parameter(values, requires_grad=False)
+            module._parameters[name] = loaded[id(param)]
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.device.type != "meta":
+                module._buffers[name] = buffer.to(device)
+        bar.update()
+    bar.close()
+    _check_nothing_on_meta(model)
+
+
+def _check_nothing_on_meta(model: nn.Module) -> None:
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.device.type == "meta":
+            raise WeightError(f"{name} was not loaded: no rule's operator and no GGUF tensor provided it")
