@@ -1,0 +1,74 @@
+"""`tandem chat`: an interactive, multi-turn conversation through the model's chat template."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tandem.cli.common import (
+    add_model_arguments,
+    add_sampling_arguments,
+    encode_prompt,
+    load_from_args,
+    print_stats,
+    sampling_params,
+)
+
+HELP = "chat with a model (default: the embedded Qwen2.5-Coder-1.5B-Instruct); /clear, /exit"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--system", help="system message at the start of the conversation")
+    add_model_arguments(parser)
+    add_sampling_arguments(parser, max_new_tokens=512)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tandem.engine.generate import prefill_and_generate
+    from tandem.weights.chat_template import render_chat
+
+    sampling = sampling_params(args)
+    loaded = load_from_args(args)
+    tok = loaded.tokenizer
+    interactive = sys.stdin.isatty()
+    print(f"tandem chat: {loaded.name}. Type /clear to forget the conversation, /exit to quit.", file=sys.stderr)
+    if loaded.chat_template_is_fallback:
+        print("note: this model has no chat template; using tandem's plain fallback template", file=sys.stderr)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(start)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/clear":
+            history = list(start)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = render_chat(loaded.chat_template, history, add_generation_prompt=True, bos_token=tok.bos_token, eos_token=tok.eos_token)
+        ids = encode_prompt(tok, prompt)
+        if ids and len(ids) + args.max_new_tokens > loaded.config.max_position_embeddings:
+            history.pop()
+            print(f"the conversation ({len(ids)} tokens) no longer fits the context; use /clear", file=sys.stderr)
+            continue
+        # The whole conversation is prefilled again each turn: simple, and exact for any template.
+        result = prefill_and_generate(
+            loaded.model,
+            tok,
+            ids,
+            args.max_new_tokens,
+            sampling=sampling,
+            stop_token_ids=loaded.stop_token_ids,
+            stop_strings=args.stop,
+            on_text=lambda piece: print(piece, end="", flush=True),
+        )
+        print(flush=True)
+        print_stats(result)
+        history.append({"role": "assistant", "content": result.text})
+    return 0

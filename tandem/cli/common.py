@@ -1,0 +1,117 @@
+"""Arguments and loading shared by the verbs that run a model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from tandem.errors import TandemError
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", "-m", metavar="PATH", help="GGUF file or directory of split parts (default: the embedded Qwen2.5-Coder-1.5B-Instruct)")
+    group.add_argument("--rules", metavar="FILE", help="YAML rule file (default: the architecture's rules)")
+    group.add_argument("--config", metavar="DIR", help="take config and tokenizer from this Hugging Face model directory")
+    group.add_argument("--threads", "-t", type=positive_int, metavar="N", help="CPU threads (default: torch's choice)")
+    group.add_argument("--device", default="cpu", help="default device for modules no rule places (default: cpu)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", "-n", type=positive_int, default=max_new_tokens, metavar="N")
+    group.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default: 0.8)")
+    group.add_argument("--top-k", type=int, default=40, help="0 disables (default: 40)")
+    group.add_argument("--top-p", type=float, default=0.95, help="1 disables (default: 0.95)")
+    group.add_argument("--min-p", type=float, default=0.05, help="0 disables (default: 0.05)")
+    group.add_argument("--repeat-penalty", type=float, default=1.0, help="1 disables (default: 1.0)")
+    group.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    group.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def sampling_params(args: argparse.Namespace):
+    from tandem.engine.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repeat_penalty,
+        seed=args.seed,
+    )
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """The --model argument, or the embedded default model (assembled on first use)."""
+    if model:
+        path = Path(model)
+        if not path.exists():
+            raise TandemError(f"model not found: {path}")
+        return path
+    from tqdm import tqdm
+
+    from tandem.weights.default_model import default_model_path
+
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="assembling the default model", file=sys.stderr)
+        bar.update(done - bar.n)
+
+    try:
+        return default_model_path(progress)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def load_from_args(args: argparse.Namespace):
+    """Load the model the arguments name, with a progress bar on stderr."""
+    from tandem.inject.model import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise TandemError(f"{args.device!r} is not a device") from None
+    path = resolve_model_path(args.model)
+    if args.rules and not Path(args.rules).is_file():
+        raise TandemError(f"rule file not found: {args.rules}")
+    return load_model(path, rules=args.rules, config_dir=args.config, device=args.device, progress=sys.stderr.isatty())
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of already-formatted text, with BOS added exactly once when the model wants one."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if getattr(tokenizer, "add_bos_token", False) and bos is not None and (not ids or ids[0] != bos):
+        ids.insert(0, bos)
+    if not ids:
+        raise TandemError("the prompt is empty")
+    return ids
+
+
+def print_stats(result, stream=sys.stderr) -> None:
+    print(
+        f"[{result.n_prompt} prompt tokens, {result.prefill_tok_s:.1f} tok/s prefill; "
+        f"{result.n_generated} generated, {result.decode_tok_s:.1f} tok/s decode]",
+        file=stream,
+        flush=True,
+    )

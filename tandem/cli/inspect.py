@@ -1,0 +1,132 @@
+"""`tandem inspect`: what a GGUF file holds, and what running it will take."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter, defaultdict
+
+from tandem.cli.common import resolve_model_path
+
+HELP = "describe a GGUF file: architecture, metadata, tensors by type, parameters, estimated RAM"
+
+LONG_ARRAY = 16  # arrays longer than this are summarised, not printed
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", nargs="?", help="GGUF file or directory of split parts (default: the embedded model)")
+    parser.add_argument("--metadata", action="store_true", help="print every metadata key")
+    parser.add_argument("--tensors", action="store_true", help="list every tensor")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tandem.errors import TandemError
+    from tandem.weights.arch import config_of
+    from tandem.weights.gguf_file import GGUFFile
+
+    with GGUFFile.open(resolve_model_path(args.file)) as gguf:
+        report = describe(gguf)
+        try:
+            config = config_of(gguf)
+            report["config"] = {k: getattr(config, k, None) for k in CONFIG_KEYS if getattr(config, k, None) is not None}
+            report["kv_cache_bytes_per_token"] = kv_bytes_per_token(config)
+        except TandemError as error:  # an unsupported family is still worth inspecting
+            report["config_error"] = str(error)
+        if args.metadata:
+            report["metadata"] = {k: summarise(v) for k, v in gguf.metadata.items()}
+        if args.tensors:
+            report["tensors"] = [
+                {"name": t.name, "type": t.ggml_type.name, "shape": list(t.shape), "bytes": t.n_bytes} for t in gguf.tensors.values()
+            ]
+    if args.json:
+        print(json.dumps(report, default=str))
+    else:
+        print_report(report)
+    return 0
+
+
+CONFIG_KEYS = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+    "sliding_window", "tie_word_embeddings",
+)  # fmt: skip
+
+
+def describe(gguf) -> dict:
+    by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # count, bytes, params
+    params = 0
+    dense_bytes = 0
+    for t in gguf.tensors.values():
+        n = 1
+        for d in t.shape:
+            n *= d
+        params += n
+        row = by_type[t.ggml_type.name]
+        row[0] += 1
+        row[1] += t.n_bytes
+        row[2] += n
+        # The default rules keep the token table quantized and dequantize the rest to float32;
+        # a model without output.weight also dequantizes the table for its tied lm_head.
+        dense_bytes += t.n_bytes if t.name == "token_embd.weight" else 4 * n
+        if t.name == "token_embd.weight" and "output.weight" not in gguf.tensors:
+            dense_bytes += 4 * n
+    meta = gguf.metadata
+    return {
+        "file": [str(p) for p in gguf.paths],
+        "architecture": gguf.architecture,
+        "name": meta.get("general.name"),
+        "file_type": meta.get("general.file_type"),
+        "context_length": meta.get(f"{gguf.architecture}.context_length"),
+        "vocab_size": len(meta["tokenizer.ggml.tokens"]) if isinstance(meta.get("tokenizer.ggml.tokens"), list) else None,
+        "chat_template": "tokenizer.chat_template" in meta,
+        "n_tensors": len(gguf.tensors),
+        "parameters": params,
+        "tensor_bytes": sum(t.n_bytes for t in gguf.tensors.values()),
+        "by_type": {k: {"tensors": v[0], "bytes": v[1], "parameters": v[2]} for k, v in sorted(by_type.items())},
+        "ram_default_rules_bytes": dense_bytes,
+    }
+
+
+def kv_bytes_per_token(config) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # K and V, float32
+
+
+def summarise(value):
+    if isinstance(value, list) and len(value) > LONG_ARRAY:
+        kinds = Counter(type(v).__name__ for v in value)
+        return f"[{len(value)} items: {', '.join(kinds)}]"
+    if isinstance(value, str) and len(value) > 200:
+        return value[:200] + f"... ({len(value)} chars)"
+    return value
+
+
+def print_report(r: dict) -> None:
+    gib = 1 << 30
+    print(f"file          {', '.join(r['file'])}")
+    print(f"architecture  {r['architecture']}  ({r['name']})")
+    print(f"parameters    {r['parameters'] / 1e9:.3f} B in {r['n_tensors']} tensors, {r['tensor_bytes'] / gib:.2f} GiB")
+    print(f"vocabulary    {r['vocab_size']} tokens; chat template: {'yes' if r['chat_template'] else 'no (fallback)'}")
+    print(f"context       {r['context_length']}")
+    if "config" in r:
+        c = r["config"]
+        print(
+            f"layers        {c.get('num_hidden_layers')} × hidden {c.get('hidden_size')}, ffn {c.get('intermediate_size')}, "
+            f"heads {c.get('num_attention_heads')} (kv {c.get('num_key_value_heads')}), head dim {c.get('head_dim')}"
+        )
+        print(f"KV cache      {r['kv_cache_bytes_per_token'] / 1024:.1f} KiB per token (float32)")
+    else:
+        print(f"config        not supported: {r['config_error']}")
+    print(f"RAM estimate  {r['ram_default_rules_bytes'] / gib:.2f} GiB with the default CPU rules (weights dequantized to float32)")
+    print("tensor types:")
+    for name, v in r["by_type"].items():
+        print(f"  {name:8} {v['tensors']:5} tensors  {v['bytes'] / (1 << 20):10.1f} MiB  {v['parameters'] / 1e6:10.1f} M params")
+    if "metadata" in r:
+        print("metadata:")
+        for k, v in r["metadata"].items():
+            print(f"  {k} = {v}")
+    if "tensors" in r:
+        print("tensors:")
+        for t in r["tensors"]:
+            print(f"  {t['name']:40} {t['type']:6} {str(t['shape']):22} {t['bytes']:>12,} B")
