@@ -20,6 +20,14 @@ from tandem.weights.gguf_file import GGUFFile
 from tandem.weights.source import GGUFWeights
 
 
+RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
+
+
+def default_rules(architecture: str) -> Path:
+    """The rule file shipped for a GGUF architecture."""
+    return RULES_DIR / get_architecture(architecture).rules_file
+
+
 @contextmanager
 def meta_parameters() -> Iterator[None]:
     """Create parameters on the meta device (no memory), keep buffers real.

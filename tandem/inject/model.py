@@ -9,14 +9,11 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from tandem.errors import TandemError
 from tandem.inject.injector import Placement
-from tandem.inject.loader import build_meta_model, optimize_and_load_gguf
-from tandem.weights.arch import config_of, get_architecture
+from tandem.inject.loader import build_meta_model, default_rules, optimize_and_load_gguf
+from tandem.weights.arch import config_of
 from tandem.weights.chat_template import chat_template_of
 from tandem.weights.gguf_file import GGUFFile
 from tandem.weights.tokenizer import eos_token_ids, load_tokenizer
-
-RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
-
 
 @dataclass
 class LoadedModel:
@@ -32,10 +29,6 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return str(self.gguf.metadata.get("general.name") or self.gguf.paths[0].stem)
-
-
-def default_rules(architecture: str) -> Path:
-    return RULES_DIR / get_architecture(architecture).rules_file
 
 
 def load_model(
