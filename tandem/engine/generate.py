@@ -1,0 +1,179 @@
+"""The generation loop: prefill the prompt into a KV cache, then decode token by token.
+
+Works with any transformers 5.x causal LM (`model(input_ids=..., past_key_values=cache,
+use_cache=True).logits`, or `cache=` where the model's forward names it so), whether its
+modules are Hugging Face's or tandem's.
+"""
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import DynamicCache
+
+from tandem.engine.errors import EngineError
+from tandem.engine.model_io import (
+    accepts_logits_to_keep,
+    as_token_list,
+    cache_kwarg,
+    check_token_range,
+    input_device,
+    vocab_size_of,
+)
+from tandem.engine.sampling import Sampler, SamplingParams
+from tandem.engine.stops import TextStream
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class GenerationResult:
+    """One finished generation.
+
+    token_ids: the new tokens only, including a stop token id or the tokens that
+        spelled a stop string (they were generated), though neither is in `text`.
+    text: the new text, ending before any stop string; equal to the concatenated
+        `on_text` pieces.
+    prefill_s: prompt forward passes plus picking the first new token (time to first token).
+    decode_s: everything after, i.e. the `n_generated - 1` decode steps.
+    """
+
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    n_prompt: int
+    n_generated: int
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.n_prompt / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Decode steps per second: the first new token came from prefill, so it is not counted."""
+        steps = self.n_generated - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+
+def _sync(device: torch.device) -> None:
+    # CUDA work is asynchronous; without this a timer measures only the launches.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _forward_last_logits(model: torch.nn.Module, ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Run `ids` [1, T] through the model, appending to the cache in `kwargs`; return the last logits [V]."""
+    return model(input_ids=ids, use_cache=True, **kwargs).logits[0, -1]  # [V]
+
+
+def _prefill(
+    model: torch.nn.Module,
+    prompt: list[int],
+    chunk: int,
+    device: torch.device,
+    kwargs: dict,
+) -> torch.Tensor:
+    """Fill the cache with the prompt, `chunk` tokens per forward pass; return the next-token logits [V]."""
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)  # [1, T]
+    logits = None
+    for start in range(0, len(prompt), chunk):
+        logits = _forward_last_logits(model, ids[:, start : start + chunk], kwargs)
+    return logits
+
+
+def _check_args(
+    max_new_tokens: int, prefill_chunk: int | None, stop_token_ids: Iterable[int]
+) -> frozenset[int]:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise EngineError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if prefill_chunk is not None and (
+        isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk <= 0
+    ):
+        raise EngineError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}")
+    stops = frozenset(as_token_list(list(stop_token_ids), "stop_token_ids"))
+    return stops
+
+
+def prefill_and_generate(
+    model: torch.nn.Module,
+    tokenizer,
+    input_ids: Sequence[int] | torch.Tensor,
+    max_new_tokens: int,
+    *,
+    sampling: SamplingParams | None = None,
+    stop_token_ids: Iterable[int] = (),
+    stop_strings: Iterable[str] = (),
+    on_text: Callable[[str], None] | None = None,
+    prefill_chunk: int | None = None,
+) -> GenerationResult:
+    """Generate up to `max_new_tokens` tokens after the prompt `input_ids` (a list, [T] or [1, T]).
+
+    sampling: None means greedy. Stops at the first stop token id or stop string
+    ("stop"), else after `max_new_tokens` tokens ("length"). `on_text` receives the
+    text as it becomes safe to show (never half a character, never what might yet
+    be a stop string). `prefill_chunk` bounds the tokens per prefill forward pass.
+    """
+    prompt = as_token_list(input_ids, "input_ids")
+    if not prompt:
+        raise EngineError("the prompt is empty: generation needs at least one input token")
+    stop_ids = _check_args(max_new_tokens, prefill_chunk, stop_token_ids)
+    vocab = vocab_size_of(model)
+    check_token_range(prompt, vocab, "prompt token ids")
+    sampler = Sampler(sampling if sampling is not None else SamplingParams(temperature=0.0))
+    stream = TextStream(tokenizer, stop_strings, context_ids=prompt)
+    device = input_device(model)
+    chunk = prefill_chunk if prefill_chunk is not None else len(prompt)
+
+    pieces: list[str] = []
+
+    def emit(piece: str) -> None:
+        if piece:
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+
+    out_ids: list[int] = []
+    # Repetition penalty looks at prompt and output alike, as transformers does.
+    seen = list(prompt)
+    finish: FinishReason = "length"
+    with torch.inference_mode():
+        # Sized from the config so that sliding-window and hybrid layers get their own cache kind.
+        kwargs = {cache_kwarg(model): DynamicCache(config=model.config)}
+        if accepts_logits_to_keep(model):
+            kwargs["logits_to_keep"] = 1
+        t0 = time.perf_counter()
+        logits = _prefill(model, prompt, chunk, device, kwargs)
+        token = sampler.sample(logits, seen)  # .item() inside waits for the device
+        _sync(device)
+        t1 = time.perf_counter()
+        while True:
+            out_ids.append(token)
+            seen.append(token)
+            if token in stop_ids:
+                finish = "stop"
+                break
+            emit(stream.push(token))
+            if stream.stopped:
+                finish = "stop"
+                break
+            if len(out_ids) >= max_new_tokens:
+                break
+            step = torch.tensor([[token]], dtype=torch.long, device=device)  # [1, 1]
+            logits = _forward_last_logits(model, step, kwargs)
+            token = sampler.sample(logits, seen)
+        emit(stream.flush())
+        _sync(device)
+        t2 = time.perf_counter()
+    return GenerationResult(
+        token_ids=out_ids,
+        text="".join(pieces),
+        finish_reason=finish,
+        n_prompt=len(prompt),
+        n_generated=len(out_ids),
+        prefill_s=t1 - t0,
+        decode_s=t2 - t1,
+    )
