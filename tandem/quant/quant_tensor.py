@@ -34,7 +34,7 @@ class QuantTensor:
     def __post_init__(self) -> None:
         if self.data.dtype != torch.uint8 or self.data.dim() != 1:
             raise WeightError(f"tensor {self.name!r}: raw data must be a 1-D uint8 tensor")
-        block_size, type_size = block_layout(self.ggml_type, self.name)
+        block_size, _ = block_layout(self.ggml_type, self.name)
         if not self.shape or self.shape[-1] % block_size != 0:
             raise WeightError(
                 f"tensor {self.name!r}: row length {self.shape[-1] if self.shape else 0} "
