@@ -20,7 +20,9 @@ PROMPT = "The capital of France is"
 
 
 def _hf_reference(path):
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
 
 
 @pytest.fixture(scope="module", params=["gemma", "qwen"])

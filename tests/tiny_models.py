@@ -37,7 +37,12 @@ def tiny_config(arch: str, tie: bool = False):
         return Qwen2Config(**COMMON, rope_theta=10000.0, tie_word_embeddings=tie)
     if arch == "gemma3":
         return Gemma3TextConfig(
-            **COMMON, head_dim=32, rope_theta=10000.0, sliding_window=8, query_pre_attn_scalar=32, tie_word_embeddings=True
+            **COMMON,
+            head_dim=32,
+            rope_theta=10000.0,
+            sliding_window=8,
+            query_pre_attn_scalar=32,
+            tie_word_embeddings=True,
         )
     raise ValueError(arch)
 
@@ -57,7 +62,9 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model, arch: str, path: Path, quant: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32) -> Path:
+def write_gguf(
+    model, arch: str, path: Path, quant: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32
+) -> Path:
     config = model.config
     spec = get_architecture(arch)
     writer = gguf.GGUFWriter(str(path), arch)

@@ -34,5 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as error:
         # Files the user named: missing, unreadable, disk full. One line, no traceback.
-        print(f"tandem: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
+        print(
+            f"tandem: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr
+        )
         return 1

@@ -31,9 +31,13 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_from_args(args)
     tok = loaded.tokenizer
     interactive = sys.stdin.isatty()
-    print(f"tandem chat: {loaded.name}. Type /clear to forget the conversation, /exit to quit.", file=sys.stderr)
+    print(
+        f"tandem chat: {loaded.name}. Type /clear to forget the conversation, /exit to quit.", file=sys.stderr
+    )
     if loaded.chat_template_is_fallback:
-        print("note: this model has no chat template; using tandem's plain fallback template", file=sys.stderr)
+        print(
+            "note: this model has no chat template; using tandem's plain fallback template", file=sys.stderr
+        )
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
     while True:
@@ -51,11 +55,20 @@ def run(args: argparse.Namespace) -> int:
             print("(conversation cleared)", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
-        prompt = render_chat(loaded.chat_template, history, add_generation_prompt=True, bos_token=tok.bos_token, eos_token=tok.eos_token)
+        prompt = render_chat(
+            loaded.chat_template,
+            history,
+            add_generation_prompt=True,
+            bos_token=tok.bos_token,
+            eos_token=tok.eos_token,
+        )
         ids = encode_prompt(tok, prompt)
         if ids and len(ids) + args.max_new_tokens > loaded.config.max_position_embeddings:
             history.pop()
-            print(f"the conversation ({len(ids)} tokens) no longer fits the context; use /clear", file=sys.stderr)
+            print(
+                f"the conversation ({len(ids)} tokens) no longer fits the context; use /clear",
+                file=sys.stderr,
+            )
             continue
         # The whole conversation is prefilled again each turn: simple, and exact for any template.
         result = prefill_and_generate(

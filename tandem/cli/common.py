@@ -13,11 +13,22 @@ from tandem.errors import TandemError
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", "-m", metavar="PATH", help="GGUF file or directory of split parts (default: the embedded Qwen2.5-Coder-1.5B-Instruct)")
+    group.add_argument(
+        "--model",
+        "-m",
+        metavar="PATH",
+        help="GGUF file or directory of split parts (default: the embedded Qwen2.5-Coder-1.5B-Instruct)",
+    )
     group.add_argument("--rules", metavar="FILE", help="YAML rule file (default: the architecture's rules)")
-    group.add_argument("--config", metavar="DIR", help="take config and tokenizer from this Hugging Face model directory")
-    group.add_argument("--threads", "-t", type=positive_int, metavar="N", help="CPU threads (default: torch's choice)")
-    group.add_argument("--device", default="cpu", help="default device for modules no rule places (default: cpu)")
+    group.add_argument(
+        "--config", metavar="DIR", help="take config and tokenizer from this Hugging Face model directory"
+    )
+    group.add_argument(
+        "--threads", "-t", type=positive_int, metavar="N", help="CPU threads (default: torch's choice)"
+    )
+    group.add_argument(
+        "--device", default="cpu", help="default device for modules no rule places (default: cpu)"
+    )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -71,7 +82,9 @@ def resolve_model_path(model: str | None) -> Path:
     def progress(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc="assembling the default model", file=sys.stderr)
+            bar = tqdm(
+                total=total, unit="B", unit_scale=True, desc="assembling the default model", file=sys.stderr
+            )
         bar.update(done - bar.n)
 
     try:
@@ -94,7 +107,9 @@ def load_from_args(args: argparse.Namespace):
     path = resolve_model_path(args.model)
     if args.rules and not Path(args.rules).is_file():
         raise TandemError(f"rule file not found: {args.rules}")
-    return load_model(path, rules=args.rules, config_dir=args.config, device=args.device, progress=sys.stderr.isatty())
+    return load_model(
+        path, rules=args.rules, config_dir=args.config, device=args.device, progress=sys.stderr.isatty()
+    )
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

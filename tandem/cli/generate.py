@@ -20,7 +20,9 @@ HELP = "generate a completion of a prompt (greedy with --temperature 0)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", "-p", help="the prompt text (default: read standard input)")
-    parser.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    parser.add_argument(
+        "--chat", action="store_true", help="send the prompt as a user message through the chat template"
+    )
     parser.add_argument("--system", help="system message, with --chat")
     parser.add_argument("--quiet", "-q", action="store_true", help="don't print timings")
     add_model_arguments(parser)
@@ -38,8 +40,16 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_from_args(args)
     tok = loaded.tokenizer
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
-        prompt = render_chat(loaded.chat_template, messages, add_generation_prompt=True, bos_token=tok.bos_token, eos_token=tok.eos_token)
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        prompt = render_chat(
+            loaded.chat_template,
+            messages,
+            add_generation_prompt=True,
+            bos_token=tok.bos_token,
+            eos_token=tok.eos_token,
+        )
     result = prefill_and_generate(
         loaded.model,
         tok,

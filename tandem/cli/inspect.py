@@ -14,7 +14,9 @@ LONG_ARRAY = 16  # arrays longer than this are summarised, not printed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", nargs="?", help="GGUF file or directory of split parts (default: the embedded model)")
+    parser.add_argument(
+        "file", nargs="?", help="GGUF file or directory of split parts (default: the embedded model)"
+    )
     parser.add_argument("--metadata", action="store_true", help="print every metadata key")
     parser.add_argument("--tensors", action="store_true", help="list every tensor")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -29,7 +31,9 @@ def run(args: argparse.Namespace) -> int:
         report = describe(gguf)
         try:
             config = config_of(gguf)
-            report["config"] = {k: getattr(config, k, None) for k in CONFIG_KEYS if getattr(config, k, None) is not None}
+            report["config"] = {
+                k: getattr(config, k, None) for k in CONFIG_KEYS if getattr(config, k, None) is not None
+            }
             report["kv_cache_bytes_per_token"] = kv_bytes_per_token(config)
         except TandemError as error:  # an unsupported family is still worth inspecting
             report["config_error"] = str(error)
@@ -37,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
             report["metadata"] = {k: summarise(v) for k, v in gguf.metadata.items()}
         if args.tensors:
             report["tensors"] = [
-                {"name": t.name, "type": t.ggml_type.name, "shape": list(t.shape), "bytes": t.n_bytes} for t in gguf.tensors.values()
+                {"name": t.name, "type": t.ggml_type.name, "shape": list(t.shape), "bytes": t.n_bytes}
+                for t in gguf.tensors.values()
             ]
     if args.json:
         print(json.dumps(report, default=str))
@@ -78,12 +83,16 @@ def describe(gguf) -> dict:
         "name": meta.get("general.name"),
         "file_type": meta.get("general.file_type"),
         "context_length": meta.get(f"{gguf.architecture}.context_length"),
-        "vocab_size": len(meta["tokenizer.ggml.tokens"]) if isinstance(meta.get("tokenizer.ggml.tokens"), list) else None,
+        "vocab_size": len(meta["tokenizer.ggml.tokens"])
+        if isinstance(meta.get("tokenizer.ggml.tokens"), list)
+        else None,
         "chat_template": "tokenizer.chat_template" in meta,
         "n_tensors": len(gguf.tensors),
         "parameters": params,
         "tensor_bytes": sum(t.n_bytes for t in gguf.tensors.values()),
-        "by_type": {k: {"tensors": v[0], "bytes": v[1], "parameters": v[2]} for k, v in sorted(by_type.items())},
+        "by_type": {
+            k: {"tensors": v[0], "bytes": v[1], "parameters": v[2]} for k, v in sorted(by_type.items())
+        },
         "ram_default_rules_bytes": dense_bytes,
     }
 
@@ -106,8 +115,12 @@ def print_report(r: dict) -> None:
     gib = 1 << 30
     print(f"file          {', '.join(r['file'])}")
     print(f"architecture  {r['architecture']}  ({r['name']})")
-    print(f"parameters    {r['parameters'] / 1e9:.3f} B in {r['n_tensors']} tensors, {r['tensor_bytes'] / gib:.2f} GiB")
-    print(f"vocabulary    {r['vocab_size']} tokens; chat template: {'yes' if r['chat_template'] else 'no (fallback)'}")
+    print(
+        f"parameters    {r['parameters'] / 1e9:.3f} B in {r['n_tensors']} tensors, {r['tensor_bytes'] / gib:.2f} GiB"
+    )
+    print(
+        f"vocabulary    {r['vocab_size']} tokens; chat template: {'yes' if r['chat_template'] else 'no (fallback)'}"
+    )
     print(f"context       {r['context_length']}")
     if "config" in r:
         c = r["config"]
@@ -118,10 +131,14 @@ def print_report(r: dict) -> None:
         print(f"KV cache      {r['kv_cache_bytes_per_token'] / 1024:.1f} KiB per token (float32)")
     else:
         print(f"config        not supported: {r['config_error']}")
-    print(f"RAM estimate  {r['ram_default_rules_bytes'] / gib:.2f} GiB with the default CPU rules (weights dequantized to float32)")
+    print(
+        f"RAM estimate  {r['ram_default_rules_bytes'] / gib:.2f} GiB with the default CPU rules (weights dequantized to float32)"
+    )
     print("tensor types:")
     for name, v in r["by_type"].items():
-        print(f"  {name:8} {v['tensors']:5} tensors  {v['bytes'] / (1 << 20):10.1f} MiB  {v['parameters'] / 1e6:10.1f} M params")
+        print(
+            f"  {name:8} {v['tensors']:5} tensors  {v['bytes'] / (1 << 20):10.1f} MiB  {v['parameters'] / 1e6:10.1f} M params"
+        )
     if "metadata" in r:
         print("metadata:")
         for k, v in r["metadata"].items():
@@ -129,4 +146,4 @@ def print_report(r: dict) -> None:
     if "tensors" in r:
         print("tensors:")
         for t in r["tensors"]:
-            print(f"  {t['name']:40} {t['type']:6} {str(t['shape']):22} {t['bytes']:>12,} B")
+            print(f"  {t['name']:40} {t['type']:6} {t['shape']!s:22} {t['bytes']:>12,} B")

@@ -14,7 +14,14 @@ HELP = "measure perplexity on a text file (non-overlapping windows, second half 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-file", "-f", required=True, metavar="FILE", help="UTF-8 text to score")
-    parser.add_argument("--ctx", "-c", type=positive_int, default=512, metavar="N", help="window size in tokens (default: 512)")
+    parser.add_argument(
+        "--ctx",
+        "-c",
+        type=positive_int,
+        default=512,
+        metavar="N",
+        help="window size in tokens (default: 512)",
+    )
     parser.add_argument("--chunks", type=positive_int, metavar="K", help="score at most K windows")
     add_model_arguments(parser)
 
@@ -39,5 +46,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{chunk}]{running:.4f}", end=" " if chunk < total else "\n", file=sys.stderr, flush=True)
 
     result = perplexity(loaded.model, ids, args.ctx, n_chunks=args.chunks, bos_id=bos, progress=progress)
-    print(f"PPL = {result.ppl:.4f} +/- {result.ppl_stderr:.4f} ({result.n_chunks} chunks of {args.ctx}, {result.n_tokens_scored} tokens scored)")
+    print(
+        f"PPL = {result.ppl:.4f} +/- {result.ppl_stderr:.4f} ({result.n_chunks} chunks of {args.ctx}, {result.n_tokens_scored} tokens scored)"
+    )
     return 0

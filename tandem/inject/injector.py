@@ -38,18 +38,13 @@ def inject(model: nn.Module, rules: list[Rule], config: PretrainedConfig, defaul
             child_device = device
             if rule is not None:
                 child_device = rule.kwargs.get("generate_device", device)
+                original = type(child).__name__
+                operator = None
                 if rule.replace_class is not None:
-                    child = _build(rule, path, child, config)
+                    child = _build(rule, path, child, config, child_device)
                     parent.add_module(name, child)
-                placements.append(
-                    Placement(
-                        path,
-                        type(child).__name__ if rule.replace_class is None else _orig_name(parent, name, child),
-                        None if rule.replace_class is None else f"{rule.replace_class.__module__}.{rule.replace_class.__name__}",
-                        child_device,
-                        rule.where,
-                    )
-                )
+                    operator = f"{rule.replace_class.__module__}.{rule.replace_class.__name__}"
+                placements.append(Placement(path, original, operator, child_device, rule.where))
             devices[path] = child_device
             if rule is None or rule.recursive:
                 visit(child, path, child_device)
@@ -60,18 +55,13 @@ def inject(model: nn.Module, rules: list[Rule], config: PretrainedConfig, defaul
     return placements, devices
 
 
-def _build(rule: Rule, path: str, orig: nn.Module, config: PretrainedConfig) -> nn.Module:
-    kwargs = dict(rule.kwargs)
+def _build(rule: Rule, path: str, orig: nn.Module, config: PretrainedConfig, device: str) -> nn.Module:
+    # An operator whose rule names no device runs where its parent does.
+    kwargs = {"generate_device": device, **rule.kwargs}
     try:
-        op = rule.replace_class(path, orig, config, **kwargs)
+        return rule.replace_class(path, orig, config, **kwargs)
     except TandemError as error:
         raise RuleError(f"{rule.where} on {path}: {error}") from None
-    op._tandem_original = type(orig).__name__
-    return op
-
-
-def _orig_name(parent: nn.Module, name: str, op: nn.Module) -> str:
-    return getattr(op, "_tandem_original", type(op).__name__)
 
 
 def _inherit(module: nn.Module, prefix: str, device: str, devices: dict[str, str]) -> None:

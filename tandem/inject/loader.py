@@ -19,7 +19,6 @@ from tandem.weights.arch import get_architecture
 from tandem.weights.gguf_file import GGUFFile
 from tandem.weights.source import GGUFWeights
 
-
 RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
 
 
@@ -78,14 +77,20 @@ def optimize_and_load_gguf(
     return placements
 
 
-def load_weights(model: nn.Module, weights: GGUFWeights, devices: dict[str, str], progress: bool = False) -> None:
+def load_weights(
+    model: nn.Module, weights: GGUFWeights, devices: dict[str, str], progress: bool = False
+) -> None:
     modules = list(model.named_modules())
     ops = [(path, m) for path, m in modules if isinstance(m, TandemModule)]
     inside_op = tuple(f"{path}." for path, _ in ops)
-    plain = [(path, m) for path, m in modules if not isinstance(m, TandemModule) and not path.startswith(inside_op or ("\0",))]
+    plain = [
+        (path, m)
+        for path, m in modules
+        if not isinstance(m, TandemModule) and not path.startswith(inside_op or ("\0",))
+    ]
     loaded: dict[int, nn.Parameter] = {}  # tied parameters (one object, two names) are loaded once
     bar = tqdm(total=len(ops) + len(plain), desc="loading", unit="module", disable=not progress, leave=False)
-    for path, op in ops:
+    for _, op in ops:
         op.load(weights)
         bar.update()
     for path, module in plain:

@@ -15,6 +15,7 @@ from tandem.weights.chat_template import chat_template_of
 from tandem.weights.gguf_file import GGUFFile
 from tandem.weights.tokenizer import eos_token_ids, load_tokenizer
 
+
 @dataclass
 class LoadedModel:
     model: PreTrainedModel
@@ -54,7 +55,9 @@ def load_model(
         if config_dir is not None and getattr(tokenizer, "chat_template", None):
             template, is_fallback = tokenizer.chat_template, False
         model = build_meta_model(config)
-        placements = optimize_and_load_gguf(model, rules or default_rules(gguf.architecture), gguf, config, device, progress)
+        placements = optimize_and_load_gguf(
+            model, rules or default_rules(gguf.architecture), gguf, config, device, progress
+        )
     except BaseException:
         gguf.close()
         raise
@@ -69,5 +72,7 @@ def _from_config_dir(directory: Path) -> tuple[PretrainedConfig, PreTrainedToken
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
-        raise TandemError(f"cannot load the config or tokenizer from {directory}: {' '.join(str(error).split())}") from None
+        raise TandemError(
+            f"cannot load the config or tokenizer from {directory}: {' '.join(str(error).split())}"
+        ) from None
     return config, tokenizer

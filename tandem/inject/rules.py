@@ -119,7 +119,9 @@ def _parse_rule(item: Any, index: int, source: str) -> Rule:
 def _check_keys(mapping: dict, allowed: set[str], where: str) -> None:
     unknown = sorted(str(k) for k in mapping if k not in allowed)
     if unknown:
-        raise RuleError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
+        raise RuleError(
+            f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})"
+        )
 
 
 def _import_class(dotted: Any, where: str) -> type:

@@ -74,4 +74,6 @@ class QuantLinear(TandemModule):
         return y.to(device=x.device, dtype=x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, in={self.in_features}, out={self.out_features}, dequant={self.dequant}"
+        return (
+            f"{super().extra_repr()}, in={self.in_features}, out={self.out_features}, dequant={self.dequant}"
+        )

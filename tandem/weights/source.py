@@ -23,9 +23,13 @@ class GGUFWeights:
     def gguf_name(self, hf_name: str) -> str:
         name = self.arch.gguf_tensor_name(hf_name, self.config)
         if name is None:
-            raise WeightError(f"parameter {hf_name!r} has no GGUF tensor in the {self.arch.gguf_name} name map")
+            raise WeightError(
+                f"parameter {hf_name!r} has no GGUF tensor in the {self.arch.gguf_name} name map"
+            )
         if name not in self.gguf.tensors:
-            raise WeightError(f"tensor {name!r} (for parameter {hf_name!r}) is missing from {self.gguf.paths[0].name}")
+            raise WeightError(
+                f"tensor {name!r} (for parameter {hf_name!r}) is missing from {self.gguf.paths[0].name}"
+            )
         return name
 
     def has(self, hf_name: str) -> bool:

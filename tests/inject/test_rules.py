@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_config, tiny_model, write_gguf
 from torch import nn
 
 from tandem.errors import RuleError, WeightError
@@ -14,7 +15,6 @@ from tandem.ops.linear import QuantLinear
 from tandem.ops.norm import RMSNorm
 from tandem.weights.arch import config_of
 from tandem.weights.gguf_file import GGUFFile
-from tiny_models import tiny_config, tiny_model, write_gguf
 
 LINEAR = "tandem.ops.linear.QuantLinear"
 
@@ -38,7 +38,10 @@ def test_first_matching_rule_wins():
     up = model.model.layers[0].mlp.up_proj
     assert isinstance(down, QuantLinear) and down.dequant == "call"
     assert isinstance(up, QuantLinear) and up.dequant == "load"
-    assert {p.path for p in placements if p.rule.endswith("rule 1")} == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+    assert {p.path for p in placements if p.rule.endswith("rule 1")} == {
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.down_proj",
+    }
 
 
 def test_recursive_false_stops_descent_and_places_subtree():
@@ -76,10 +79,19 @@ def test_class_match_by_dotted_path():
     ("text", "needle"),
     [
         ("- match: {class: tandem.ops.NoSuchOp}\n  replace: {class: default}", "rule 1"),
-        ("- match: {class: no_such_module.Thing}\n  replace: {class: default}", "cannot import module 'no_such_module'"),
-        (f"- match: {{name: x}}\n  replace: {{class: {LINEAR}}}\n- match: {{name: y}}\n  replace: {{class: tandem.ops.linear.Nope}}", "rule 2"),
+        (
+            "- match: {class: no_such_module.Thing}\n  replace: {class: default}",
+            "cannot import module 'no_such_module'",
+        ),
+        (
+            f"- match: {{name: x}}\n  replace: {{class: {LINEAR}}}\n- match: {{name: y}}\n  replace: {{class: tandem.ops.linear.Nope}}",
+            "rule 2",
+        ),
         ("- match: {name: x}\n  replace: {class: torch.nn.Linear}", "not a tandem operator"),
-        (f"- match: {{name: x}}\n  replace: {{class: {LINEAR}, kwargs: {{speed: 11}}}}", "takes no argument(s) speed"),
+        (
+            f"- match: {{name: x}}\n  replace: {{class: {LINEAR}, kwargs: {{speed: 11}}}}",
+            "takes no argument(s) speed",
+        ),
         ("- match: {name: '(unclosed'}\n  replace: {class: default}", "not a valid regex"),
         ("- match: {name: x}\n  replace: {class: default}\n  recursiv: false", "unknown key(s) recursiv"),
         ("- match: {nam: x}\n  replace: {class: default}", "unknown key(s) nam"),
@@ -101,12 +113,16 @@ def test_malformed_rules_name_the_problem(text, needle):
 def test_operator_refusing_its_module_names_rule_and_module():
     rules = parse_rules(f"- match: {{name: 'input_layernorm$'}}\n  replace: {{class: {LINEAR}}}", "r.yaml")
     model = _meta_model()
-    with pytest.raises(RuleError, match=r"r.yaml: rule 1 on model.layers.0.input_layernorm: .*replaces nn.Linear"):
+    with pytest.raises(
+        RuleError, match=r"r.yaml: rule 1 on model.layers.0.input_layernorm: .*replaces nn.Linear"
+    ):
         inject(model, rules, model.config)
 
 
 def test_invalid_operator_kwarg_value():
-    rules = parse_rules(f"- match: {{class: torch.nn.Linear}}\n  replace: {{class: {LINEAR}, kwargs: {{dequant: never}}}}")
+    rules = parse_rules(
+        f"- match: {{class: torch.nn.Linear}}\n  replace: {{class: {LINEAR}, kwargs: {{dequant: never}}}}"
+    )
     model = _meta_model()
     with pytest.raises(RuleError, match="dequant must be one of load, call"):
         inject(model, rules, model.config)
@@ -152,7 +168,9 @@ def test_shape_mismatch_is_named(tmp_path):
     path = _write_with(tmp_path, "qwen2", shrink)
     gguf_file = GGUFFile.open(path)
     config = config_of(gguf_file)
-    with pytest.raises(WeightError, match=r"'blk\.0\.ffn_down\.weight' has shape \[64, 32\].*needs \[64, 96\]"):
+    with pytest.raises(
+        WeightError, match=r"'blk\.0\.ffn_down\.weight' has shape \[64, 32\].*needs \[64, 96\]"
+    ):
         optimize_and_load_gguf(build_meta_model(config), "tandem/rules/qwen2.yaml", gguf_file, config)
 
 

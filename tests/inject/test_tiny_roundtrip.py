@@ -5,11 +5,11 @@ from __future__ import annotations
 import gguf
 import pytest
 import torch
+from tiny_models import tiny_model, write_gguf
 
 from tandem.inject.loader import build_meta_model, default_rules, optimize_and_load_gguf
 from tandem.weights.arch import config_of
 from tandem.weights.gguf_file import GGUFFile
-from tiny_models import tiny_model, write_gguf
 
 F32_REL_ERR = 1e-5  # same float32 weights: only summation order differs
 Q8_REL_ERR = 0.05  # Q8_0 weights against the float32 model: quantization error
@@ -78,5 +78,7 @@ def test_generate_after_injection_matches_hf(tmp_path):
     ids = torch.tensor([[1, 5, 9, 13]])
     with torch.inference_mode():
         ours = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
-        theirs = reference.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+        theirs = reference.generate(
+            ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
     assert torch.equal(ours, theirs)

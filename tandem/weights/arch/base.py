@@ -36,7 +36,9 @@ class Architecture:
     # Inside `model.layers.{i}.` → inside `blk.{i}.`
     layer_tensors: Mapping[str, str] = {}
 
-    def hf_config(self, meta: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]) -> PretrainedConfig:
+    def hf_config(
+        self, meta: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]
+    ) -> PretrainedConfig:
         raise NotImplementedError
 
     def gguf_tensor_name(self, hf_name: str, config: PretrainedConfig) -> str | None:

@@ -8,7 +8,14 @@ from typing import Any
 import torch
 from transformers import Gemma3TextConfig, PretrainedConfig
 
-from tandem.weights.arch.base import Architecture, Meta, require_dense_ffn, rope_scaling, token_ids, vocab_size_of
+from tandem.weights.arch.base import (
+    Architecture,
+    Meta,
+    require_dense_ffn,
+    rope_scaling,
+    token_ids,
+    vocab_size_of,
+)
 
 # llama.cpp fixes these for every Gemma 3 (they are not in the file's metadata).
 SLIDING_WINDOW_PATTERN = 6  # five local layers, then one global
@@ -36,7 +43,9 @@ class Gemma3(Architecture):
         "mlp.down_proj.weight": "ffn_down.weight",
     }
 
-    def hf_config(self, meta: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]) -> PretrainedConfig:
+    def hf_config(
+        self, meta: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]
+    ) -> PretrainedConfig:
         require_dense_ffn(tensor_shapes, self.gguf_name)
         m = Meta(meta, self.gguf_name)
         vocab = vocab_size_of(tensor_shapes)

@@ -10,7 +10,14 @@ from transformers import LlamaConfig, PretrainedConfig
 
 from tandem.errors import UnsupportedError
 from tandem.quant.quant_tensor import QuantTensor
-from tandem.weights.arch.base import Architecture, Meta, require_dense_ffn, rope_scaling, token_ids, vocab_size_of
+from tandem.weights.arch.base import (
+    Architecture,
+    Meta,
+    require_dense_ffn,
+    rope_scaling,
+    token_ids,
+    vocab_size_of,
+)
 
 DENSE_LAYER_TENSORS = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -28,7 +35,9 @@ DENSE_LAYER_TENSORS = {
 }
 
 
-def common_dense_kwargs(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], arch: str) -> dict[str, Any]:
+def common_dense_kwargs(
+    meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], arch: str
+) -> dict[str, Any]:
     """Config fields shared by the llama-like dense families (llama, qwen2)."""
     m = Meta(meta, arch)
     vocab = vocab_size_of(shapes)
@@ -61,14 +70,18 @@ class Llama(Architecture):
     rules_file = "llama.yaml"
     layer_tensors = DENSE_LAYER_TENSORS
 
-    def hf_config(self, meta: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]) -> PretrainedConfig:
+    def hf_config(
+        self, meta: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]
+    ) -> PretrainedConfig:
         require_dense_ffn(tensor_shapes, self.gguf_name)
         kwargs = common_dense_kwargs(meta, tensor_shapes, self.gguf_name)
         kwargs["attention_bias"] = "blk.0.attn_q.bias" in tensor_shapes
         if "rope_freqs.weight" in tensor_shapes and kwargs["rope_scaling"] is None:
             # Llama 3.1+ stores its frequency factors as a tensor; the Hugging Face config
             # needs the parameters that produced them. They are checked against the tensor at load.
-            raise UnsupportedError("llama files with a rope_freqs tensor (Llama 3.1+ rope scaling) are not supported yet")
+            raise UnsupportedError(
+                "llama files with a rope_freqs tensor (Llama 3.1+ rope scaling) are not supported yet"
+            )
         return LlamaConfig(**kwargs)
 
     def fix_quant(self, hf_name: str, tensor: QuantTensor, config: PretrainedConfig) -> QuantTensor:

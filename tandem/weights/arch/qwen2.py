@@ -18,7 +18,9 @@ class Qwen2(Architecture):
     # Qwen2 applies rope to halves like Hugging Face, so llama.cpp does not permute Q/K here.
     layer_tensors = DENSE_LAYER_TENSORS
 
-    def hf_config(self, meta: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]) -> PretrainedConfig:
+    def hf_config(
+        self, meta: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]
+    ) -> PretrainedConfig:
         require_dense_ffn(tensor_shapes, self.gguf_name)
         kwargs = common_dense_kwargs(meta, tensor_shapes, self.gguf_name)
         kwargs.pop("head_dim")  # Qwen2Config derives it from hidden_size / heads
