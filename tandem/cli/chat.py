@@ -8,11 +8,12 @@ import sys
 from tandem.cli.common import (
     add_model_arguments,
     add_sampling_arguments,
-    encode_prompt,
+    chat_prompt_ids,
+    generate_streaming,
     load_from_args,
-    print_stats,
     sampling_params,
 )
+from tandem.errors import TandemError
 
 HELP = "chat with a model (default: the embedded Qwen2.5-Coder-1.5B-Instruct); /clear, /exit"
 
@@ -24,12 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tandem.engine.generate import prefill_and_generate
-    from tandem.weights.chat_template import render_chat
-
     sampling = sampling_params(args)
     loaded = load_from_args(args)
-    tok = loaded.tokenizer
     interactive = sys.stdin.isatty()
     print(
         f"tandem chat: {loaded.name}. Type /clear to forget the conversation, /exit to quit.", file=sys.stderr
@@ -55,15 +52,13 @@ def run(args: argparse.Namespace) -> int:
             print("(conversation cleared)", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
-        prompt = render_chat(
-            loaded.chat_template,
-            history,
-            add_generation_prompt=True,
-            bos_token=tok.bos_token,
-            eos_token=tok.eos_token,
-        )
-        ids = encode_prompt(tok, prompt)
-        if ids and len(ids) + args.max_new_tokens > loaded.config.max_position_embeddings:
+        try:
+            ids = chat_prompt_ids(loaded, history)
+        except TandemError as error:  # e.g. the template refuses the conversation: keep chatting
+            history.pop()
+            print(f"tandem: error: {error}", file=sys.stderr)
+            continue
+        if len(ids) + args.max_new_tokens > loaded.config.max_position_embeddings:
             history.pop()
             print(
                 f"the conversation ({len(ids)} tokens) no longer fits the context; use /clear",
@@ -71,17 +66,6 @@ def run(args: argparse.Namespace) -> int:
             )
             continue
         # The whole conversation is prefilled again each turn: simple, and exact for any template.
-        result = prefill_and_generate(
-            loaded.model,
-            tok,
-            ids,
-            args.max_new_tokens,
-            sampling=sampling,
-            stop_token_ids=loaded.stop_token_ids,
-            stop_strings=args.stop,
-            on_text=lambda piece: print(piece, end="", flush=True),
-        )
-        print(flush=True)
-        print_stats(result)
+        result = generate_streaming(loaded, ids, args, sampling)
         history.append({"role": "assistant", "content": result.text})
     return 0

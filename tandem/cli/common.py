@@ -123,6 +123,41 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return ids
 
 
+def chat_prompt_ids(loaded, messages: list[dict]) -> list[int]:
+    """The conversation rendered by the model's chat template, ready for generation."""
+    from tandem.weights.chat_template import render_chat
+
+    tok = loaded.tokenizer
+    text = render_chat(
+        loaded.chat_template,
+        messages,
+        add_generation_prompt=True,
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
+    )
+    return encode_prompt(tok, text)
+
+
+def generate_streaming(loaded, ids: list[int], args: argparse.Namespace, sampling):
+    """Generate after `ids`, printing text to stdout as it comes and the timings to stderr."""
+    from tandem.engine.generate import prefill_and_generate
+
+    result = prefill_and_generate(
+        loaded.model,
+        loaded.tokenizer,
+        ids,
+        args.max_new_tokens,
+        sampling=sampling,
+        stop_token_ids=loaded.stop_token_ids,
+        stop_strings=args.stop,
+        on_text=lambda piece: print(piece, end="", flush=True),
+    )
+    print(flush=True)
+    if not getattr(args, "quiet", False):
+        print_stats(result)
+    return result
+
+
 def print_stats(result, stream=sys.stderr) -> None:
     print(
         f"[{result.n_prompt} prompt tokens, {result.prefill_tok_s:.1f} tok/s prefill; "

@@ -8,9 +8,10 @@ import sys
 from tandem.cli.common import (
     add_model_arguments,
     add_sampling_arguments,
+    chat_prompt_ids,
     encode_prompt,
+    generate_streaming,
     load_from_args,
-    print_stats,
     sampling_params,
 )
 from tandem.errors import TandemError
@@ -30,37 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tandem.engine.generate import prefill_and_generate
-    from tandem.weights.chat_template import render_chat
-
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise TandemError("the prompt is empty")
     sampling = sampling_params(args)  # validate before the slow load
     loaded = load_from_args(args)
-    tok = loaded.tokenizer
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": prompt}
-        ]
-        prompt = render_chat(
-            loaded.chat_template,
-            messages,
-            add_generation_prompt=True,
-            bos_token=tok.bos_token,
-            eos_token=tok.eos_token,
-        )
-    result = prefill_and_generate(
-        loaded.model,
-        tok,
-        encode_prompt(tok, prompt),
-        args.max_new_tokens,
-        sampling=sampling,
-        stop_token_ids=loaded.stop_token_ids,
-        stop_strings=args.stop,
-        on_text=lambda piece: print(piece, end="", flush=True),
-    )
-    print(flush=True)
-    if not args.quiet:
-        print_stats(result)
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        ids = chat_prompt_ids(loaded, [*system, {"role": "user", "content": prompt}])
+    else:
+        ids = encode_prompt(loaded.tokenizer, prompt)
+    generate_streaming(loaded, ids, args, sampling)
     return 0

@@ -40,9 +40,10 @@ def run(args: argparse.Namespace) -> int:
     tok = loaded.tokenizer
     ids = encode_prompt(tok, text)  # starts with BOS where the model adds one, as llama.cpp tokenizes
     bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
-    print(f"{len(ids)} tokens, windows of {args.ctx}", file=sys.stderr)
 
     def progress(chunk: int, total: int, running: float) -> None:
+        if chunk == 1:
+            print(f"{len(ids)} tokens, {total} windows of {args.ctx}", file=sys.stderr)
         print(f"[{chunk}]{running:.4f}", end=" " if chunk < total else "\n", file=sys.stderr, flush=True)
 
     result = perplexity(loaded.model, ids, args.ctx, n_chunks=args.chunks, bos_id=bos, progress=progress)
