@@ -132,3 +132,30 @@ def test_too_short_text_for_perplexity(gemma_gguf, tmp_path):
     assert_user_error(
         tandem("perplexity", "--model", str(gemma_gguf), "--text-file", str(short), "--ctx", "64"), "tokens"
     )
+
+
+def test_config_dir_gives_the_same_output(gemma_gguf, tmp_path):
+    """--config DIR: config and tokenizer from a Hugging Face directory, weights from the GGUF."""
+    from tandem.weights.arch import config_of
+    from tandem.weights.gguf_file import GGUFFile
+    from tandem.weights.tokenizer import load_tokenizer
+
+    with GGUFFile.open(gemma_gguf) as gguf_file:
+        config_of(gguf_file).save_pretrained(tmp_path)
+        load_tokenizer(gguf_file.metadata).save_pretrained(tmp_path)
+    args = (
+        "generate",
+        "--model",
+        str(gemma_gguf),
+        "--prompt",
+        "The capital of France is",
+        "-n",
+        "8",
+        "--temperature",
+        "0",
+        "-q",
+    )
+    plain, with_config = tandem(*args), tandem(*args, "--config", str(tmp_path))
+    assert plain.returncode == 0 and with_config.returncode == 0, with_config.stderr
+    assert with_config.stdout == plain.stdout and len(plain.stdout.strip()) > 0
+    assert_user_error(tandem(*args, "--config", str(tmp_path / "absent")), "has no config.json")

@@ -63,11 +63,16 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_gguf(
-    model, arch: str, path: Path, quant: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32
+    model,
+    arch: str,
+    path: Path,
+    quant: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+    split_max_tensors: int = 0,
 ) -> Path:
+    """Write `model` as llama.cpp would; with split_max_tensors, as a split set `path-0000N-of-0000M.gguf`."""
     config = model.config
     spec = get_architecture(arch)
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)

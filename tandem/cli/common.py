@@ -112,12 +112,20 @@ def load_from_args(args: argparse.Namespace):
     )
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front of text (asked by tokenizing, as attributes vary by class)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(probe) and probe[0] == bos
+
+
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Token ids of already-formatted text, with BOS added exactly once when the model wants one."""
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    bos = tokenizer.bos_token_id
-    if getattr(tokenizer, "add_bos_token", False) and bos is not None and (not ids or ids[0] != bos):
-        ids.insert(0, bos)
+    if adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids.insert(0, tokenizer.bos_token_id)
     if not ids:
         raise TandemError("the prompt is empty")
     return ids

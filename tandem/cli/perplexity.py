@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tandem.cli.common import add_model_arguments, encode_prompt, load_from_args, positive_int
+from tandem.cli.common import add_model_arguments, adds_bos, encode_prompt, load_from_args, positive_int
 from tandem.errors import TandemError
 
 HELP = "measure perplexity on a text file (non-overlapping windows, second half of each scored)"
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_from_args(args)
     tok = loaded.tokenizer
     ids = encode_prompt(tok, text)  # starts with BOS where the model adds one, as llama.cpp tokenizes
-    bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
+    bos = tok.bos_token_id if adds_bos(tok) else None
 
     def progress(chunk: int, total: int, running: float) -> None:
         if chunk == 1:

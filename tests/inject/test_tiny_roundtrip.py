@@ -82,3 +82,17 @@ def test_generate_after_injection_matches_hf(tmp_path):
             ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
         )
     assert torch.equal(ours, theirs)
+
+
+def test_split_set_loads_like_one_file(tmp_path):
+    reference = tiny_model("gemma3")
+    single = _load(write_gguf(reference, "gemma3", tmp_path / "m.gguf"))
+    (tmp_path / "split").mkdir()
+    write_gguf(reference, "gemma3", tmp_path / "split" / "m.gguf", split_max_tensors=7)
+    parts = sorted((tmp_path / "split").glob("*.gguf"))
+    assert len(parts) > 2 and parts[0].name.endswith("-00001-of-" + f"{len(parts):05d}.gguf")
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    with torch.inference_mode():
+        expected = single(ids).logits
+        for path in (tmp_path / "split", parts[0]):  # a directory or its first part
+            assert torch.equal(_load(path)(ids).logits, expected)
