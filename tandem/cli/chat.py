@@ -35,8 +35,11 @@ def run(args: argparse.Namespace) -> int:
         print(
             "note: this model has no chat template; using tandem's plain fallback template", file=sys.stderr
         )
+    from tandem.engine.generate import PromptCache
+
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
+    cache = PromptCache()  # each turn prefills only what the conversation added
     while True:
         try:
             line = input("> " if interactive else "")
@@ -49,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
             break
         if text == "/clear":
             history = list(start)
+            cache.clear()
             print("(conversation cleared)", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
@@ -65,7 +69,6 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             continue
-        # The whole conversation is prefilled again each turn: simple, and exact for any template.
-        result = generate_streaming(loaded, ids, args, sampling)
+        result = generate_streaming(loaded, ids, args, sampling, cache)
         history.append({"role": "assistant", "content": result.text})
     return 0

@@ -146,7 +146,7 @@ def chat_prompt_ids(loaded, messages: list[dict]) -> list[int]:
     return encode_prompt(tok, text)
 
 
-def generate_streaming(loaded, ids: list[int], args: argparse.Namespace, sampling):
+def generate_streaming(loaded, ids: list[int], args: argparse.Namespace, sampling, prompt_cache=None):
     """Generate after `ids`, printing text to stdout as it comes and the timings to stderr."""
     from tandem.engine.generate import prefill_and_generate
 
@@ -159,6 +159,7 @@ def generate_streaming(loaded, ids: list[int], args: argparse.Namespace, samplin
         stop_token_ids=loaded.stop_token_ids,
         stop_strings=args.stop,
         on_text=lambda piece: print(piece, end="", flush=True),
+        prompt_cache=prompt_cache,
     )
     print(flush=True)
     if not getattr(args, "quiet", False):
@@ -167,8 +168,9 @@ def generate_streaming(loaded, ids: list[int], args: argparse.Namespace, samplin
 
 
 def print_stats(result, stream=sys.stderr) -> None:
+    cached = f" ({result.n_cached} cached)" if result.n_cached else ""
     print(
-        f"[{result.n_prompt} prompt tokens, {result.prefill_tok_s:.1f} tok/s prefill; "
+        f"[{result.n_prompt} prompt tokens{cached}, {result.prefill_tok_s:.1f} tok/s prefill; "
         f"{result.n_generated} generated, {result.decode_tok_s:.1f} tok/s decode]",
         file=stream,
         flush=True,

@@ -7,7 +7,7 @@ modules are Hugging Face's or tandem's.
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -47,16 +47,42 @@ class GenerationResult:
     n_generated: int
     prefill_s: float
     decode_s: float
+    n_cached: int = 0  # prompt tokens whose keys and values came from a PromptCache
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.n_prompt / self.prefill_s if self.prefill_s > 0 else 0.0
+        """Prompt tokens computed per second (cached ones took no time)."""
+        computed = self.n_prompt - self.n_cached
+        return computed / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
     def decode_tok_s(self) -> float:
         """Decode steps per second: the first new token came from prefill, so it is not counted."""
         steps = self.n_generated - 1
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+
+@dataclass
+class PromptCache:
+    """A KV cache kept from one generation to the next, with the token ids it holds.
+
+    When the next prompt starts with exactly those ids (a chat: the previous prompt,
+    the reply, then the new message), only the new tokens are prefilled. Anything
+    else starts a fresh cache, so reuse never changes the result.
+    """
+
+    kv: DynamicCache | None = None
+    ids: list[int] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.kv, self.ids = None, []
+
+    def reusable(self, prompt: list[int]) -> int:
+        """How many leading prompt tokens the cache already holds (0: start afresh)."""
+        n = len(self.ids)
+        if self.kv is None or n == 0 or n >= len(prompt) or prompt[:n] != self.ids:
+            return 0
+        return n
 
 
 def _sync(device: torch.device) -> None:
@@ -109,6 +135,7 @@ def prefill_and_generate(
     stop_strings: Iterable[str] = (),
     on_text: Callable[[str], None] | None = None,
     prefill_chunk: int | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after the prompt `input_ids` (a list, [T] or [1, T]).
 
@@ -116,6 +143,7 @@ def prefill_and_generate(
     ("stop"), else after `max_new_tokens` tokens ("length"). `on_text` receives the
     text as it becomes safe to show (never half a character, never what might yet
     be a stop string). `prefill_chunk` bounds the tokens per prefill forward pass.
+    `prompt_cache` keeps the KV cache for the next call (see PromptCache).
     """
     prompt = as_token_list(input_ids, "input_ids")
     if not prompt:
@@ -142,11 +170,15 @@ def prefill_and_generate(
     finish: FinishReason = "length"
     with torch.inference_mode():
         # Sized from the config so that sliding-window and hybrid layers get their own cache kind.
-        kwargs = {cache_kwarg(model): DynamicCache(config=model.config)}
+        cached = prompt_cache.reusable(prompt) if prompt_cache is not None else 0
+        kv = prompt_cache.kv if cached else DynamicCache(config=model.config)
+        if prompt_cache is not None:
+            prompt_cache.clear()  # filled again only if this call completes
+        kwargs = {cache_kwarg(model): kv}
         if accepts_logits_to_keep(model):
             kwargs["logits_to_keep"] = 1
         t0 = time.perf_counter()
-        logits = _prefill(model, prompt, chunk, device, kwargs)
+        logits = _prefill(model, prompt[cached:], chunk, device, kwargs)
         token = sampler.sample(logits, seen)  # .item() inside waits for the device
         _sync(device)
         t1 = time.perf_counter()
@@ -168,6 +200,9 @@ def prefill_and_generate(
         emit(stream.flush())
         _sync(device)
         t2 = time.perf_counter()
+    if prompt_cache is not None:
+        # The last token was sampled but never fed to the model, so it is not in the cache.
+        prompt_cache.kv, prompt_cache.ids = kv, prompt + out_ids[:-1]
     return GenerationResult(
         token_ids=out_ids,
         text="".join(pieces),
@@ -176,4 +211,5 @@ def prefill_and_generate(
         n_generated=len(out_ids),
         prefill_s=t1 - t0,
         decode_s=t2 - t1,
+        n_cached=cached,
     )

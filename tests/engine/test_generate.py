@@ -159,3 +159,20 @@ def test_runs_on_another_model_seed(make_tiny_llama, byte_tokenizer, prompt):
     ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
     got = prefill_and_generate(model, byte_tokenizer, prompt, 16, prefill_chunk=4)
     assert got.token_ids == ref[0, len(prompt) :].tolist()
+
+
+def test_prompt_cache_reuses_a_conversation_prefix(tiny_model, byte_tokenizer, prompt):
+    from tandem.engine.generate import PromptCache
+
+    cache = PromptCache()
+    first = prefill_and_generate(tiny_model, byte_tokenizer, prompt, 8, prompt_cache=cache)
+    assert first.n_cached == 0 and cache.ids == prompt + first.token_ids[:-1]
+    follow_up = prompt + first.token_ids + byte_tokenizer("and then?", add_special_tokens=False)["input_ids"]
+    reused = prefill_and_generate(tiny_model, byte_tokenizer, follow_up, 12, prompt_cache=cache)
+    fresh = prefill_and_generate(tiny_model, byte_tokenizer, follow_up, 12)
+    assert reused.n_cached == len(prompt) + len(first.token_ids) - 1
+    assert reused.token_ids == fresh.token_ids
+    # A prompt that does not extend the cached ids starts afresh, with the same result as no cache.
+    other = prefill_and_generate(tiny_model, byte_tokenizer, prompt[1:], 6, prompt_cache=cache)
+    assert other.n_cached == 0
+    assert other.token_ids == prefill_and_generate(tiny_model, byte_tokenizer, prompt[1:], 6).token_ids
