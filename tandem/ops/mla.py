@@ -1,0 +1,186 @@
+"""DeepSeek Multi-head Latent Attention (MLA), replacing DeepseekV2Attention / DeepseekV3Attention.
+
+Two forms of the same attention, chosen per call by `prefill_op` (more than one query
+token) and `generate_op` (one token):
+
+- "plain": decompress the cached latent into per-head keys and values with kv_b_proj
+  (W_UK, W_UV) and attend as transformers does;
+- "absorbed": fold W_UK into the query and W_UV into the output, so attention runs
+  directly on the latent: scores = (q_nope W_UK) c^T + q_rope k_rope^T, out = (p c) W_UV.
+  Per token it reads kv_lora_rank + qk_rope_head_dim numbers instead of
+  heads * (qk_head_dim + v_head_dim): the decode form.
+
+Cache: both forms keep exactly what transformers' DeepSeek attention keeps (5.17 and 5.24):
+the normalised latent c [B, 1, S, kv_lora_rank] in the cache layer's key slot and the
+rotated shared rope key [B, 1, S, qk_rope_head_dim] in its value slot, through the
+ordinary `Cache.update`. So forms can alternate between calls (plain prefill, absorbed
+decode), and `model.generate` or a DynamicCache loop work unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+from tandem.errors import RuleError
+from tandem.ops.base import TandemModule
+from tandem.ops.linear import parse_dtype
+from tandem.ops.mla_math import apply_rope, attend, mask_bias, softmax_scale
+from tandem.weights.source import GGUFWeights
+
+FORMS = ("plain", "absorbed")
+
+
+class MLAttention(TandemModule):
+    """MLA with or without q-LoRA; weights taken by Hugging Face name under `key`.
+
+    generate_op / prefill_op: "plain" (default for both) or "absorbed"; the usual pairing
+        for decode-heavy use is prefill_op: plain, generate_op: absorbed.
+    dtype: float32 (default), bfloat16 or float16 for weights and arithmetic.
+    """
+
+    def __init__(
+        self, key: str, orig: nn.Module, config: PretrainedConfig, *, dtype: str = "float32", **base
+    ):
+        # Prefill defaults to plain whatever decode uses: with many queries, decompressing
+        # K and V once costs fewer FLOPs than running every head at kv_lora_rank width.
+        base["generate_op"] = base.get("generate_op") or "plain"
+        base["prefill_op"] = base.get("prefill_op") or "plain"
+        super().__init__(key, orig, config, **base)
+        for name, form in (("generate_op", self.generate_op), ("prefill_op", self.prefill_op)):
+            if form not in FORMS:
+                raise RuleError(f"{key}: {name} must be one of {', '.join(FORMS)}, got {form!r}")
+        if getattr(orig, "kv_b_proj", None) is None or getattr(orig, "kv_lora_rank", None) is None:
+            raise RuleError(f"{key}: MLAttention replaces DeepSeek MLA attention, not {type(orig).__name__}")
+        self.dtype = parse_dtype(dtype, key)
+        self.layer_idx = orig.layer_idx
+        self.hidden_size = orig.hidden_size
+        self.num_heads = orig.num_heads
+        self.q_lora_rank = orig.q_lora_rank
+        self.kv_lora_rank = orig.kv_lora_rank
+        self.nope_dim = orig.qk_nope_head_dim
+        self.rope_dim = orig.qk_rope_head_dim
+        self.v_dim = orig.v_head_dim
+        self.qk_dim = self.nope_dim + self.rope_dim
+        # V3 hands (cos, sin) and may interleave; V2 hands complex freqs (always interleaved pairs).
+        self.rope_interleave = bool(getattr(config, "rope_interleave", False))
+        self.scaling = softmax_scale(config, self.qk_dim)
+        self.q_norm_eps = float(orig.q_a_layernorm.variance_epsilon) if self.q_lora_rank else 0.0
+        self.kv_norm_eps = float(orig.kv_a_layernorm.variance_epsilon)
+        self.has_bias = {
+            n: getattr(getattr(orig, n, None), "bias", None) is not None
+            for n in ("q_a_proj", "q_proj", "kv_a_proj_with_mqa", "o_proj")
+        }
+        self.is_causal = True
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        h, hd = self.num_heads, self.hidden_size
+        shapes = {}
+        if self.q_lora_rank:
+            shapes |= {
+                "q_a_proj": (self.q_lora_rank, hd),
+                "q_a_layernorm": (self.q_lora_rank,),
+                "q_b_proj": (h * self.qk_dim, self.q_lora_rank),
+            }
+        else:
+            shapes["q_proj"] = (h * self.qk_dim, hd)
+        return shapes | {
+            "kv_a_proj_with_mqa": (self.kv_lora_rank + self.rope_dim, hd),
+            "kv_a_layernorm": (self.kv_lora_rank,),
+            "kv_b_proj": (h * (self.nope_dim + self.v_dim), self.kv_lora_rank),
+            "o_proj": (hd, h * self.v_dim),
+        }
+
+    def load(self, weights: GGUFWeights) -> None:
+        device = self.generate_device
+        for name, shape in self._shapes().items():
+            # Norm weights stay float32: they scale a float32-normalised vector.
+            dtype = torch.float32 if name.endswith("layernorm") else self.dtype
+            w = weights.dense(f"{self.key}.{name}.weight", shape, dtype, device)
+            self.register_buffer(f"{name}_weight", w)
+            if self.has_bias.get(name):
+                b = weights.dense(f"{self.key}.{name}.bias", (shape[0],), self.dtype, device)
+                self.register_buffer(f"{name}_bias", b)
+
+    def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias", None))
+
+    def _rms(self, name: str, x: torch.Tensor, eps: float) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return (getattr(self, f"{name}_weight") * h.to(x.dtype)).to(x.dtype)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings=None,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        """Same call as transformers' DeepSeek attention (keywords; `cache` in 5.24,
+        `past_key_values` in 5.17). Returns (output [B, T, hidden], None): no attention weights."""
+        if position_embeddings is None:
+            raise ValueError(f"{self.key}: MLA needs the model's position_embeddings")
+        cache = cache if cache is not None else past_key_values
+        device = self.generate_device
+        x = hidden_states.to(device=device, dtype=self.dtype)
+        bsz, q_len = x.shape[:2]
+
+        if self.q_lora_rank:
+            q = self._linear(
+                "q_b_proj", self._rms("q_a_layernorm", self._linear("q_a_proj", x), self.q_norm_eps)
+            )
+        else:
+            q = self._linear("q_proj", x)
+        q = q.view(bsz, q_len, self.num_heads, self.qk_dim).transpose(1, 2)  # [B, H, T, qk]
+        q_nope, q_rope = torch.split(q, [self.nope_dim, self.rope_dim], dim=-1)
+
+        kv = self._linear("kv_a_proj_with_mqa", x)  # [B, T, r + rope]
+        latent, k_rope = torch.split(kv, [self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self._rms("kv_a_layernorm", latent, self.kv_norm_eps).view(bsz, 1, q_len, self.kv_lora_rank)
+        k_rope = k_rope.reshape(bsz, 1, q_len, self.rope_dim)
+        q_rope, k_rope = apply_rope(q_rope, k_rope, position_embeddings, self.rope_interleave)
+
+        if cache is not None:
+            latent, k_rope = cache.update(latent, k_rope, self.layer_idx, kwargs=kwargs)  # [B, 1, S, *]
+        bias = mask_bias(attention_mask, q_len, latent.shape[2], device)
+
+        form = self.prefill_op if q_len > 1 else self.generate_op
+        if form == "absorbed":
+            out = self._absorbed(q_nope, q_rope, latent, k_rope, bias)
+        else:
+            out = self._plain(q_nope, q_rope, latent, k_rope, bias)
+        out = self._linear("o_proj", out.reshape(bsz, q_len, self.num_heads * self.v_dim))
+        return out.to(device=hidden_states.device, dtype=hidden_states.dtype), None
+
+    def _plain(self, q_nope, q_rope, latent, k_rope, bias) -> torch.Tensor:
+        """Per-head keys and values from the latent. Returns [B, T, H, v]."""
+        bsz, _, seq, _ = latent.shape
+        kv = F.linear(latent, self.kv_b_proj_weight)  # [B, 1, S, H*(nope+v)]
+        kv = kv.view(bsz, seq, self.num_heads, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = torch.split(kv, [self.nope_dim, self.v_dim], dim=-1)  # [B, H, S, *]
+        k = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)  # [B, H, S, qk]
+        q = torch.cat([q_nope, q_rope], dim=-1)  # [B, H, T, qk]
+        p = attend(torch.matmul(q, k.transpose(2, 3)) * self.scaling, bias)  # [B, H, T, S]
+        return torch.matmul(p, v).transpose(1, 2)
+
+    def _absorbed(self, q_nope, q_rope, latent, k_rope, bias) -> torch.Tensor:
+        """Attention on the latent: W_UK folded into q, W_UV applied after. Returns [B, T, H, v]."""
+        # Views of kv_b_proj: W_UK [H, nope, r] and W_UV [H, v, r]; no copy of the weight.
+        kv_b = self.kv_b_proj_weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = kv_b[:, : self.nope_dim], kv_b[:, self.nope_dim :]
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # [B, H, T, r]
+        scores = torch.matmul(q_lat, latent.transpose(2, 3)) + torch.matmul(q_rope, k_rope.transpose(2, 3))
+        p = attend(scores * self.scaling, bias)  # [B, H, T, S]
+        out_lat = torch.matmul(p, latent)  # [B, H, T, r]
+        return torch.einsum("bhtr,hvr->bthv", out_lat, w_uv)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, heads={self.num_heads}, q_lora={self.q_lora_rank}, "
+            f"kv_lora={self.kv_lora_rank}, prefill={self.prefill_op}, generate={self.generate_op}"
+        )
