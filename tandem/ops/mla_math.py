@@ -53,7 +53,7 @@ def apply_rope(
             return torch.view_as_real(xc * freqs).flatten(3).type_as(x)
 
         return rot(q), rot(k)
-    cos, sin = position_embeddings
+    cos, sin = (t.to(q.device) for t in position_embeddings)
     if interleave:
         cos = cos[..., : cos.shape[-1] // 2].unsqueeze(1)  # [B, 1, T, R/2]
         sin = sin[..., : sin.shape[-1] // 2].unsqueeze(1)

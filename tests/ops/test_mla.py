@@ -102,11 +102,12 @@ def test_chunked_prefill_with_mask():
     assert rel(torch.cat([first, second], dim=1), full) < 1e-4
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("family", ["v2", "v3"])
 @pytest.mark.parametrize(
     ("prefill_op", "generate_op"), [("plain", "plain"), ("plain", "absorbed"), ("absorbed", "absorbed")]
 )
-def test_model_greedy_tokens(family, prefill_op, generate_op):
+def test_model_greedy_tokens(family, prefill_op, generate_op, cache):
     model = tiny_model(family, 12, True)
     prompt = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(7))
     args = dict(
@@ -115,6 +116,7 @@ def test_model_greedy_tokens(family, prefill_op, generate_op):
         do_sample=False,
         return_dict_in_generate=True,
         output_logits=True,
+        cache_implementation=cache,
     )
     with torch.no_grad():
         ref = model.generate(prompt, **args)
