@@ -1,7 +1,12 @@
 """Tiny random-weight Hugging Face models written to GGUF the way llama.cpp's converter writes them.
 
 The inverse of tandem's architecture maps: tandem must load these back into the same
-logits. Only what the loader needs is written (no tokenizer).
+logits. Only what the loader needs is written, plus, on request, a small byte-level
+tokenizer (`tokenizer.ggml.*`) so the CLI can run them.
+
+MoE families (`qwen2moe`, `qwen3moe`, `mixtral`: 8 experts, top 2) are written as
+llama.cpp writes them: each layer's experts stacked into `ffn_{gate,up,down}_exps`,
+Mixtral under the GGUF name `llama`.
 """
 
 from __future__ import annotations
@@ -11,7 +16,15 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MixtralConfig,
+    Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
 
 from tandem.weights.arch import get_architecture
 
@@ -28,6 +41,9 @@ COMMON = dict(
     eos_token_id=2,
     pad_token_id=0,
 )
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[])
+MOE_ARCHS = ("qwen2moe", "qwen3moe", "mixtral")
+GGUF_ARCH = {"mixtral": "llama"}  # llama.cpp writes Mixtral as `llama`
 
 
 def tiny_config(arch: str, tie: bool = False):
@@ -43,6 +59,38 @@ def tiny_config(arch: str, tie: bool = False):
             sliding_window=8,
             query_pre_attn_scalar=32,
             tie_word_embeddings=True,
+        )
+    if arch == "qwen2moe":
+        return Qwen2MoeConfig(
+            **COMMON,
+            **MOE,
+            num_experts=8,
+            shared_expert_intermediate_size=64,
+            rope_theta=10000.0,
+            tie_word_embeddings=tie,
+            norm_topk_prob=False,
+            qkv_bias=True,
+        )
+    if arch == "qwen3moe":
+        # head_dim * heads != hidden: the key_length metadata matters.
+        return Qwen3MoeConfig(
+            **COMMON,
+            **MOE,
+            num_experts=8,
+            head_dim=32,
+            rope_theta=10000.0,
+            tie_word_embeddings=tie,
+            norm_topk_prob=True,
+        )
+    if arch == "mixtral":
+        config = {**COMMON, "intermediate_size": 32}  # Mixtral's expert width
+        return MixtralConfig(
+            **config,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            head_dim=16,
+            rope_theta=10000.0,
+            tie_word_embeddings=tie,
         )
     raise ValueError(arch)
 
@@ -68,11 +116,13 @@ def write_gguf(
     path: Path,
     quant: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
     split_max_tensors: int = 0,
+    tokenizer: bool = False,
 ) -> Path:
     """Write `model` as llama.cpp would; with split_max_tensors, as a split set `path-0000N-of-0000M.gguf`."""
     config = model.config
-    spec = get_architecture(arch)
-    writer = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
+    gguf_arch = GGUF_ARCH.get(arch, arch)
+    spec = get_architecture(gguf_arch, ["blk.0.ffn_gate_exps.weight"] if arch == "mixtral" else ())
+    writer = gguf.GGUFWriter(str(path), gguf_arch, split_max_tensors=split_max_tensors)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -88,25 +138,61 @@ def write_gguf(
         writer.add_sliding_window(config.sliding_window)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
+    if arch in MOE_ARCHS:
+        _add_expert_metadata(writer, config, arch)
+    if tokenizer:
+        _add_byte_tokenizer(writer, config.vocab_size)
     written = set()
     for name, param in model.state_dict().items():
-        target = spec.gguf_tensor_name(name, config)
-        if target is None or target in written:
+        targets = spec.gguf_tensor_parts(name, config)
+        if targets is None or targets[0] in written:
             continue
-        written.add(target)
+        written.update(targets)
         w = param.detach().float().numpy().copy()
-        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+        if gguf_arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
             w = _permute(w, config.num_attention_heads)
-        if arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+        if gguf_arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             w = _permute(w, config.num_key_value_heads)
         if arch == "gemma3" and name.endswith("norm.weight"):
             w = w + 1
-        if w.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(target, gguf.quants.quantize(w, quant), raw_dtype=quant)
-        else:
-            writer.add_tensor(target, w)
+        if name.endswith("shared_expert_gate.weight"):
+            w = w.reshape(-1)  # the converter squeezes [1, H] to [H]
+        # gate_up_proj [E, 2I, H] → ffn_gate_exps, ffn_up_exps [E, I, H] each
+        parts = np.split(w, len(targets), axis=-2) if len(targets) > 1 else [w]
+        for target, part in zip(targets, parts, strict=True):
+            # llama-quantize leaves the router (ffn_gate_inp) in float
+            if part.ndim >= 2 and quant != gguf.GGMLQuantizationType.F32 and "ffn_gate_inp" not in target:
+                writer.add_tensor(
+                    target, gguf.quants.quantize(np.ascontiguousarray(part), quant), raw_dtype=quant
+                )
+            else:
+                writer.add_tensor(target, np.ascontiguousarray(part))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _add_expert_metadata(writer: gguf.GGUFWriter, config, arch: str) -> None:
+    writer.add_expert_count(config.num_experts if arch != "mixtral" else config.num_local_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    if arch != "mixtral":
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if arch == "qwen2moe":
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+
+
+def _add_byte_tokenizer(writer: gguf.GGUFWriter, vocab_size: int) -> None:
+    """A gpt2-style vocabulary: <pad>, <s>, </s>, byte-level characters, two merges."""
+    from tokenizers import pre_tokenizers
+
+    merges = ["A B", "C D"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = ["<pad>", "<s>", "</s>", *alphabet[: vocab_size - 3 - len(merges)]]
+    tokens += [m.replace(" ", "") for m in merges]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_token_merges(merges)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,9 +22,9 @@ from tandem.weights.source import GGUFWeights
 RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
 
 
-def default_rules(architecture: str) -> Path:
-    """The rule file shipped for a GGUF architecture."""
-    return RULES_DIR / get_architecture(architecture).rules_file
+def default_rules(architecture: str, tensor_names: Collection[str] = ()) -> Path:
+    """The rule file shipped for a GGUF architecture (its tensor names tell Llama from Mixtral)."""
+    return RULES_DIR / get_architecture(architecture, tensor_names).rules_file
 
 
 @contextmanager
@@ -69,7 +69,7 @@ def optimize_and_load_gguf(
     dequantized onto their device. Returns where each matched module went.
     """
     gguf = gguf_path if isinstance(gguf_path, GGUFFile) else GGUFFile.open(gguf_path)
-    weights = GGUFWeights(gguf, get_architecture(gguf.architecture), config)
+    weights = GGUFWeights(gguf, get_architecture(gguf.architecture, gguf.tensors), config)
     placements, devices = inject(model, load_rules(rule_path), config, default_device)
     load_weights(model, weights, devices, progress)
     # Operators that dequantize per call hold views of the mapped file: keep it open with the model.

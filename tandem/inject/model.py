@@ -56,7 +56,7 @@ def load_model(
             template, is_fallback = tokenizer.chat_template, False
         model = build_meta_model(config)
         placements = optimize_and_load_gguf(
-            model, rules or default_rules(gguf.architecture), gguf, config, device, progress
+            model, rules or default_rules(gguf.architecture, gguf.tensors), gguf, config, device, progress
         )
     except BaseException:
         gguf.close()

@@ -81,6 +81,20 @@ class QuantTensor:
         data = self.rows()[index].reshape(-1).contiguous()
         return QuantTensor(data, self.ggml_type, (int(index.numel()), self.shape[1]), self.name)
 
+    def expert(self, index: int) -> QuantTensor:
+        """Matrix `index` of a 3-D tensor (e.g. experts stacked as [E, I, H]): a 2-D zero-copy view.
+
+        Rows are whole blocks and the matrices are stored one after another, so
+        expert e is the byte range of rows e*I .. (e+1)*I.
+        """
+        if len(self.shape) != 3:
+            raise WeightError(f"tensor {self.name!r}: expert() needs a 3-D tensor, not {list(self.shape)}")
+        if not 0 <= index < self.shape[0]:
+            raise IndexError(f"tensor {self.name!r}: index {index} is outside [0, {self.shape[0]})")
+        size = self.shape[1] * self.row_bytes
+        data = self.data[index * size : (index + 1) * size]
+        return QuantTensor(data, self.ggml_type, self.shape[1:], f"{self.name}[{index}]")
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Values as a dense tensor of `shape`, via the torch reference."""
         from tandem.quant.dequant import dequantize

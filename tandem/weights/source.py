@@ -12,7 +12,12 @@ from tandem.weights.gguf_file import GGUFFile
 
 
 class GGUFWeights:
-    """What operators load from: raw blocks or dequantized values of a named parameter."""
+    """What operators load from: raw blocks or dequantized values of a named parameter.
+
+    A fused parameter (see Architecture.fused_layer_tensors, e.g. the experts'
+    `gate_up_proj`) is several GGUF tensors: `quant_parts` gives them raw, `dense`
+    gives their concatenation along dim -2, and `quant` refuses it.
+    """
 
     def __init__(self, gguf: GGUFFile, arch: Architecture, config: PretrainedConfig):
         self.gguf = gguf
@@ -20,32 +25,52 @@ class GGUFWeights:
         self.config = config
         self.used: set[str] = set()  # GGUF tensor names something loaded
 
-    def gguf_name(self, hf_name: str) -> str:
-        name = self.arch.gguf_tensor_name(hf_name, self.config)
-        if name is None:
+    def gguf_names(self, hf_name: str) -> tuple[str, ...]:
+        """The GGUF tensors behind a parameter (several for a fused one), each checked to exist."""
+        names = self.arch.gguf_tensor_parts(hf_name, self.config)
+        if names is None:
             raise WeightError(
                 f"parameter {hf_name!r} has no GGUF tensor in the {self.arch.gguf_name} name map"
             )
-        if name not in self.gguf.tensors:
+        for name in names:
+            if name not in self.gguf.tensors:
+                raise WeightError(
+                    f"tensor {name!r} (for parameter {hf_name!r}) is missing from {self.gguf.paths[0].name}"
+                )
+        return names
+
+    def gguf_name(self, hf_name: str) -> str:
+        names = self.gguf_names(hf_name)
+        if len(names) != 1:
             raise WeightError(
-                f"tensor {name!r} (for parameter {hf_name!r}) is missing from {self.gguf.paths[0].name}"
+                f"parameter {hf_name!r} is fused from {len(names)} GGUF tensors ({', '.join(names)}): "
+                "load it with quant_parts or dense"
             )
-        return name
+        return names[0]
 
     def has(self, hf_name: str) -> bool:
-        name = self.arch.gguf_tensor_name(hf_name, self.config)
-        return name is not None and name in self.gguf.tensors
+        names = self.arch.gguf_tensor_parts(hf_name, self.config)
+        return names is not None and all(name in self.gguf.tensors for name in names)
 
     def quant(self, hf_name: str, shape: tuple[int, ...] | None = None) -> QuantTensor:
         """Raw blocks of a parameter in Hugging Face layout; `shape` is checked when given."""
-        name = self.gguf_name(hf_name)
-        self.used.add(name)
-        tensor = self.arch.fix_quant(hf_name, self.gguf.tensor(name), self.config)
-        if shape is not None and tuple(tensor.shape) != tuple(shape):
-            raise WeightError(
-                f"tensor {name!r} has shape {list(tensor.shape)}, but {hf_name!r} needs {list(shape)}"
-            )
-        return tensor
+        self.gguf_name(hf_name)  # refuses fused parameters
+        return self.quant_parts(hf_name, shape)[0]
+
+    def quant_parts(self, hf_name: str, shape: tuple[int, ...] | None = None) -> list[QuantTensor]:
+        """Raw blocks of each GGUF part of a parameter, in order (one part unless it is fused).
+
+        `shape` is the whole parameter's: the parts must agree with it on every
+        dimension but -2, and their sizes along -2 must add up to its.
+        """
+        names = self.gguf_names(hf_name)
+        parts = []
+        for name in names:
+            self.used.add(name)
+            parts.append(self.arch.fix_quant(hf_name, self.gguf.tensor(name), self.config))
+        if shape is not None:
+            _check_parts(hf_name, parts, tuple(shape))
+        return parts
 
     def dense(
         self,
@@ -55,6 +80,25 @@ class GGUFWeights:
         device: torch.device | str = "cpu",
     ) -> torch.Tensor:
         """Dequantized values of a parameter in Hugging Face layout and convention."""
-        tensor = self.quant(hf_name, shape)
-        values = self.arch.fix_dense(hf_name, tensor.dequantize(torch.float32), self.config)
+        parts = [part.dequantize(torch.float32) for part in self.quant_parts(hf_name, shape)]
+        values = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+        values = self.arch.fix_dense(hf_name, values, self.config)
         return values.to(device=device, dtype=dtype)
+
+
+def _check_parts(hf_name: str, parts: list[QuantTensor], shape: tuple[int, ...]) -> None:
+    if len(parts) == 1:
+        if tuple(parts[0].shape) != shape:
+            raise WeightError(
+                f"tensor {parts[0].name!r} has shape {list(parts[0].shape)}, but {hf_name!r} needs {list(shape)}"
+            )
+        return
+    # [..., R_i, C] parts stack into [..., sum R_i, C]
+    stack = len(shape) >= 2 and all(
+        len(p.shape) == len(shape) and p.shape[:-2] + p.shape[-1:] == shape[:-2] + shape[-1:] for p in parts
+    )
+    if not stack or sum(p.shape[-2] for p in parts) != shape[-2]:
+        found = ", ".join(f"{p.name!r} {list(p.shape)}" for p in parts)
+        raise WeightError(
+            f"tensors {found} do not stack along dim -2 into {list(shape)}, which {hf_name!r} needs"
+        )

@@ -4,12 +4,24 @@ An architecture turns GGUF metadata into a Hugging Face config, names the GGUF
 tensor behind each Hugging Face parameter, and fixes up tensors whose GGUF form
 differs from the Hugging Face one (row permutations, norm offsets). Adding a
 family means adding one file with one subclass and registering it.
+
+Fused parameters: transformers 5.x stores a layer's routed experts as 3-D tensors
+and fuses the gate and up projections (`mlp.experts.gate_up_proj` [E, 2I, H]),
+while llama.cpp keeps `ffn_gate_exps` and `ffn_up_exps` ([E, I, H] each) apart.
+`fused_layer_tensors` names the GGUF parts of such a parameter; the parameter is
+their concatenation along dim -2, in the order listed. Operators that want the
+parts raw get them from `GGUFWeights.quant_parts`; the plain load path
+concatenates their dequantized values.
+
+Several families can share one `general.architecture` (GGUF `llama` is dense
+Llama or Mixtral): `claims(tensor_names)` lets a class take a file by its
+tensors; the registry asks the more specific class first.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -35,6 +47,13 @@ class Architecture:
     }
     # Inside `model.layers.{i}.` → inside `blk.{i}.`
     layer_tensors: Mapping[str, str] = {}
+    # Inside `model.layers.{i}.` → GGUF tensors inside `blk.{i}.`, concatenated along dim -2.
+    fused_layer_tensors: Mapping[str, tuple[str, ...]] = {}
+
+    @classmethod
+    def claims(cls, tensor_names: Collection[str]) -> bool:
+        """Whether this class reads a file of its gguf_name with these tensors. Default: any."""
+        return True
 
     def hf_config(
         self, meta: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]
@@ -52,8 +71,19 @@ class Architecture:
             return f"blk.{match.group(1)}.{self.layer_tensors[match.group(2)]}"
         return None
 
+    def gguf_tensor_parts(self, hf_name: str, config: PretrainedConfig) -> tuple[str, ...] | None:
+        """The GGUF tensors of a parameter: one name, or the parts of a fused parameter in order."""
+        match = _LAYER.match(hf_name)
+        if match and match.group(2) in self.fused_layer_tensors:
+            return tuple(f"blk.{match.group(1)}.{part}" for part in self.fused_layer_tensors[match.group(2)])
+        name = self.gguf_tensor_name(hf_name, config)
+        return None if name is None else (name,)
+
     def fix_quant(self, hf_name: str, tensor: QuantTensor, config: PretrainedConfig) -> QuantTensor:
-        """Undo GGUF-specific layouts on raw blocks (e.g. row permutations). Default: none."""
+        """Undo GGUF-specific layouts on raw blocks (e.g. row permutations). Default: none.
+
+        For a fused parameter it is called on each part with the parameter's name.
+        """
         return tensor
 
     def fix_dense(self, hf_name: str, tensor: torch.Tensor, config: PretrainedConfig) -> torch.Tensor:

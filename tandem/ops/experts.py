@@ -1,0 +1,105 @@
+"""Routed experts kept as GGUF blocks; each call computes only the experts that received tokens.
+
+Replaces a transformers 5.x experts module (`Qwen2MoeExperts`, `Qwen3MoeExperts`,
+`MixtralExperts`, ...): fused weights `gate_up_proj` [E, 2I, H] and `down_proj`
+[E, H, I], called as `experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])
+-> [T, H]`. The router and any shared expert stay outside, so a rule swaps this alone.
+
+This is the torch reference of the unit the CPU engine takes over: the weights are
+three QuantTensors (views of the mapped file), never dequantized whole.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
+
+from tandem.errors import RuleError
+from tandem.ops.base import TandemModule
+from tandem.ops.linear import parse_dtype
+from tandem.weights.source import GGUFWeights
+
+OPS = (None, "torch")
+
+
+class QuantExperts(TandemModule):
+    """out[t] = Σ_j w[t, j] · down_e(act(gate_e(x[t])) · up_e(x[t])), e = top_k_index[t, j].
+
+    dtype: the compute dtype of the dequantized expert weights and the activations.
+    """
+
+    def __init__(
+        self, key: str, orig: nn.Module, config: PretrainedConfig, *, dtype: str = "float32", **base
+    ):
+        super().__init__(key, orig, config, **base)
+        gate_up = getattr(orig, "gate_up_proj", None)
+        down = getattr(orig, "down_proj", None)
+        if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)):
+            raise RuleError(
+                f"{key}: QuantExperts replaces experts modules with fused gate_up_proj and down_proj "
+                f"tensors, not {type(orig).__name__}"
+            )
+        if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[1] % 2:
+            raise RuleError(f"{key}: expected gate_up_proj [E, 2I, H] and down_proj [E, H, I]")
+        self.num_experts, two_i, self.hidden_size = gate_up.shape
+        self.intermediate_size = two_i // 2
+        if tuple(down.shape) != (self.num_experts, self.hidden_size, self.intermediate_size):
+            raise RuleError(
+                f"{key}: down_proj {list(down.shape)} does not match gate_up_proj {list(gate_up.shape)}"
+            )
+        # transformers' experts decorator records the layout; only the plain one exists in GGUF.
+        if getattr(orig, "has_bias", False) or getattr(orig, "is_transposed", False):
+            raise RuleError(f"{key}: experts with biases or transposed weights are not supported")
+        if not getattr(orig, "is_concatenated", True) or not getattr(orig, "has_gate", True):
+            raise RuleError(f"{key}: only experts with a gate concatenated before up are supported")
+        if self.generate_op not in OPS or self.prefill_op not in OPS:
+            raise RuleError(f"{key}: QuantExperts has only the 'torch' implementation")
+        act = getattr(orig, "act_fn", None)
+        self.act_fn = act if isinstance(act, nn.Module) else ACT2FN[config.hidden_act]
+        self.dtype = parse_dtype(dtype, key)
+        self.gate = self.up = self.down = None  # QuantTensor [E, I, H], [E, I, H], [E, H, I]
+
+    def load(self, weights: GGUFWeights) -> None:
+        e, i, h = self.num_experts, self.intermediate_size, self.hidden_size
+        self.gate, self.up = weights.quant_parts(f"{self.key}.gate_up_proj", (e, 2 * i, h))
+        self.down = weights.quant(f"{self.key}.down_proj", (e, h, i))
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:  # [T, H], [T, k], [T, k] -> [T, H]
+        device = self.generate_device
+        x = hidden_states.to(device=device, dtype=self.dtype)  # [T, H]
+        out = torch.zeros_like(x)
+        k = top_k_index.shape[-1]
+        ids = top_k_index.reshape(-1).cpu()  # [T*k], slot s belongs to token s // k
+        weights = top_k_weights.reshape(-1).to(device=device, dtype=self.dtype)  # [T*k]
+        # transformers 5.24 marks dropped slots with id E; anything else outside [0, E) is a bug.
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > self.num_experts):
+            raise IndexError(f"{self.key}: expert id outside [0, {self.num_experts})")
+        order = torch.argsort(ids, stable=True)  # slots grouped by expert, ascending as transformers does
+        hit, counts = torch.unique_consecutive(ids[order], return_counts=True)
+        start = 0
+        for expert, count in zip(hit.tolist(), counts.tolist(), strict=True):
+            slots = order[start : start + count].to(device)  # [n]
+            start += count
+            if expert == self.num_experts:
+                continue
+            token = torch.div(slots, k, rounding_mode="floor")  # [n]
+            xs = x[token]  # [n, H]
+            gate = F.linear(xs, self._weight(self.gate, expert))  # [n, I]
+            up = F.linear(xs, self._weight(self.up, expert))  # [n, I]
+            ys = F.linear(self.act_fn(gate) * up, self._weight(self.down, expert))  # [n, H]
+            out.index_add_(0, token, ys * weights[slots, None])
+        return out.to(device=hidden_states.device, dtype=hidden_states.dtype)
+
+    def _weight(self, tensor, expert: int) -> torch.Tensor:
+        return tensor.expert(expert).dequantize(self.dtype).to(self.generate_device)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, experts={self.num_experts}, hidden={self.hidden_size}, "
+            f"intermediate={self.intermediate_size}"
+        )
