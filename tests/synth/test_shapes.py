@@ -98,6 +98,10 @@ def test_q4_k_m_mix_follows_llama_quantize():
         assert types[f"blk.{i}.attn_v_b.weight"] == T.Q4_K
     assert "blk.1.exp_probs_b.bias" not in types
 
+    # Q8_0: everything Q8_0 (output stays Q8_0; 8 experts push attn_v/attn_k to Q8_0 anyway).
+    q8 = plan("mixtral-8x7b", quant="Q8_0")
+    assert {t.ggml_type for t in q8.tensors if t.spec.kind == "weight"} == {T.Q8_0}
+
     spec = get_shape("deepseek-v3")
     table = tensor_table(spec)
     names = {t.name for t in table}
