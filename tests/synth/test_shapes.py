@@ -217,3 +217,36 @@ def test_write_shape_by_name(tmp_path, monkeypatch, tokenizer_source):
             assert f.metadata["tokenizer.ggml.tokens"][-1] == "<|endoftext|>"
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_tokenizer_padded_and_generated(tmp_path, tokenizer_source):
+    n_source = len(tokenizer_source["tokenizer.ggml.tokens"])
+    tiny = dataclasses.replace(
+        get_shape("qwen3-30b-a3b"), hidden=256, n_head=2, n_head_kv=1, ffn=512, n_expert=4, n_expert_used=2,
+        expert_ffn=256, vocab=n_source + 128,
+    )  # fmt: skip
+    for vocab in (n_source + 128, 1000):
+        path = tmp_path / f"v{vocab}.gguf"
+        try:
+            write_spec(
+                dataclasses.replace(tiny, vocab=vocab), path, layers=1, tokenizer_source=tokenizer_source
+            )
+            with GGUFFile.open(path) as f:
+                meta = f.metadata
+        finally:
+            path.unlink(missing_ok=True)
+        tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+        assert len(tokens) == len(types) == vocab
+        if vocab > n_source:
+            # the converter's padding: "[PAD{i}]", type UNUSED (5); the rest copied
+            assert tokens[n_source:] == [f"[PAD{i}]" for i in range(n_source, vocab)]
+            assert set(types[n_source:]) == {5}
+            assert tokens[:n_source] == tokenizer_source["tokenizer.ggml.tokens"]
+            assert meta["tokenizer.chat_template"] == tokenizer_source["tokenizer.chat_template"]
+        else:
+            # a consistent byte-level BPE: every merge's parts and result are tokens
+            present = set(tokens)
+            assert len(present) == vocab and len(set(tokens[:256])) == 256
+            merges = meta["tokenizer.ggml.merges"]
+            assert merges and all({*m.split(" "), m.replace(" ", "")} <= present for m in merges)
+            assert meta["tokenizer.ggml.eos_token_id"] == vocab - 1 and types[-1] == 3
