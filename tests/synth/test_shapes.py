@@ -250,3 +250,25 @@ def test_tokenizer_padded_and_generated(tmp_path, tokenizer_source):
             merges = meta["tokenizer.ggml.merges"]
             assert merges and all({*m.split(" "), m.replace(" ", "")} <= present for m in merges)
             assert meta["tokenizer.ggml.eos_token_id"] == vocab - 1 and types[-1] == 3
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b"])
+def test_tandem_runs_a_synth_file_to_finite_logits(tmp_path, tokenizer_source, name):
+    # Scaled down (vocab, experts, Mixtral's width) but with the real hidden size and heads.
+    from tandem.inject.model import load_model
+
+    spec = _scaled(name)
+    path = write_spec(spec, tmp_path / f"{name}.gguf", layers=2, tokenizer_source=tokenizer_source)
+    try:
+        loaded = load_model(path)
+        try:
+            ids = torch.tensor([loaded.tokenizer("The capital of France is")["input_ids"]])
+            with torch.no_grad():
+                logits = loaded.model(ids).logits  # [1, T, vocab]
+        finally:
+            loaded.gguf.close()
+        assert logits.shape == (1, ids.shape[1], spec.vocab)
+        assert torch.isfinite(logits).all()
+        assert 0.1 < logits.std().item() < 10
+    finally:
+        path.unlink(missing_ok=True)
