@@ -39,6 +39,8 @@ class MLAttention(TandemModule):
     generate_op / prefill_op: "plain" (default for both) or "absorbed"; the usual pairing
         for decode-heavy use is prefill_op: plain, generate_op: absorbed.
     dtype: float32 (default), bfloat16 or float16 for weights and arithmetic.
+    Weights, arithmetic and the cache live on generate_device; prefill_device is not used,
+    since the cache a prefill writes is what decode reads.
     """
 
     def __init__(
