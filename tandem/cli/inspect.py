@@ -71,9 +71,9 @@ def describe(gguf) -> dict:
         row[0] += 1
         row[1] += t.n_bytes
         row[2] += n
-        # The default rules keep the token table quantized and dequantize the rest to float32;
-        # a model without output.weight also dequantizes the table for its tied lm_head.
-        dense_bytes += t.n_bytes if t.name == "token_embd.weight" else 4 * n
+        # The default rules keep the token table and routed experts quantized and dequantize
+        # the rest to float32; a model without output.weight also dequantizes the table for its lm_head.
+        dense_bytes += t.n_bytes if t.name == "token_embd.weight" or _is_routed_expert(t.name) else 4 * n
         if t.name == "token_embd.weight" and "output.weight" not in gguf.tensors:
             dense_bytes += 4 * n
     meta = gguf.metadata
@@ -94,7 +94,46 @@ def describe(gguf) -> dict:
             k: {"tensors": v[0], "bytes": v[1], "parameters": v[2]} for k, v in sorted(by_type.items())
         },
         "ram_default_rules_bytes": dense_bytes,
+        "moe": describe_moe(gguf, params),
     }
+
+
+def _is_routed_expert(name: str) -> bool:
+    return "_exps." in name
+
+
+def describe_moe(gguf, total_params: int) -> dict | None:
+    """Expert structure and the bytes of routed experts one generated token reads (the decode floor's numerator)."""
+    experts = [t for t in gguf.tensors.values() if _is_routed_expert(t.name)]
+    if not experts:
+        return None
+    arch = gguf.architecture
+    count = gguf.metadata.get(f"{arch}.expert_count")
+    used = gguf.metadata.get(f"{arch}.expert_used_count")
+    if not isinstance(count, int) or not isinstance(used, int) or not 0 < used <= count:
+        return {"error": f"{arch}.expert_count / expert_used_count missing or inconsistent"}
+    layers = sorted({t.name.split(".")[1] for t in experts})
+    expert_params = sum(_numel(t.shape) for t in experts)
+    expert_bytes = sum(t.n_bytes for t in experts)
+    shared = gguf.metadata.get(f"{arch}.expert_shared_count")
+    if shared is None:
+        shared = 1 if any("_shexp." in name for name in gguf.tensors) else 0
+    return {
+        "moe_layers": len(layers),
+        "experts_per_layer": count,
+        "experts_per_token": used,
+        "shared_experts": shared,
+        "total_parameters": total_params,
+        "active_parameters": total_params - expert_params + expert_params * used // count,
+        "expert_bytes_per_token": expert_bytes * used // count,
+    }
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def kv_bytes_per_token(config) -> int:
@@ -131,8 +170,21 @@ def print_report(r: dict) -> None:
         print(f"KV cache      {r['kv_cache_bytes_per_token'] / 1024:.1f} KiB per token (float32)")
     else:
         print(f"config        not supported: {r['config_error']}")
+    moe = r.get("moe")
+    if moe and "error" in moe:
+        print(f"experts       {moe['error']}")
+    elif moe:
+        print(
+            f"experts       {moe['experts_per_layer']} per layer in {moe['moe_layers']} layers, "
+            f"{moe['experts_per_token']} used per token, {moe['shared_experts']} shared"
+        )
+        print(
+            f"active        {moe['active_parameters'] / 1e9:.3f} B of {moe['total_parameters'] / 1e9:.3f} B "
+            f"parameters per token; routed experts read per token: {moe['expert_bytes_per_token'] / (1 << 20):.1f} MiB"
+        )
     print(
-        f"RAM estimate  {r['ram_default_rules_bytes'] / gib:.2f} GiB with the default CPU rules (weights dequantized to float32)"
+        f"RAM estimate  {r['ram_default_rules_bytes'] / gib:.2f} GiB with the default CPU rules "
+        "(token table and routed experts stay quantized, the rest float32)"
     )
     print("tensor types:")
     for name, v in r["by_type"].items():
