@@ -27,7 +27,7 @@ class GGUFWeights:
 
     def gguf_names(self, hf_name: str) -> tuple[str, ...]:
         """The GGUF tensors behind a parameter (several for a fused one), each checked to exist."""
-        names = self.arch.gguf_tensor_parts(hf_name, self.config)
+        names = self.arch.gguf_tensor_parts(hf_name, self.config, self.gguf.tensors)
         if names is None:
             raise WeightError(
                 f"parameter {hf_name!r} has no GGUF tensor in the {self.arch.gguf_name} name map"
@@ -49,7 +49,7 @@ class GGUFWeights:
         return names[0]
 
     def has(self, hf_name: str) -> bool:
-        names = self.arch.gguf_tensor_parts(hf_name, self.config)
+        names = self.arch.gguf_tensor_parts(hf_name, self.config, self.gguf.tensors)
         return names is not None and all(name in self.gguf.tensors for name in names)
 
     def quant(self, hf_name: str, shape: tuple[int, ...] | None = None) -> QuantTensor:
@@ -80,8 +80,18 @@ class GGUFWeights:
         device: torch.device | str = "cpu",
     ) -> torch.Tensor:
         """Dequantized values of a parameter in Hugging Face layout and convention."""
-        parts = [part.dequantize(torch.float32) for part in self.quant_parts(hf_name, shape)]
-        values = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+        names = self.gguf_names(hf_name)
+        quants = self.quant_parts(hf_name)
+        parts = [part.dequantize(torch.float32) for part in quants]
+        values = self.arch.derive_dense(hf_name, names, parts, self.config)
+        if values is None:
+            if shape is not None:
+                _check_parts(hf_name, quants, tuple(shape))
+            values = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+        elif shape is not None and tuple(values.shape) != tuple(shape):
+            raise WeightError(
+                f"tensors {', '.join(names)} give {hf_name!r} shape {list(values.shape)}, not {list(shape)}"
+            )
         values = self.arch.fix_dense(hf_name, values, self.config)
         return values.to(device=device, dtype=dtype)
 

@@ -8,7 +8,9 @@ import sys
 
 
 def tandem(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tandem", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "tandem", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def test_synth_then_inspect_reports_experts(tmp_path):

@@ -8,6 +8,7 @@ from transformers import PretrainedConfig
 
 from tandem.errors import UnsupportedError
 from tandem.weights.arch.base import Architecture
+from tandem.weights.arch.deepseek2 import Deepseek2
 from tandem.weights.arch.gemma3 import Gemma3
 from tandem.weights.arch.llama import Llama
 from tandem.weights.arch.mixtral import Mixtral
@@ -17,7 +18,7 @@ from tandem.weights.arch.qwen3moe import Qwen3Moe
 
 # Classes sharing a GGUF name are asked in this order: the more specific one first.
 ARCHITECTURES: dict[str, tuple[type[Architecture], ...]] = {}
-for _cls in (Mixtral, Llama, Qwen2, Gemma3, Qwen2Moe, Qwen3Moe):
+for _cls in (Mixtral, Llama, Qwen2, Gemma3, Qwen2Moe, Qwen3Moe, Deepseek2):
     ARCHITECTURES[_cls.gguf_name] = (*ARCHITECTURES.get(_cls.gguf_name, ()), _cls)
 
 

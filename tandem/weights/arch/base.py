@@ -13,6 +13,11 @@ their concatenation along dim -2, in the order listed. Operators that want the
 parts raw get them from `GGUFWeights.quant_parts`; the plain load path
 concatenates their dequantized values.
 
+Derived parameters: a few parameters are stored in another form (DeepSeek's
+`kv_b_proj` split per head into `attn_k_b` and `attn_v_b`). `gguf_tensor_parts`
+may then name other tensors when it is told which ones the file has
+(`available`), and `derive_dense` builds the parameter from their values.
+
 Several families can share one `general.architecture` (GGUF `llama` is dense
 Llama or Mixtral): `claims(tensor_names)` lets a class take a file by its
 tensors; the registry asks the more specific class first.
@@ -71,13 +76,23 @@ class Architecture:
             return f"blk.{match.group(1)}.{self.layer_tensors[match.group(2)]}"
         return None
 
-    def gguf_tensor_parts(self, hf_name: str, config: PretrainedConfig) -> tuple[str, ...] | None:
-        """The GGUF tensors of a parameter: one name, or the parts of a fused parameter in order."""
+    def gguf_tensor_parts(
+        self, hf_name: str, config: PretrainedConfig, available: Collection[str] | None = None
+    ) -> tuple[str, ...] | None:
+        """The GGUF tensors of a parameter: one name, or the parts of a fused or derived parameter
+        in order. `available` (the file's tensor names) lets a family pick among stored forms."""
         match = _LAYER.match(hf_name)
         if match and match.group(2) in self.fused_layer_tensors:
             return tuple(f"blk.{match.group(1)}.{part}" for part in self.fused_layer_tensors[match.group(2)])
         name = self.gguf_tensor_name(hf_name, config)
         return None if name is None else (name,)
+
+    def derive_dense(
+        self, hf_name: str, names: tuple[str, ...], parts: list[torch.Tensor], config: PretrainedConfig
+    ) -> torch.Tensor | None:
+        """The values of a derived parameter from its parts' dequantized values, or None for
+        the usual one part or concatenation along dim -2. Default: None."""
+        return None
 
     def fix_quant(self, hf_name: str, tensor: QuantTensor, config: PretrainedConfig) -> QuantTensor:
         """Undo GGUF-specific layouts on raw blocks (e.g. row permutations). Default: none.
