@@ -11,20 +11,46 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from tandem.errors import WeightError
+from tandem.errors import UnsupportedError, WeightError
 from tandem.inject.injector import Placement, inject
 from tandem.inject.rules import load_rules
 from tandem.ops.base import TandemModule
 from tandem.weights.arch import get_architecture
 from tandem.weights.gguf_file import GGUFFile
+from tandem.weights.safetensors_source import SafetensorsWeights
 from tandem.weights.source import GGUFWeights
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
 
 
+# Hugging Face model_type -> shipped rule file (named by GGUF architecture)
+MODEL_TYPE_RULES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "gemma3_text": "gemma3",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
+    "mixtral": "mixtral",
+    "deepseek_v2": "deepseek2",
+    "deepseek_v3": "deepseek2",
+}
+
+
 def default_rules(architecture: str, tensor_names: Collection[str] = ()) -> Path:
     """The rule file shipped for a GGUF architecture (its tensor names tell Llama from Mixtral)."""
     return RULES_DIR / get_architecture(architecture, tensor_names).rules_file
+
+
+def default_rules_for_config(config: PretrainedConfig) -> Path:
+    """The rule file shipped for a Hugging Face config's model_type."""
+    name = MODEL_TYPE_RULES.get(config.model_type)
+    path = RULES_DIR / f"{name}.yaml"
+    if name is None or not path.is_file():
+        known = ", ".join(t for t, r in MODEL_TYPE_RULES.items() if (RULES_DIR / f"{r}.yaml").is_file())
+        raise UnsupportedError(
+            f"no default rules for model type {config.model_type!r} (known: {known}); pass rules"
+        )
+    return path
 
 
 @contextmanager
@@ -70,15 +96,31 @@ def optimize_and_load_gguf(
     """
     gguf = gguf_path if isinstance(gguf_path, GGUFFile) else GGUFFile.open(gguf_path)
     weights = GGUFWeights(gguf, get_architecture(gguf.architecture, gguf.tensors), config)
-    placements, devices = inject(model, load_rules(rule_path), config, default_device)
-    load_weights(model, weights, devices, progress)
+    placements = optimize_and_load(model, rule_path, weights, config, default_device, progress)
     # Operators that dequantize per call hold views of the mapped file: keep it open with the model.
     model._tandem_gguf = gguf
     return placements
 
 
+def optimize_and_load(
+    model: nn.Module,
+    rule_path: str | Path,
+    weights: GGUFWeights | SafetensorsWeights,
+    config: PretrainedConfig,
+    default_device: str = "cpu",
+    progress: bool = False,
+) -> list[Placement]:
+    """optimize_and_load_gguf for any weights object (GGUFWeights, SafetensorsWeights)."""
+    placements, devices = inject(model, load_rules(rule_path), config, default_device)
+    load_weights(model, weights, devices, progress)
+    return placements
+
+
 def load_weights(
-    model: nn.Module, weights: GGUFWeights, devices: dict[str, str], progress: bool = False
+    model: nn.Module,
+    weights: GGUFWeights | SafetensorsWeights,
+    devices: dict[str, str],
+    progress: bool = False,
 ) -> None:
     modules = list(model.named_modules())
     ops = [(path, m) for path, m in modules if isinstance(m, TandemModule)]
@@ -112,4 +154,4 @@ def load_weights(
 def _check_nothing_on_meta(model: nn.Module) -> None:
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.device.type == "meta":
-            raise WeightError(f"{name} was not loaded: no rule's operator and no GGUF tensor provided it")
+            raise WeightError(f"{name} was not loaded: no rule's operator and no weight tensor provided it")

@@ -1,4 +1,5 @@
-"""One call from a GGUF path to a ready model: config, tokenizer, chat template, injected weights."""
+"""One call from a GGUF path or a Hugging Face directory to a ready model: config, tokenizer,
+chat template, injected weights."""
 
 from __future__ import annotations
 
@@ -9,10 +10,18 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from tandem.errors import TandemError
 from tandem.inject.injector import Placement
-from tandem.inject.loader import build_meta_model, default_rules, optimize_and_load_gguf
+from tandem.inject.loader import (
+    build_meta_model,
+    default_rules,
+    default_rules_for_config,
+    optimize_and_load,
+    optimize_and_load_gguf,
+)
 from tandem.weights.arch import config_of
-from tandem.weights.chat_template import chat_template_of
+from tandem.weights.chat_template import FALLBACK_CHAT_TEMPLATE, chat_template_of
 from tandem.weights.gguf_file import GGUFFile
+from tandem.weights.safetensors_file import SafetensorsFile, is_hf_directory
+from tandem.weights.safetensors_source import SafetensorsWeights, hf_stop_token_ids
 from tandem.weights.tokenizer import eos_token_ids, load_tokenizer
 
 
@@ -21,7 +30,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     config: PretrainedConfig
-    gguf: GGUFFile
+    gguf: GGUFFile | SafetensorsFile  # the open weights, whichever format they came in
     chat_template: str
     chat_template_is_fallback: bool
     stop_token_ids: list[int]
@@ -29,6 +38,8 @@ class LoadedModel:
 
     @property
     def name(self) -> str:
+        if isinstance(self.gguf, SafetensorsFile):
+            return self.gguf.directory.name
         return str(self.gguf.metadata.get("general.name") or self.gguf.paths[0].stem)
 
 
@@ -41,9 +52,17 @@ def load_model(
 ) -> LoadedModel:
     """Open a GGUF file (or split set), build its model on meta, inject the rules, load the weights.
 
+    A Hugging Face directory (config.json and safetensors, no .gguf file) is loaded
+    from its config.json, tokenizer and safetensors instead.
     config_dir: take the config and tokenizer from a Hugging Face model directory instead
     of the GGUF metadata (the weights still come from the GGUF).
     """
+    if is_hf_directory(Path(path)):
+        if config_dir is not None:
+            raise TandemError(
+                f"{path} is a Hugging Face directory: it brings its own config, drop config_dir"
+            )
+        return _load_hf_directory(Path(path), rules, device, progress)
     gguf = GGUFFile.open(path)
     try:
         if config_dir is not None:
@@ -63,6 +82,36 @@ def load_model(
         raise
     stops = eos_token_ids(gguf.metadata, tokenizer)
     return LoadedModel(model, tokenizer, config, gguf, template, is_fallback, stops, placements)
+
+
+def _load_hf_directory(directory: Path, rules: str | Path | None, device: str, progress: bool) -> LoadedModel:
+    config, tokenizer = _from_config_dir(directory)
+    file = SafetensorsFile.open(directory)
+    try:
+        weights = SafetensorsWeights(file, config)  # reads the FP8 block size from the config
+        # The weights are served dequantized, so the skeleton must be a plain, unquantized model.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = build_meta_model(config)
+        placements = optimize_and_load(
+            model, rules or default_rules_for_config(config), weights, config, device, progress
+        )
+    except BaseException:
+        file.close()
+        raise
+    template = getattr(tokenizer, "chat_template", None)
+    is_fallback = not (isinstance(template, str) and template.strip())
+    stops = hf_stop_token_ids(directory, tokenizer)
+    return LoadedModel(
+        model,
+        tokenizer,
+        config,
+        file,
+        FALLBACK_CHAT_TEMPLATE if is_fallback else template,
+        is_fallback,
+        stops,
+        placements,
+    )
 
 
 def _from_config_dir(directory: Path) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
