@@ -22,15 +22,6 @@ CHAT_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %
 COMMON = dict(
     vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, initializer_range=0.1
 )
-# DeepSeek-V3 (MLA, grouped sigmoid router, shared expert) with its own rules: no deepseek2.yaml is needed.
-DEEPSEEK_RULES = """
-- match: {class: transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3TopkRouter}
-  replace: {class: tandem.ops.routers.DeepseekV3Router}
-- match: {class: transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3Experts}
-  replace: {class: tandem.ops.experts.QuantExperts}
-- match: {class: torch.nn.Linear}
-  replace: {class: tandem.ops.linear.QuantLinear, kwargs: {dequant: load}}
-"""
 
 
 def tiny_config(model_type: str):

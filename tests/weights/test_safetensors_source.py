@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from safetensors_helpers import (
     CHAT_TEMPLATE,
-    DEEPSEEK_RULES,
     dequantize_reference,
     greedy,
     quantize_fp8_blocks,
@@ -24,24 +23,17 @@ from transformers import AutoModelForCausalLM
 
 from tandem.inject.model import load_model
 from tandem.ops.experts import QuantExperts
+from tandem.ops.mla import MLAttention
 from tandem.weights.safetensors_file import SafetensorsFile, is_hf_directory
 from tandem.weights.safetensors_fp8 import dequantize_fp8_blocks
 
-F32_REL_ERR = 1e-5  # same float32 weights: only summation order differs
+F32_REL_ERR = 1e-5  # same float32 weights: only summation order differs (measured 0 to 2.4e-7)
 PROMPT = [5, 17, 42, 8, 60, 3, 77]
 FAMILIES = ["qwen2", "qwen3_moe", "mixtral", "deepseek_v3"]
 
 
-def _rules(model_type, tmp_path):
-    if model_type != "deepseek_v3":
-        return None  # the shipped rules for the model type
-    path = tmp_path / "deepseek.yaml"
-    path.write_text(DEEPSEEK_RULES)
-    return path
-
-
-def _check_same(reference, directory, rules=None):
-    loaded = load_model(directory, rules=rules)
+def _check_same(reference, directory):
+    loaded = load_model(directory)  # the shipped rules for the config's model_type
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         want, got = reference(ids).logits, loaded.model(ids).logits
@@ -56,11 +48,13 @@ def test_transformers_layout(model_type, tmp_path):
     reference = tiny_model(model_type)
     directory = save_hf(reference, tmp_path / "model")
     assert is_hf_directory(directory)
-    loaded = _check_same(reference, directory, _rules(model_type, tmp_path))
+    loaded = _check_same(reference, directory)
     assert loaded.chat_template == CHAT_TEMPLATE and not loaded.chat_template_is_fallback
     assert loaded.stop_token_ids == [1, 2] and loaded.name == "model"
     if model_type != "qwen2":
         assert any(isinstance(m, QuantExperts) for m in loaded.model.modules())
+    if model_type == "deepseek_v3":
+        assert any(isinstance(m, MLAttention) for m in loaded.model.modules())
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
@@ -97,7 +91,7 @@ def test_bf16_weights_are_views(tmp_path):
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         bf16_err = rel_err(loaded.model(ids).logits, bf16(ids).logits.float())
-    assert bf16_err < 0.05  # vs transformers computing in bf16: its own rounding, measured about 0.01
+    assert bf16_err < 0.05  # vs transformers computing in bf16: its own rounding, measured 0.007
 
 
 def test_dense_is_a_zero_copy_view(tmp_path):
@@ -147,4 +141,4 @@ def test_fp8_model(tmp_path):
     config = json.loads((directory / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block)}
     (directory / "config.json").write_text(json.dumps(config))
-    _check_same(reference, directory, _rules("deepseek_v3", tmp_path))
+    _check_same(reference, directory)
