@@ -1,4 +1,5 @@
-"""`tandem synth`: random-weight GGUF files with the shapes of real MoE models, for benchmarks."""
+"""`tandem synth`: random-weight GGUF files, either with the shapes of a real MoE model
+(`--shape`, for benchmarks) or tiny (`--tiny --arch X`, for trying and testing the CLI)."""
 
 from __future__ import annotations
 
@@ -9,27 +10,69 @@ from pathlib import Path
 from tandem.cli.common import positive_int
 from tandem.errors import TandemError
 
-HELP = "write a random-weight GGUF with a real model's shapes (benchmarks; outputs are meaningless)"
+HELP = "write a random-weight GGUF: a real model's shapes (--shape) or a tiny model (--tiny)"
+TINY_DEFAULT_QUANT = "F32"
+SHAPE_DEFAULT_QUANT = "Q4_K_M"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tandem.synth import SHAPES
+    from tandem.synth.tiny import TINY_ARCHS, TINY_QUANTS
 
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--shape", choices=sorted(SHAPES), help="the real model whose shapes to copy")
+    mode.add_argument(
+        "--tiny", action="store_true", help="a tiny model of --arch with a byte-level tokenizer"
+    )
+    parser.add_argument("--arch", choices=TINY_ARCHS, help="with --tiny: the architecture")
     parser.add_argument(
-        "--shape", required=True, choices=sorted(SHAPES), help="the real model whose shapes to copy"
+        "--variant",
+        choices=("v2", "v3"),
+        default="v3",
+        help="with --tiny --arch deepseek2: DeepSeek-V3 routing (default) or V2",
     )
     parser.add_argument("--out", "-o", required=True, metavar="FILE", help="the GGUF file to write")
     parser.add_argument(
-        "--quant", default="Q4_K_M", help="llama-quantize mix: Q4_K_M, Q5_K_M, Q6_K, Q8_0 (default Q4_K_M)"
+        "--quant",
+        help=f"--shape: llama-quantize mix Q4_K_M, Q5_K_M, Q6_K, Q8_0 (default {SHAPE_DEFAULT_QUANT}); "
+        f"--tiny: tensor type {', '.join(TINY_QUANTS)} (default {TINY_DEFAULT_QUANT})",
     )
-    parser.add_argument("--layers", type=positive_int, metavar="N", help="write only the first N layers")
+    parser.add_argument(
+        "--layers", type=positive_int, metavar="N", help="with --shape: write only the first N layers"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--dry-run", action="store_true", help="print the tensor plan and sizes, write nothing"
+        "--dry-run", action="store_true", help="with --shape: print the tensor plan and sizes, write nothing"
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.is_dir():
+        raise TandemError(f"{out} is a directory; --out names the file to write")
+    if args.tiny:
+        return _run_tiny(args, out)
+    if args.arch:
+        raise TandemError("--arch goes with --tiny; --shape already names the architecture")
+    return _run_shape(args, out)
+
+
+def _run_tiny(args: argparse.Namespace, out: Path) -> int:
+    from tandem.synth.tiny import TINY_QUANTS, write_tiny
+
+    if not args.arch:
+        raise TandemError("--tiny needs --arch")
+    if args.layers or args.dry_run:
+        raise TandemError("--layers and --dry-run go with --shape")
+    quant = args.quant or TINY_DEFAULT_QUANT
+    if quant not in TINY_QUANTS:
+        raise TandemError(f"--quant for --tiny must be one of {', '.join(TINY_QUANTS)}, got {quant!r}")
+    write_tiny(args.arch, out, quant, args.seed, args.variant)
+    print(out)
+    return 0
+
+
+def _run_shape(args: argparse.Namespace, out: Path) -> int:
     from tqdm import tqdm
 
     from tandem.synth import get_shape, plan, write_shape
@@ -37,20 +80,18 @@ def run(args: argparse.Namespace) -> int:
     spec = get_shape(args.shape)
     if args.layers and args.layers > spec.n_layer:
         raise TandemError(f"{args.shape} has {spec.n_layer} layers; --layers {args.layers} is too many")
-    layout = plan(spec, args.quant, args.layers)
+    quant = args.quant or SHAPE_DEFAULT_QUANT
+    layout = plan(spec, quant, args.layers)
     gib = 1 << 30
     print(f"{args.shape}: {len(layout.tensors)} tensors, {layout.data_bytes / gib:.2f} GiB", file=sys.stderr)
     for name, size in sorted(layout.bytes_by_type().items()):
         print(f"  {name:6} {size / gib:8.2f} GiB", file=sys.stderr)
     if args.dry_run:
         return 0
-    out = Path(args.out)
-    if out.is_dir():
-        raise TandemError(f"{out} is a directory; --out names the file to write")
     bar = tqdm(total=layout.data_bytes, unit="B", unit_scale=True, desc="writing", file=sys.stderr)
     try:
         write_shape(
-            args.shape, out, args.quant, args.layers, args.seed, lambda done, total: bar.update(done - bar.n)
+            args.shape, out, quant, args.layers, args.seed, lambda done, total: bar.update(done - bar.n)
         )
     finally:
         bar.close()

@@ -243,3 +243,21 @@ def _add_byte_tokenizer(writer: gguf.GGUFWriter, vocab_size: int) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
+
+
+TINY_QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
+TINY_VOCAB = 512  # every byte has a token, so any prompt tokenizes
+
+
+def write_tiny(arch: str, path: str | Path, quant: str = "F32", seed: int = 0, variant: str = "v3") -> Path:
+    """A tiny random `arch` model with a byte-level tokenizer, ready for `tandem generate`/`chat`.
+
+    variant: for deepseek2, "v3" (DeepSeek-V3/R1 routing, the default) or "v2".
+    """
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(TINY_ARCHS)}, got {arch!r}")
+    if quant not in TINY_QUANTS:
+        raise ValueError(f"quant must be one of {', '.join(TINY_QUANTS)}, got {quant!r}")
+    options = {"variant": variant} if arch == "deepseek2" else {}
+    model = tiny_model(arch, seed, vocab_size=TINY_VOCAB, **options)
+    return write_gguf(model, arch, Path(path), gguf.GGMLQuantizationType[quant], tokenizer=True)

@@ -1,10 +1,16 @@
-"""`tandem synth` writes a file `tandem inspect` describes as the shape's MoE structure."""
+"""`tandem synth --shape` writes a file `tandem inspect` describes as the shape's MoE structure;
+`tandem synth --tiny` writes tiny models that `tandem generate` and `chat` run."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+
+import pytest
+
+from tandem.weights.arch import config_of
+from tandem.weights.gguf_file import GGUFFile
 
 
 def tandem(*args: str) -> subprocess.CompletedProcess:
@@ -37,3 +43,36 @@ def test_synth_rejects_bad_arguments(tmp_path):
     assert proc.returncode == 1 and "has 48 layers" in proc.stderr and "Traceback" not in proc.stderr
     proc = tandem("synth", "--shape", "qwen3-30b-a3b", "--quant", "Q3_XL", "--out", str(tmp_path / "x.gguf"))
     assert proc.returncode == 1 and "Q3_XL" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("arch", ["deepseek2", "qwen2moe", "qwen3moe", "mixtral"])
+def test_tiny_moe_then_generate_and_chat(tmp_path, arch):
+    out = tmp_path / f"{arch}.gguf"
+    proc = tandem("synth", "--arch", arch, "--tiny", "--quant", "Q8_0", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    proc = tandem("generate", "--model", str(out), "--prompt", "hi", "-n", "4", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert " generated" in proc.stderr  # four tokens, or fewer if a random model picks EOS
+    chat = subprocess.run(
+        [sys.executable, "-m", "tandem", "chat", "--model", str(out), "-n", "4"],
+        input="hi\n/exit\n", capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert chat.returncode == 0, chat.stderr
+
+
+def test_tiny_deepseek_variants_and_bad_arguments(tmp_path):
+    out = tmp_path / "v2.gguf"
+    proc = tandem("synth", "--tiny", "--arch", "deepseek2", "--variant", "v2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    with GGUFFile.open(out) as f:
+        assert f.metadata["deepseek2.expert_gating_func"] == 1  # softmax: DeepSeek-V2
+        assert type(config_of(f)).__name__ == "DeepseekV2Config"
+    bad = [
+        (("--tiny", "--shape", "deepseek-v3"), "not allowed with"),
+        (("--tiny",), "--tiny needs --arch"),
+        (("--tiny", "--arch", "qwen3moe", "--quant", "Q4_K_M"), "Q4_K_M"),
+        (("--shape", "deepseek-v3", "--arch", "qwen3moe"), "--arch goes with --tiny"),
+    ]
+    for args, message in bad:
+        proc = tandem("synth", *args, "--out", str(tmp_path / "x.gguf"))
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, args
