@@ -9,6 +9,8 @@
 - random_blocks.py: random blocks with sane scales, streamed from templates
 - metadata.py: the architecture's GGUF keys and the tokenizer
 - writer.py: plan() and write_shape() / write_spec()
+- tiny.py, tiny_deepseek.py: tiny random Hugging Face models of every family written as
+  llama.cpp writes them (write_tiny, `tandem synth --tiny`; the tests' reference models)
 
 The weights are random (values of std ~0.02, norms ~1), so outputs are
 finite but meaningless; the tokenizer is the embedded Qwen2.5 one, padded or
