@@ -151,7 +151,6 @@ def _config_kwargs(m: Meta, meta: Mapping[str, Any], shapes: Mapping[str, tuple[
         "qk_rope_head_dim": rope,
         "qk_nope_head_dim": qk_head - rope,
         "v_head_dim": v_head,
-        "head_dim": rope,
         "first_k_dense_replace": m.int("leading_dense_block_count", 0, minimum=0, maximum=layers),
         "n_routed_experts": experts,
         "num_experts_per_tok": m.int("expert_used_count", maximum=experts),
