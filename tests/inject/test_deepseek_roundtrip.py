@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tandem.engine.generate import prefill_and_generate
-from tandem.errors import GGUFError
+from tandem.errors import GGUFError, UnsupportedError
 from tandem.inject.loader import RULES_DIR, build_meta_model, default_rules, optimize_and_load_gguf
 from tandem.ops.experts import QuantExperts
 from tandem.ops.mla import MLAttention
@@ -194,3 +194,21 @@ def test_synth_deepseek_v2_lite_loads_to_finite_logits(tmp_path):
     finally:
         loaded.gguf.close()
     assert logits.shape[:2] == ids.shape and torch.isfinite(logits).all()
+
+
+def test_family_follows_the_gating_function_and_the_routing_bias(case):
+    name, _, path, _ = case
+    with GGUFFile.open(path) as f:
+        metadata = dict(f.metadata)
+        shapes = {n: info.shape for n, info in f.tensors.items()}
+    arch = get_architecture("deepseek2", shapes)
+    family = "DeepseekV3Config" if CASES[name][0] == "v3" else "DeepseekV2Config"
+    del metadata["deepseek2.expert_gating_func"]  # older files: the bias alone tells V3
+    assert type(arch.hf_config(metadata, shapes)).__name__ == family
+    metadata["deepseek2.expert_gating_func"] = 1 if family == "DeepseekV3Config" else 2
+    message = "softmax gating with exp_probs_b" if family == "DeepseekV3Config" else "no exp_probs_b"
+    with pytest.raises(UnsupportedError, match=message):
+        arch.hf_config(metadata, shapes)
+    metadata["deepseek2.expert_gating_func"] = 3
+    with pytest.raises(UnsupportedError, match="expert_gating_func = 3"):
+        arch.hf_config(metadata, shapes)

@@ -90,8 +90,10 @@ class Deepseek2(Architecture):
     ) -> PretrainedConfig:
         m = Meta(meta, self.gguf_name)
         kwargs = _config_kwargs(m, meta, tensor_shapes)
-        gating = m.int("expert_gating_func", SOFTMAX, minimum=0, maximum=3)
         has_bias = any(name.endswith(".exp_probs_b.bias") for name in tensor_shapes)
+        # 0 (none) or no key: files from before the key existed; llama.cpp then assumes
+        # softmax, and only V3 files carry the routing bias.
+        gating = m.int("expert_gating_func", 0, minimum=0, maximum=3) or (SIGMOID if has_bias else SOFTMAX)
         kwargs["topk_group"] = m.int("expert_group_used_count", 1, maximum=kwargs["n_group"])
         _check_shapes(tensor_shapes, kwargs)
         if gating == SIGMOID:
@@ -101,7 +103,7 @@ class Deepseek2(Architecture):
                     "only DeepSeek-V3's biased sigmoid routing is supported"
                 )
             return DeepseekV3Config(**kwargs, rope_interleave=True)
-        if gating not in (0, SOFTMAX):
+        if gating != SOFTMAX:
             raise UnsupportedError(f"deepseek2.expert_gating_func = {gating} is not supported")
         if has_bias:
             raise UnsupportedError(
@@ -157,7 +159,7 @@ def _config_kwargs(m: Meta, meta: Mapping[str, Any], shapes: Mapping[str, tuple[
         "n_shared_experts": m.int("expert_shared_count", 0, minimum=0),
         "n_group": m.int("expert_group_count", 1, maximum=experts),
         "routed_scaling_factor": m.float("expert_weights_scale", 1.0) or 1.0,
-        "norm_topk_prob": bool(meta.get("deepseek2.expert_weights_norm", False)),
+        "norm_topk_prob": _flag(meta, "deepseek2.expert_weights_norm"),
         "rms_norm_eps": m.float("attention.layer_norm_rms_epsilon", 1e-6),
         "max_position_embeddings": m.int("context_length", 4096, maximum=1 << 30),
         "rope_parameters": _rope(m),
@@ -166,6 +168,13 @@ def _config_kwargs(m: Meta, meta: Mapping[str, Any], shapes: Mapping[str, tuple[
         "eos_token_id": ids["eos"],
         "pad_token_id": ids["padding"],
     }
+
+
+def _flag(meta: Mapping[str, Any], key: str) -> bool:
+    value = meta.get(key, False)
+    if not isinstance(value, bool):
+        raise GGUFError(f"metadata key {key!r} should be a boolean, got {type(value).__name__}")
+    return value
 
 
 def _rope(m: Meta) -> dict[str, Any]:
