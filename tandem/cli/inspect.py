@@ -137,6 +137,9 @@ def _numel(shape) -> int:
 
 
 def kv_bytes_per_token(config) -> int:
+    latent = getattr(config, "kv_lora_rank", None)
+    if latent:  # MLA caches the compressed latent and the rope key, shared by all heads
+        return config.num_hidden_layers * (latent + config.qk_rope_head_dim) * 4
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # K and V, float32
 
