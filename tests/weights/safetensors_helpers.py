@@ -10,10 +10,12 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV2Config,
     DeepseekV3Config,
     MixtralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3MoeConfig,
 )
 
@@ -31,6 +33,18 @@ def tiny_config(model_type: str):
         return Qwen3MoeConfig(
             **COMMON, intermediate_size=64, moe_intermediate_size=16, num_key_value_heads=2, head_dim=8,
             num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+        )  # fmt: skip
+    if model_type == "qwen2_moe":
+        return Qwen2MoeConfig(
+            **COMMON, intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        )  # fmt: skip
+    if model_type == "deepseek_v2":
+        return DeepseekV2Config(
+            **COMMON, intermediate_size=64, moe_intermediate_size=16, first_k_dense_replace=1,
+            num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+            topk_method="group_limited_greedy", n_group=2, topk_group=1, q_lora_rank=None, kv_lora_rank=16,
+            qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
         )  # fmt: skip
     if model_type == "mixtral":
         return MixtralConfig(**COMMON, intermediate_size=16, num_key_value_heads=2, num_local_experts=4)

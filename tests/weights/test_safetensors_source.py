@@ -29,7 +29,7 @@ from tandem.weights.safetensors_fp8 import dequantize_fp8_blocks
 
 F32_REL_ERR = 1e-5  # same float32 weights: only summation order differs (measured 0 to 2.4e-7)
 PROMPT = [5, 17, 42, 8, 60, 3, 77]
-FAMILIES = ["qwen2", "qwen3_moe", "mixtral", "deepseek_v3"]
+FAMILIES = ["qwen2", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3"]
 
 
 def _check_same(reference, directory):
@@ -53,7 +53,7 @@ def test_transformers_layout(model_type, tmp_path):
     assert loaded.stop_token_ids == [1, 2] and loaded.name == "model"
     if model_type != "qwen2":
         assert any(isinstance(m, QuantExperts) for m in loaded.model.modules())
-    if model_type == "deepseek_v3":
+    if model_type.startswith("deepseek"):
         assert any(isinstance(m, MLAttention) for m in loaded.model.modules())
 
 
