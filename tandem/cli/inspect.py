@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
 CONFIG_KEYS = (
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-    "sliding_window", "tie_word_embeddings",
+    "sliding_window", "tie_word_embeddings", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+    "qk_rope_head_dim", "v_head_dim",
 )  # fmt: skip
 
 
@@ -166,9 +167,17 @@ def print_report(r: dict) -> None:
     print(f"context       {r['context_length']}")
     if "config" in r:
         c = r["config"]
+        if c.get("kv_lora_rank"):  # MLA: per-head dims split into a rope and a no-rope part
+            heads = (
+                f"heads {c.get('num_attention_heads')} MLA (q-LoRA {c.get('q_lora_rank') or 'none'}, "
+                f"kv-LoRA {c['kv_lora_rank']}, qk {c.get('qk_nope_head_dim')}+{c.get('qk_rope_head_dim')} rope, "
+                f"v {c.get('v_head_dim')})"
+            )
+        else:
+            heads = f"heads {c.get('num_attention_heads')} (kv {c.get('num_key_value_heads')}), head dim {c.get('head_dim')}"
         print(
-            f"layers        {c.get('num_hidden_layers')} × hidden {c.get('hidden_size')}, ffn {c.get('intermediate_size')}, "
-            f"heads {c.get('num_attention_heads')} (kv {c.get('num_key_value_heads')}), head dim {c.get('head_dim')}"
+            f"layers        {c.get('num_hidden_layers')} × hidden {c.get('hidden_size')}, "
+            f"ffn {c.get('intermediate_size')}, {heads}"
         )
         print(f"KV cache      {r['kv_cache_bytes_per_token'] / 1024:.1f} KiB per token (float32)")
     else:

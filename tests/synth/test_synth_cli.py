@@ -76,3 +76,16 @@ def test_tiny_deepseek_variants_and_bad_arguments(tmp_path):
     for args, message in bad:
         proc = tandem("synth", *args, "--out", str(tmp_path / "x.gguf"))
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, args
+
+
+def test_inspect_knows_mla(tmp_path):
+    out = tmp_path / "ds.gguf"
+    assert tandem("synth", "--tiny", "--arch", "deepseek2", "--out", str(out)).returncode == 0
+    report = json.loads(tandem("inspect", str(out), "--json").stdout)
+    c = report["config"]
+    # MLA caches one latent and one rope key per token and layer, whatever the head count.
+    assert (
+        report["kv_cache_bytes_per_token"]
+        == c["num_hidden_layers"] * (c["kv_lora_rank"] + c["qk_rope_head_dim"]) * 4
+    )
+    assert "MLA (q-LoRA" in tandem("inspect", str(out)).stdout
