@@ -29,7 +29,7 @@ from tandem.errors import UnsupportedError, WeightError
 from tandem.quant.quant_tensor import QuantTensor
 from tandem.weights.safetensors_file import SafetensorsFile
 from tandem.weights.safetensors_fp8 import SCALE_SUFFIX, dequantize_fp8_blocks, fp8_block_size
-from tandem.weights.source import _check_parts
+from tandem.weights.source import check_parts, join_parts
 
 GGML_TYPES = {
     "F32": GGMLQuantizationType.F32,
@@ -94,7 +94,7 @@ class SafetensorsWeights:
             raise WeightError(f"parameter {hf_name!r} has no tensor in {self.file.directory.name}")
         parts = found()
         if shape is not None:
-            _check_parts(hf_name, parts, tuple(shape))
+            check_parts(hf_name, parts, tuple(shape))
         return parts
 
     def dense(
@@ -105,8 +105,7 @@ class SafetensorsWeights:
         device: torch.device | str = "cpu",
     ) -> torch.Tensor:
         parts = [part.dequantize(torch.float32) for part in self.quant_parts(hf_name, shape)]
-        values = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
-        return values.to(device=device, dtype=dtype)
+        return join_parts(parts).to(device=device, dtype=dtype)
 
     def _resolve(self, hf_name: str):
         """A function returning the parameter's parts, or None when the file lacks it."""

@@ -69,7 +69,7 @@ class GGUFWeights:
             self.used.add(name)
             parts.append(self.arch.fix_quant(hf_name, self.gguf.tensor(name), self.config))
         if shape is not None:
-            _check_parts(hf_name, parts, tuple(shape))
+            check_parts(hf_name, parts, tuple(shape))
         return parts
 
     def dense(
@@ -86,8 +86,8 @@ class GGUFWeights:
         values = self.arch.derive_dense(hf_name, names, parts, self.config)
         if values is None:
             if shape is not None:
-                _check_parts(hf_name, quants, tuple(shape))
-            values = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+                check_parts(hf_name, quants, tuple(shape))
+            values = join_parts(parts)
         elif shape is not None and tuple(values.shape) != tuple(shape):
             raise WeightError(
                 f"tensors {', '.join(names)} give {hf_name!r} shape {list(values.shape)}, not {list(shape)}"
@@ -96,7 +96,12 @@ class GGUFWeights:
         return values.to(device=device, dtype=dtype)
 
 
-def _check_parts(hf_name: str, parts: list[QuantTensor], shape: tuple[int, ...]) -> None:
+def join_parts(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Dequantized parts of one parameter as one tensor: fused parts (gate, up) stack on dim -2."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+
+def check_parts(hf_name: str, parts: list[QuantTensor], shape: tuple[int, ...]) -> None:
     if len(parts) == 1:
         if tuple(parts[0].shape) != shape:
             raise WeightError(
