@@ -7,6 +7,8 @@
 
 namespace nb = nanobind;
 
+void bind_engine(nb::module_& m);  // bind_engine.cpp
+
 // CMake passes these (CMakeLists.txt); the fallbacks keep a hand build compiling.
 #ifndef TANDEM_COMPILER_ID
 #define TANDEM_COMPILER_ID "unknown"
@@ -81,4 +83,5 @@ NB_MODULE(_cpu, m) {
           "CPUID feature bits, OS register-state support (XCR0) and AMX permission, as name -> bool.");
     m.def("cpu_brand", &tandem::cpu_brand, "The processor's brand string, or '' where CPUID has none.");
     m.def("build_info", &build_info, "How this extension was compiled.");
+    bind_engine(m);
 }

@@ -1,0 +1,181 @@
+// Bindings of the engine: thread pool, kernels (for tests and benchmarks), the
+// linear and MoE ops, and the plain C entry points a CUDA stream can call.
+// Tensors cross as raw addresses (torch's data_ptr()); the Python wrappers in
+// tandem/cpu/ check dtype, shape and contiguity before any address gets here.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "engine/activations.h"
+#include "engine/linear_op.h"
+#include "engine/moe_op.h"
+#include "engine/thread_pool.h"
+#include "engine/weight_matrix.h"
+
+namespace nb = nanobind;
+using namespace tandem;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t address) {
+    return reinterpret_cast<T*>(address);
+}
+
+const VariantKernels& kernels_named(const std::string& name) {
+    const VariantKernels* kernels = variant_kernels(name.c_str());
+    if (kernels == nullptr) throw std::invalid_argument("CPU kernel variant '" + name + "' is not built into tandem._cpu");
+    return *kernels;
+}
+
+std::vector<std::string> variants_built() {
+    std::vector<std::string> out;
+    for (const char* name : {"generic", "avx2", "avx512"})
+        if (variant_kernels(name) != nullptr) out.emplace_back(name);
+    return out;
+}
+
+std::vector<int> kernel_types(const std::string& variant) {
+    const VariantKernels& kernels = kernels_named(variant);
+    std::vector<int> out;
+    for (int i = 0; i < kernels.n_types; ++i) out.push_back(kernels.types[i].ggml_type);
+    return out;
+}
+
+// One kernel call on the calling thread: activations prepared, then dot_rows.
+void dot_rows(const std::string& variant, int ggml_type, uintptr_t w, int64_t rows, int64_t cols, uintptr_t x,
+              int64_t n_tok, uintptr_t out) {
+    const VariantKernels& kernels = kernels_named(variant);
+    const WeightMatrix m = make_weight_matrix(kernels, "weight", ptr<const uint8_t>(w), ggml_type, 1, rows, cols);
+    const size_t arb = act_row_bytes(m.kernel->act, cols);
+    std::vector<uint8_t> act(arb * static_cast<size_t>(n_tok));
+    nb::gil_scoped_release release;
+    ThreadPool single(1, false);
+    prepare_activations(single, kernels, m.kernel->act, ptr<const float>(x), n_tok, cols, cols, act.data());
+    m.kernel->dot_rows(m.data, m.row_bytes, rows, cols, act.data(), arb, n_tok, ptr<float>(out), rows);
+}
+
+// The activation format a type's kernel wants, and activations prepared in it.
+int act_format(const std::string& variant, int ggml_type) {
+    const TypeKernel* kernel = kernels_named(variant).find(ggml_type);
+    if (kernel == nullptr) throw std::invalid_argument("no kernel for ggml type " + std::to_string(ggml_type));
+    return static_cast<int>(kernel->act);
+}
+
+void quantize_activations(const std::string& variant, int format, uintptr_t x, int64_t n_rows, int64_t k,
+                          uintptr_t out) {
+    const VariantKernels& kernels = kernels_named(variant);
+    if (format < 1 || format > 2) throw std::invalid_argument("format must be 1 (Q8_32) or 2 (Q8_256)");
+    const ActFormat f = static_cast<ActFormat>(format);
+    if (k % (f == ActFormat::Q8_32 ? 32 : 256) != 0) throw std::invalid_argument("k is not a multiple of the block");
+    ThreadPool single(1, false);
+    prepare_activations(single, kernels, f, ptr<const float>(x), n_rows, k, k, ptr<uint8_t>(out));
+}
+
+// The engine's calls from a CUDA stream (cudaLaunchHostFunc takes a
+// void(*)(void*) and one pointer): a HostCall is that pointer.
+struct HostCall {
+    MoEOp* op;
+    MoECall call;
+};
+
+extern "C" void tandem_moe_host_submit(void* data) {
+    auto* host = static_cast<HostCall*>(data);
+    host->op->submit(host->call);
+}
+
+extern "C" void tandem_moe_host_sync(void* data) { static_cast<HostCall*>(data)->op->sync(); }
+
+MoECall make_call(int64_t n_tok, int64_t top_k, uintptr_t x, uintptr_t ids, uintptr_t weights, uintptr_t out) {
+    MoECall call;
+    call.n_tok = n_tok;
+    call.top_k = top_k;
+    call.x = ptr<const float>(x);
+    call.ids = ptr<const int64_t>(ids);
+    call.weights = ptr<const float>(weights);
+    call.out = ptr<float>(out);
+    return call;
+}
+
+}  // namespace
+
+void bind_engine(nb::module_& m) {
+    nb::class_<ThreadPool>(m, "ThreadPool", "Persistent worker threads; n_threads counts the calling thread.")
+        .def(nb::new_([](int n_threads, bool pin) {
+                 if (n_threads < 1 || n_threads > 4096) throw std::invalid_argument("threads must be in 1 ... 4096");
+                 return std::make_shared<ThreadPool>(n_threads, pin);
+             }),
+             nb::arg("n_threads"), nb::arg("pin") = true)
+        .def_prop_ro("size", &ThreadPool::size)
+        .def_prop_ro("cpus", &ThreadPool::cpus, "The core each thread is pinned to (empty: not pinned).")
+        .def("wait_idle", &ThreadPool::wait_idle, nb::call_guard<nb::gil_scoped_release>());
+    m.def("cores_in_order", &cores_in_order, "Usable logical CPUs, first thread of each core first, by NUMA node.");
+    m.def("variants_built", &variants_built, "Kernel variants compiled into this extension.");
+    m.def("kernel_types", &kernel_types, "ggml type numbers a variant has kernels for.");
+    m.def("act_format", &act_format, "0: float32, 1: Q8_32 blocks, 2: Q8_256 blocks.");
+    m.def("dot_rows", &dot_rows, "out[t, r] = W[r] . x[t], one kernel on the calling thread (tests, benchmarks).");
+    m.def("quantize_activations", &quantize_activations, "float32 rows to 8-bit activation blocks.");
+
+    nb::class_<LinearOp>(m, "LinearOp")
+        .def(nb::new_([](std::shared_ptr<ThreadPool> pool, const std::string& variant, uintptr_t data, int ggml_type,
+                         int64_t rows, int64_t cols) {
+                 const VariantKernels& kernels = kernels_named(variant);
+                 return std::make_shared<LinearOp>(
+                     std::move(pool), kernels,
+                     make_weight_matrix(kernels, "weight", ptr<const uint8_t>(data), ggml_type, 1, rows, cols));
+             }),
+             nb::arg("pool"), nb::arg("variant"), nb::arg("data"), nb::arg("ggml_type"), nb::arg("rows"),
+             nb::arg("cols"))
+        .def(
+            "forward",
+            [](LinearOp& op, uintptr_t x, int64_t n_tok, int64_t x_stride, uintptr_t out) {
+                op.forward(ptr<const float>(x), n_tok, x_stride, ptr<float>(out));
+            },
+            nb::call_guard<nb::gil_scoped_release>());
+
+    nb::class_<HostCall>(m, "HostCall", "Arguments of one MoE call, at a fixed address for cudaLaunchHostFunc.")
+        .def_prop_ro("address", [](HostCall& h) { return reinterpret_cast<uintptr_t>(&h); });
+
+    nb::class_<MoEOp>(m, "MoEOp")
+        .def(nb::new_([](std::shared_ptr<ThreadPool> pool, const std::string& variant, int64_t n_experts,
+                         int64_t hidden, int64_t inter, uintptr_t gate, int gate_type, uintptr_t up, int up_type,
+                         uintptr_t down, int down_type) {
+                 const VariantKernels& kernels = kernels_named(variant);
+                 auto g = make_weight_matrix(kernels, "gate", ptr<const uint8_t>(gate), gate_type, n_experts, inter, hidden);
+                 auto u = make_weight_matrix(kernels, "up", ptr<const uint8_t>(up), up_type, n_experts, inter, hidden);
+                 auto d = make_weight_matrix(kernels, "down", ptr<const uint8_t>(down), down_type, n_experts, hidden, inter);
+                 return std::make_shared<MoEOp>(std::move(pool), kernels, g, u, d);
+             }),
+             nb::arg("pool"), nb::arg("variant"), nb::arg("n_experts"), nb::arg("hidden"), nb::arg("inter"),
+             nb::arg("gate"), nb::arg("gate_type"), nb::arg("up"), nb::arg("up_type"), nb::arg("down"),
+             nb::arg("down_type"))
+        .def(
+            "forward",
+            [](MoEOp& op, int64_t n_tok, int64_t top_k, uintptr_t x, uintptr_t ids, uintptr_t w, uintptr_t out) {
+                op.forward(make_call(n_tok, top_k, x, ids, w, out));
+            },
+            nb::call_guard<nb::gil_scoped_release>())
+        .def(
+            "submit",
+            [](MoEOp& op, int64_t n_tok, int64_t top_k, uintptr_t x, uintptr_t ids, uintptr_t w, uintptr_t out) {
+                op.submit(make_call(n_tok, top_k, x, ids, w, out));
+            },
+            nb::call_guard<nb::gil_scoped_release>())
+        .def("sync", &MoEOp::sync, nb::call_guard<nb::gil_scoped_release>())
+        .def(
+            "host_call",
+            [](MoEOp& op, int64_t n_tok, int64_t top_k, uintptr_t x, uintptr_t ids, uintptr_t w, uintptr_t out) {
+                return new HostCall{&op, make_call(n_tok, top_k, x, ids, w, out)};
+            },
+            nb::rv_policy::take_ownership, nb::keep_alive<0, 1>());
+    m.def("host_submit_fn", [] { return reinterpret_cast<uintptr_t>(&tandem_moe_host_submit); },
+          "Address of void(void*) that submits a HostCall (for cudaLaunchHostFunc).");
+    m.def("host_sync_fn", [] { return reinterpret_cast<uintptr_t>(&tandem_moe_host_sync); },
+          "Address of void(void*) that waits for a HostCall's op.");
+}

@@ -1,0 +1,48 @@
+#include "engine/linear_op.h"
+
+#include <algorithm>
+
+#include "engine/activations.h"
+
+namespace tandem {
+
+TileShape choose_tiles(int64_t total_rows, int64_t n_tok, int threads) {
+    // About eight tasks per thread so stealing can even out uneven cores, but
+    // tiles of at least 16 rows so a task's fixed cost (an atomic, the first
+    // cache misses) stays small next to its dot products; at most 256 rows so
+    // a tile's weights stay in L2 while its tokens stream past. 32 tokens of
+    // prepared activations are at most 32 * 292 bytes per 256 columns.
+    int64_t rows = total_rows / (8 * static_cast<int64_t>(threads));
+    rows = std::clamp<int64_t>((rows + 15) / 16 * 16, 16, 256);
+    return TileShape{rows, std::min<int64_t>(std::max<int64_t>(n_tok, 1), 32)};
+}
+
+LinearOp::LinearOp(std::shared_ptr<ThreadPool> pool, const VariantKernels& kernels, WeightMatrix weight)
+    : pool_(std::move(pool)), kernels_(kernels), weight_(weight) {}
+
+void LinearOp::forward(const float* x, int64_t n_tok, int64_t x_stride, float* out) {
+    if (n_tok <= 0) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    const WeightMatrix& w = weight_;
+    const ActFormat format = w.kernel->act;
+    const size_t arb = act_row_bytes(format, w.cols);
+    uint8_t* act = scratch(act_, arb * static_cast<size_t>(n_tok));
+    prepare_activations(*pool_, kernels_, format, x, n_tok, w.cols, x_stride, act);
+
+    const TileShape tile = choose_tiles(w.rows, n_tok, pool_->size());
+    const int64_t row_tiles = (w.rows + tile.rows - 1) / tile.rows;
+    const int64_t tok_tiles = (n_tok + tile.tokens - 1) / tile.tokens;
+    const DotRowsFn dot = w.kernel->dot_rows;
+    // Token tiles innermost in the task order: consecutive tasks of one thread's
+    // range share weight rows, which then come from cache.
+    pool_->parallel_for(row_tiles * tok_tiles, [&](int64_t task, int) {
+        const int64_t r0 = (task / tok_tiles) * tile.rows;
+        const int64_t t0 = (task % tok_tiles) * tile.tokens;
+        const int64_t nr = std::min(tile.rows, w.rows - r0);
+        const int64_t nt = std::min(tile.tokens, n_tok - t0);
+        dot(w.data + r0 * w.row_bytes, w.row_bytes, nr, w.cols, act + t0 * arb, arb, nt, out + t0 * w.rows + r0,
+            w.rows);
+    });
+}
+
+}  // namespace tandem

@@ -1,0 +1,41 @@
+// y = x W^T for one quantized weight matrix: dense layers and the lm head on
+// the CPU. Activations are quantized once per call, then row tiles × token
+// tiles of the output are spread over the pool; each task reads its weight
+// rows once for all the tokens of its tile.
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "engine/thread_pool.h"
+#include "engine/weight_matrix.h"
+
+namespace tandem {
+
+class LinearOp {
+public:
+    LinearOp(std::shared_ptr<ThreadPool> pool, const VariantKernels& kernels, WeightMatrix weight);
+
+    // x: [n_tok, cols] float32 rows x_stride floats apart; out: [n_tok, rows] float32, contiguous.
+    void forward(const float* x, int64_t n_tok, int64_t x_stride, float* out);
+
+    const WeightMatrix& weight() const { return weight_; }
+
+private:
+    std::shared_ptr<ThreadPool> pool_;
+    const VariantKernels& kernels_;
+    WeightMatrix weight_;
+    std::mutex mutex_;  // scratch is per op
+    std::vector<uint8_t> act_;
+};
+
+// Shared by the linear and MoE ops: out[t * out_stride + r] for r in [0, rows),
+// t in [0, n_tok), as (row tile × token tile) tasks on the pool.
+struct TileShape {
+    int64_t rows;
+    int64_t tokens;
+};
+TileShape choose_tiles(int64_t total_rows, int64_t n_tok, int threads);
+
+}  // namespace tandem

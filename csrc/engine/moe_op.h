@@ -1,0 +1,59 @@
+// The routed experts of one MoE layer in one call:
+//   out[t] = Σ_j w[t, j] · down_e(silu(gate_e(x[t])) · up_e(x[t])),  e = ids[t, j]
+// Tokens are grouped by expert, so each active expert's weights are read once
+// for all of its tokens; no Python runs per expert. forward() runs on the
+// calling thread (which leads the pool); submit() queues the same work on the
+// pool's driver thread and returns at once, sync() waits for it.
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "engine/thread_pool.h"
+#include "engine/weight_matrix.h"
+
+namespace tandem {
+
+struct MoECall {
+    int64_t n_tok = 0;
+    int64_t top_k = 0;
+    const float* x = nullptr;        // [n_tok, hidden]
+    const int64_t* ids = nullptr;    // [n_tok, top_k]; ids outside [0, n_experts) are skipped
+    const float* weights = nullptr;  // [n_tok, top_k]
+    float* out = nullptr;            // [n_tok, hidden], overwritten
+};
+
+// Rows [r0, r0 + nr) of one expert's matrix for its assignments [a0, a0 + na).
+struct MoETask {
+    int64_t expert, r0, nr, a0, na;
+};
+
+class MoEOp {
+public:
+    // gate, up: [E, inter, hidden]; down: [E, hidden, inter].
+    MoEOp(std::shared_ptr<ThreadPool> pool, const VariantKernels& kernels, WeightMatrix gate, WeightMatrix up,
+          WeightMatrix down);
+
+    void forward(const MoECall& call);
+    void submit(const MoECall& call);
+    void sync();
+
+    int64_t n_experts() const { return gate_.n_experts; }
+    int64_t hidden() const { return gate_.cols; }
+    int64_t inter() const { return gate_.rows; }
+
+private:
+    std::shared_ptr<ThreadPool> pool_;
+    const VariantKernels& kernels_;
+    WeightMatrix gate_, up_, down_;
+    std::mutex mutex_;  // scratch below belongs to one call at a time
+
+    // Per-call scratch, grown as needed and reused.
+    std::vector<int64_t> count_, offset_, cursor_, slot_assignment_, assignment_token_;
+    std::vector<MoETask> tasks_;
+    std::vector<uint8_t> x_act_, x_act_up_, gathered_, gathered_up_, h_act_;
+    std::vector<float> gate_out_, up_out_, y_;
+};
+
+}  // namespace tandem

@@ -1,0 +1,240 @@
+#include "engine/thread_pool.h"
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <tuple>
+
+#if defined(__linux__)
+#include <pthread.h>
+#include <sched.h>
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+namespace tandem {
+namespace {
+
+// How long an idle thread spins before parking. Decode calls the pool a few
+// hundred times per token, microseconds apart: parking between them would
+// cost a futex wake-up (tens of microseconds) per phase.
+constexpr auto kSpin = std::chrono::microseconds(200);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+}
+
+int read_int(const std::string& path, int fallback) {
+    std::ifstream file(path);
+    int value;
+    return (file >> value) ? value : fallback;
+}
+
+// "0-3,8,10-11" -> {0,1,2,3,8,10,11}
+std::vector<int> parse_cpu_list(const std::string& text) {
+    std::vector<int> out;
+    std::stringstream stream(text);
+    std::string item;
+    while (std::getline(stream, item, ',')) {
+        const auto dash = item.find('-');
+        try {
+            const int first = std::stoi(item.substr(0, dash));
+            const int last = dash == std::string::npos ? first : std::stoi(item.substr(dash + 1));
+            for (int cpu = first; cpu <= last; ++cpu) out.push_back(cpu);
+        } catch (const std::exception&) {
+            continue;  // a malformed entry: topology is a hint, not a requirement
+        }
+    }
+    return out;
+}
+
+std::string read_text(const std::string& path) {
+    std::ifstream file(path);
+    std::string text;
+    std::getline(file, text);
+    return text;
+}
+
+int node_of(int cpu) {
+    for (int node = 0; node < 64; ++node) {
+        const std::string list = read_text("/sys/devices/system/node/node" + std::to_string(node) + "/cpulist");
+        if (list.empty()) {
+            if (node > 0) break;
+            continue;
+        }
+        const auto cpus = parse_cpu_list(list);
+        if (std::find(cpus.begin(), cpus.end(), cpu) != cpus.end()) return node;
+    }
+    return 0;
+}
+
+void pin_to(int cpu) {
+#if defined(__linux__)
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    pthread_setaffinity_np(pthread_self(), sizeof set, &set);  // best effort: a refusal only costs locality
+#else
+    (void)cpu;
+#endif
+}
+
+}  // namespace
+
+std::vector<int> cores_in_order() {
+    std::vector<int> allowed;
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0)
+        for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu)
+            if (CPU_ISSET(cpu, &set)) allowed.push_back(cpu);
+#endif
+    if (allowed.empty())
+        for (unsigned cpu = 0; cpu < std::max(1u, std::thread::hardware_concurrency()); ++cpu)
+            allowed.push_back(static_cast<int>(cpu));
+    // (node, hyper-thread sibling rank, package, core, cpu): first threads of
+    // every core come before second threads, and a node's cores stay together.
+    std::vector<std::tuple<int, int, int, int, int>> keys;
+    for (int cpu : allowed) {
+        const std::string topo = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
+        auto siblings = parse_cpu_list(read_text(topo + "thread_siblings_list"));
+        const int rank = static_cast<int>(std::count_if(siblings.begin(), siblings.end(), [&](int s) { return s < cpu; }));
+        keys.emplace_back(node_of(cpu), rank, read_int(topo + "physical_package_id", 0),
+                          read_int(topo + "core_id", cpu), cpu);
+    }
+    std::sort(keys.begin(), keys.end());
+    std::vector<int> out;
+    for (const auto& key : keys) out.push_back(std::get<4>(key));
+    return out;
+}
+
+ThreadPool::ThreadPool(int n_threads, bool pin)
+    : n_threads_(std::max(1, n_threads)), ranges_(new Range[static_cast<size_t>(std::max(1, n_threads))]) {
+    if (pin) {
+        const auto cores = cores_in_order();
+        if (static_cast<int>(cores.size()) >= n_threads_) cpus_.assign(cores.begin(), cores.begin() + n_threads_);
+    }
+    for (int t = 1; t < n_threads_; ++t) workers_.emplace_back([this, t] { worker_main(t); });
+}
+
+ThreadPool::~ThreadPool() {
+    {
+        std::lock_guard<std::mutex> lock(queue_mutex_);
+        stop_.store(true);
+    }
+    queue_cv_.notify_all();
+    if (driver_.joinable()) driver_.join();
+    {
+        std::lock_guard<std::mutex> lock(park_mutex_);
+        generation_.fetch_add(1);
+    }
+    park_cv_.notify_all();
+    for (auto& worker : workers_) worker.join();
+}
+
+void ThreadPool::parallel_for(int64_t n_tasks, TaskFn task, void* ctx) {
+    if (n_tasks <= 0) return;
+    std::lock_guard<std::mutex> loop(loop_mutex_);
+    const int active = static_cast<int>(std::min<int64_t>(n_threads_, n_tasks));
+    if (active == 1) {
+        for (int64_t i = 0; i < n_tasks; ++i) task(ctx, i, 0);
+        return;
+    }
+    task_ = task;
+    ctx_ = ctx;
+    for (int t = 0; t < n_threads_; ++t) {
+        ranges_[t].next.store(n_tasks * t / n_threads_, std::memory_order_relaxed);
+        ranges_[t].end = n_tasks * (t + 1) / n_threads_;
+    }
+    pending_.store(n_threads_ - 1, std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_seq_cst);  // publishes the loop
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+        std::lock_guard<std::mutex> lock(park_mutex_);
+        park_cv_.notify_all();
+    }
+    run_tasks(0);
+    while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
+}
+
+void ThreadPool::run_tasks(int thread) {
+    // Own range first, then the others', nearest thread first.
+    for (int step = 0; step < n_threads_; ++step) {
+        Range& range = ranges_[(thread + step) % n_threads_];
+        for (;;) {
+            const int64_t i = range.next.fetch_add(1, std::memory_order_relaxed);
+            if (i >= range.end) break;
+            task_(ctx_, i, thread);
+        }
+    }
+}
+
+bool ThreadPool::wait_for_generation(uint64_t seen) {
+    const auto deadline = std::chrono::steady_clock::now() + kSpin;
+    for (int i = 0;; ++i) {
+        if (generation_.load(std::memory_order_acquire) != seen) return true;
+        if ((i & 63) == 63 && std::chrono::steady_clock::now() > deadline) break;
+        cpu_relax();
+    }
+    std::unique_lock<std::mutex> lock(park_mutex_);
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    park_cv_.wait(lock, [&] { return generation_.load(std::memory_order_seq_cst) != seen; });
+    sleepers_.fetch_sub(1, std::memory_order_relaxed);
+    return true;
+}
+
+void ThreadPool::worker_main(int thread) {
+    if (!cpus_.empty()) pin_to(cpus_[thread]);
+    uint64_t seen = generation_.load(std::memory_order_acquire);
+    for (;;) {
+        wait_for_generation(seen);
+        seen = generation_.load(std::memory_order_acquire);
+        if (stop_.load(std::memory_order_acquire)) return;
+        run_tasks(thread);
+        pending_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+}
+
+void ThreadPool::submit(std::function<void()> job) {
+    {
+        std::lock_guard<std::mutex> lock(queue_mutex_);
+        if (!driver_.joinable()) driver_ = std::thread([this] { driver_main(); });
+        queue_.push_back(std::move(job));
+    }
+    queue_cv_.notify_one();
+}
+
+void ThreadPool::wait_idle() {
+    std::unique_lock<std::mutex> lock(queue_mutex_);
+    idle_cv_.wait(lock, [&] { return queue_.empty() && !driver_busy_; });
+}
+
+void ThreadPool::driver_main() {
+    // The driver leads the loops of submitted jobs, as thread 0 on thread 0's core.
+    if (!cpus_.empty()) pin_to(cpus_[0]);
+    for (;;) {
+        std::function<void()> job;
+        {
+            std::unique_lock<std::mutex> lock(queue_mutex_);
+            queue_cv_.wait(lock, [&] { return stop_.load() || !queue_.empty(); });
+            if (queue_.empty()) return;  // stopping with nothing left to run
+            job = std::move(queue_.front());
+            queue_.pop_front();
+            driver_busy_ = true;
+        }
+        job();
+        {
+            std::lock_guard<std::mutex> lock(queue_mutex_);
+            driver_busy_ = false;
+        }
+        idle_cv_.notify_all();
+    }
+}
+
+}  // namespace tandem

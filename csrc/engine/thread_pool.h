@@ -1,0 +1,94 @@
+// A persistent pool of worker threads for the CPU engine's ops.
+//
+// One op call is a few phases (quantize activations, gate/up, down, reduce),
+// each a parallel loop of small tasks lasting microseconds at decode, so
+// waking threads must cost less than the work: workers spin briefly on a
+// generation counter before parking on a condition variable, and the calling
+// thread takes part in every loop. Tasks are split into one contiguous range
+// per thread (each thread keeps reading the same weight rows call after call,
+// which keeps them in its caches and on its NUMA node) and a thread that runs
+// out steals from the others' ranges, nearest first.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace tandem {
+
+class ThreadPool {
+public:
+    // task(ctx, index, thread): run by some thread for each index in [0, n_tasks).
+    using TaskFn = void (*)(void* ctx, int64_t index, int thread);
+
+    // n_threads counts the calling thread; pin binds each worker to its own core.
+    ThreadPool(int n_threads, bool pin);
+    ~ThreadPool();
+    ThreadPool(const ThreadPool&) = delete;
+    ThreadPool& operator=(const ThreadPool&) = delete;
+
+    int size() const { return n_threads_; }
+    const std::vector<int>& cpus() const { return cpus_; }
+
+    // Runs task for every index on all threads and returns when all are done.
+    // Calls from different threads are serialized.
+    void parallel_for(int64_t n_tasks, TaskFn task, void* ctx);
+
+    template <typename F>
+    void parallel_for(int64_t n_tasks, F&& body) {
+        parallel_for(
+            n_tasks, [](void* ctx, int64_t i, int t) { (*static_cast<F*>(ctx))(i, t); },
+            static_cast<void*>(&body));
+    }
+
+    // Asynchronous work: job runs on the pool's driver thread, which leads the
+    // parallel loops it calls, in submission order. wait_idle() returns when
+    // every submitted job has finished.
+    void submit(std::function<void()> job);
+    void wait_idle();
+
+private:
+    struct alignas(64) Range {
+        std::atomic<int64_t> next{0};
+        int64_t end = 0;
+    };
+
+    void worker_main(int thread);
+    void driver_main();
+    void run_tasks(int thread);
+    bool wait_for_generation(uint64_t seen);
+
+    int n_threads_;
+    std::vector<int> cpus_;  // the core of each thread (empty: not pinned)
+    std::vector<std::thread> workers_;
+    std::unique_ptr<Range[]> ranges_;
+
+    std::mutex loop_mutex_;  // one parallel loop at a time
+    TaskFn task_ = nullptr;
+    void* ctx_ = nullptr;
+    alignas(64) std::atomic<uint64_t> generation_{0};
+    alignas(64) std::atomic<int> pending_{0};  // workers still in the current loop
+    std::atomic<int> sleepers_{0};
+    std::atomic<bool> stop_{false};
+    std::mutex park_mutex_;
+    std::condition_variable park_cv_;
+
+    std::thread driver_;
+    std::mutex queue_mutex_;
+    std::condition_variable queue_cv_;
+    std::condition_variable idle_cv_;
+    std::deque<std::function<void()>> queue_;
+    bool driver_busy_ = false;
+};
+
+// Logical CPUs this process may use, one per physical core first (hyper-thread
+// siblings after), grouped by NUMA node.
+std::vector<int> cores_in_order();
+
+}  // namespace tandem

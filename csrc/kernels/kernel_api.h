@@ -1,0 +1,112 @@
+// The contract between the CPU engine's ops and its kernels.
+//
+// A kernel dots rows of one GGUF weight type with activation rows that were
+// prepared for that type: quantized to 8-bit blocks (the integer units do the
+// multiply-adds, and a weight row is read once for all tokens), or left float32
+// for float weights. Every variant (generic, avx2, avx512, amx) fills the same
+// table; the op picks the table once, at engine creation, from the CPU features.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace tandem {
+
+// ggml's type numbers (ggml.h enum ggml_type), the numbering GGUF files carry.
+enum GGMLType : int {
+    GGML_F32 = 0,
+    GGML_F16 = 1,
+    GGML_Q4_0 = 2,
+    GGML_Q4_1 = 3,
+    GGML_Q5_0 = 6,
+    GGML_Q5_1 = 7,
+    GGML_Q8_0 = 8,
+    GGML_Q2_K = 10,
+    GGML_Q3_K = 11,
+    GGML_Q4_K = 12,
+    GGML_Q5_K = 13,
+    GGML_Q6_K = 14,
+    GGML_BF16 = 30,
+};
+
+// How a weight type wants its activations.
+enum class ActFormat : int {
+    F32 = 0,     // float32 as is: float weights (F32, F16, BF16)
+    Q8_32 = 1,   // ActQ8_32 blocks: the 32-element legacy quants (Q4_0 ... Q8_0)
+    Q8_256 = 2,  // ActQ8_256 blocks: the K-quants (super-blocks of 256)
+};
+
+// x[i] ≈ d * qs[i] for 32 elements; sum = Σ qs (lets a kernel fold a weight
+// offset such as Q4_0's -8 or Q4_1's min into one multiply per block).
+struct ActQ8_32 {
+    float d;
+    int32_t sum;
+    int8_t qs[32];
+};
+static_assert(sizeof(ActQ8_32) == 40, "ActQ8_32 layout");
+
+// x[i] ≈ d * qs[i] for 256 elements; bsums[j] = Σ qs[16j .. 16j+15] (the
+// K-quants' mins and offsets apply per 16 or 32 elements).
+struct ActQ8_256 {
+    float d;
+    int16_t bsums[16];
+    int8_t qs[256];
+};
+static_assert(sizeof(ActQ8_256) == 292, "ActQ8_256 layout");
+
+// Quantization rule shared by every variant and by the torch reference
+// (tandem/cpu/reference.py), so that they agree bit for bit on the activations:
+//   amax = max |x| over the block; d = amax / 127; id = amax ? 127 / amax : 0;
+//   qs[i] = round_half_even(x[i] * id)   (float32 multiply, no FMA)
+using QuantizeRowFn = void (*)(const float* x, int64_t k, uint8_t* out);
+
+// out[t * out_stride + r] = Σ_c W[r, c] · x_t[c] for r < n_rows, t < n_tok.
+// w: n_rows rows of row_bytes bytes (GGUF blocks, row r at w + r * row_bytes).
+// act: n_tok prepared rows, act_row_bytes apart, k elements each.
+// k is a multiple of the type's block size (the op checks before calling).
+using DotRowsFn = void (*)(const uint8_t* w, size_t row_bytes, int64_t n_rows, int64_t k,
+                           const uint8_t* act, size_t act_row_bytes, int64_t n_tok, float* out,
+                           int64_t out_stride);
+
+struct TypeKernel {
+    int ggml_type;
+    int block_elems;  // weight elements per GGUF block
+    int block_bytes;  // bytes per GGUF block
+    ActFormat act;
+    DotRowsFn dot_rows;
+};
+
+struct VariantKernels {
+    const char* name;
+    QuantizeRowFn quantize_q8_32;
+    QuantizeRowFn quantize_q8_256;
+    const TypeKernel* types;
+    int n_types;
+
+    const TypeKernel* find(int ggml_type) const {
+        for (int i = 0; i < n_types; ++i)
+            if (types[i].ggml_type == ggml_type) return &types[i];
+        return nullptr;
+    }
+};
+
+// Bytes one prepared activation row of k elements takes in a format.
+inline size_t act_row_bytes(ActFormat format, int64_t k) {
+    switch (format) {
+        case ActFormat::Q8_32: return static_cast<size_t>(k / 32) * sizeof(ActQ8_32);
+        case ActFormat::Q8_256: return static_cast<size_t>(k / 256) * sizeof(ActQ8_256);
+        default: return static_cast<size_t>(k) * sizeof(float);
+    }
+}
+
+// One table per built variant (csrc/kernels/variant_*.cpp). Only call a
+// variant's table on a CPU that can run it (tandem/cpu/features.py decides).
+namespace generic { const VariantKernels& kernels(); }
+namespace avx2 { const VariantKernels& kernels(); }
+namespace avx512 { const VariantKernels& kernels(); }
+
+// The table named `name` ("generic", "avx2", "avx512"), or nullptr if that
+// variant is not built into this extension.
+const VariantKernels* variant_kernels(const char* name);
+
+}  // namespace tandem

@@ -1,0 +1,19 @@
+// Which kernel variants this build holds, by name.
+#include <cstring>
+
+#include "kernels/kernel_api.h"
+
+namespace tandem {
+
+const VariantKernels* variant_kernels(const char* name) {
+    if (std::strcmp(name, "generic") == 0) return &generic::kernels();
+#if defined(TANDEM_HAVE_AVX2)
+    if (std::strcmp(name, "avx2") == 0) return &avx2::kernels();
+#endif
+#if defined(TANDEM_HAVE_AVX512)
+    if (std::strcmp(name, "avx512") == 0) return &avx512::kernels();
+#endif
+    return nullptr;
+}
+
+}  // namespace tandem

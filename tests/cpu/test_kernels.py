@@ -1,0 +1,110 @@
+"""Every C++ dot kernel, in every variant this CPU runs, against the torch reference.
+
+Weights are random blocks (every quant bit random, finite fp16 scales of both
+signs). Two bounds, both asserted:
+- against tandem.cpu.reference.dot_rows (the same 8-bit activation blocks,
+  exact products in float64), each output is within 1e-5 of Σ|w|·|x| of its
+  row and token: only float32 rounding of the kernel's sums may differ;
+- against the plain float32 product (dequantized weights, unquantized x), the
+  relative L2 error is below 1.5e-2: the cost of 8-bit activations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+
+from tandem.cpu import kernels, reference
+from tandem.quant.dequant import dequantize_blocks
+from tests.cpu.variants import testable_variants
+from tests.random_quant import random_blocks
+
+VARIANTS = testable_variants()
+TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+# (rows, blocks per row, tokens): single rows and tokens, odd counts, and a long row.
+SHAPES = [(1, 1, 1), (5, 3, 1), (7, 2, 33), (3, 8, 4)]
+
+
+FLOAT_DTYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
+
+
+def weights(ggml_type: T, rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Raw blocks: random quant bits, or normal values for the float types (random bits overflow)."""
+    if ggml_type in FLOAT_DTYPES:
+        values = torch.randn(rows * cols, generator=torch.Generator().manual_seed(seed))
+        return values.to(FLOAT_DTYPES[ggml_type]).view(torch.uint8)
+    block, _ = GGML_QUANT_SIZES[ggml_type]
+    raw = random_blocks(ggml_type, rows * cols // block, seed=seed, max_exponent=0)
+    return torch.from_numpy(raw.reshape(-1))
+
+
+def activations(n: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, generator=g)
+    # Blocks of very different magnitude, and an all-zero block.
+    x *= torch.exp2(torch.randint(-6, 6, (n, k // 32, 1), generator=g).float()).repeat_interleave(32, 1)[..., 0]
+    if k > 32:
+        x[0, :32] = 0.0
+    return x
+
+
+def test_every_required_type_has_a_kernel_in_every_variant():
+    for variant in VARIANTS:
+        assert set(TYPES) <= set(kernels.kernel_types(variant)), variant
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,n_blocks,n_tok", SHAPES)
+def test_kernel_matches_reference(variant, ggml_type, rows, n_blocks, n_tok):
+    block = max(GGML_QUANT_SIZES[ggml_type][0], 32)  # float types: whole blocks of 32 columns
+    cols = n_blocks * block
+    seed = rows * 1000 + n_blocks * 10 + n_tok
+    w = weights(ggml_type, rows, cols, seed)
+    x = activations(n_tok, cols, seed + 1)
+    fmt = kernels.act_format(variant, ggml_type)
+
+    out = kernels.dot_rows(variant, w, ggml_type, rows, x)  # [n, rows]
+    exact = reference.dot_rows(w, ggml_type, rows, x, fmt)
+    dense = dequantize_blocks(w.reshape(-1, GGML_QUANT_SIZES[ggml_type][1]), ggml_type).reshape(rows, cols)
+    magnitude = reference.prepared_activations(x, fmt).abs() @ dense.double().abs().T
+    assert torch.isfinite(out).all()
+    assert ((out.double() - exact).abs() <= 1e-5 * magnitude + 1e-30).all()
+
+    plain = x.double() @ dense.double().T
+    rel = (out.double() - plain).norm() / plain.norm()
+    assert rel < 1.5e-2
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("block", [32, 256])
+def test_activation_blocks_equal_the_reference_bit_for_bit(variant, block):
+    x = activations(9, 4 * 256, 5)
+    x[1, 7] = 0.5 * x[1].abs().max()  # exact halves exercise round-half-even
+    d, q, sums = kernels.quantize_activations(variant, x, block)
+    d_ref, q_ref = reference.quantize_activations(x, block)
+    assert torch.equal(d, d_ref)
+    assert torch.equal(q, q_ref)
+    group = 32 if block == 32 else 16
+    assert torch.equal(sums, q_ref.int().reshape(9, -1, group).sum(-1))
+    assert q.abs().max() <= 127
+
+
+def test_variants_give_the_same_integer_results():
+    # Quantized kernels sum integers exactly, so variants may differ only by float rounding.
+    rows, cols = 16, 512
+    w = weights(T.Q4_K, rows, cols, 3)
+    x = activations(3, cols, 4)
+    outs = [kernels.dot_rows(v, w, T.Q4_K, rows, x) for v in VARIANTS]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_type_is_refused_before_any_work():
+    w = torch.zeros(GGML_QUANT_SIZES[T.IQ4_XS][1], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="no kernel for ggml type"):
+        kernels.dot_rows(VARIANTS[0], w, T.IQ4_XS, 1, torch.zeros(1, 256))
+    np.testing.assert_equal(w.numpy(), 0)
