@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "engine/activations.h"
+#include "engine/bandwidth.h"
 #include "engine/linear_op.h"
 #include "engine/moe_op.h"
 #include "engine/thread_pool.h"
@@ -115,6 +116,13 @@ void bind_engine(nb::module_& m) {
         .def_prop_ro("size", &ThreadPool::size)
         .def_prop_ro("cpus", &ThreadPool::cpus, "The core each thread is pinned to (empty: not pinned).")
         .def("wait_idle", &ThreadPool::wait_idle, nb::call_guard<nb::gil_scoped_release>());
+    m.def(
+        "read_bandwidth",
+        [](ThreadPool& pool, uintptr_t data, size_t bytes, int repeats) {
+            return read_bandwidth(pool, ptr<const unsigned char>(data), bytes, repeats);
+        },
+        nb::arg("pool"), nb::arg("data"), nb::arg("bytes"), nb::arg("repeats") = 3,
+        nb::call_guard<nb::gil_scoped_release>(), "Best of `repeats` reads of the buffer, bytes per second.");
     m.def("cores_in_order", &cores_in_order, "Usable logical CPUs, first thread of each core first, by NUMA node.");
     m.def("variants_built", &variants_built, "Kernel variants compiled into this extension.");
     m.def("kernel_types", &kernel_types, "ggml type numbers a variant has kernels for.");

@@ -191,7 +191,9 @@ bool ThreadPool::wait_for_generation(uint64_t seen) {
 
 void ThreadPool::worker_main(int thread) {
     if (!cpus_.empty()) pin_to(cpus_[thread]);
-    uint64_t seen = generation_.load(std::memory_order_acquire);
+    // Generation 0 is the pool's state before any loop: a loop published before
+    // this thread got here must still be seen as new.
+    uint64_t seen = 0;
     for (;;) {
         wait_for_generation(seen);
         seen = generation_.load(std::memory_order_acquire);

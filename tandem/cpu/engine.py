@@ -1,0 +1,216 @@
+"""The C++ CPU engine from Python: one thread pool per process, ops built on it.
+
+Weights reach the engine as QuantTensors (raw GGUF blocks, usually views of the
+mapped file); an op keeps a reference to each so the memory outlives it. Inputs
+and outputs cross as float32 torch tensors; every check of dtype, shape,
+contiguity and expert ids happens here, before an address reaches C++.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from tandem.cpu.features import _native, select_variant
+from tandem.cpu.system import physical_cores, usable_cores
+from tandem.errors import TandemError, UnsupportedError
+from tandem.quant.quant_tensor import QuantTensor
+
+# The amx variant runs the avx512 dot kernels (its tiles serve prefill).
+_KERNEL_TABLE = {"amx": "avx512", "avx512": "avx512", "avx2": "avx2", "generic": "generic"}
+
+
+def default_threads() -> int:
+    """One thread per physical core this process may use: hyper-thread pairs share vector units."""
+    return max(1, min(physical_cores() or usable_cores(), usable_cores()))
+
+
+class CPUEngine:
+    """A thread pool plus the kernel variant chosen for this CPU."""
+
+    def __init__(self, threads: int | None = None, variant: str | None = None, pin: bool = True):
+        self.variant = select_variant(override=variant)
+        self.kernels = _KERNEL_TABLE[self.variant]
+        if self.kernels not in _native().variants_built():
+            raise TandemError(f"CPU kernel variant {self.kernels!r} is not built into tandem._cpu")
+        self.threads = threads or default_threads()
+        if self.threads < 1:
+            raise TandemError(f"threads must be at least 1, got {self.threads}")
+        # Pinning more threads than cores would stack two on one core for good.
+        self.pool = _native().ThreadPool(self.threads, pin and self.threads <= usable_cores())
+
+    def supports(self, ggml_type) -> bool:
+        return int(ggml_type) in _native().kernel_types(self.kernels)
+
+    def linear(self, weight: QuantTensor) -> EngineLinear:
+        return EngineLinear(self, weight)
+
+    def experts(self, gate: QuantTensor, up: QuantTensor, down: QuantTensor) -> EngineExperts:
+        return EngineExperts(self, gate, up, down)
+
+    def read_bandwidth(self, n_bytes: int = 1 << 30, repeats: int = 3) -> float:
+        """Read bandwidth of this pool's threads, bytes per second (best of `repeats`)."""
+        buffer = torch.ones(n_bytes, dtype=torch.uint8)  # written, so every page is mapped
+        return float(_native().read_bandwidth(self.pool, buffer.data_ptr(), n_bytes, repeats))
+
+    def __repr__(self) -> str:
+        return f"CPUEngine(threads={self.threads}, variant={self.variant}, kernels={self.kernels})"
+
+
+def _check_type(engine: CPUEngine, qt: QuantTensor) -> None:
+    if not engine.supports(qt.ggml_type):
+        raise UnsupportedError(
+            f"tensor {qt.name!r}: the CPU engine has no {qt.ggml_type.name} kernel; "
+            "use the torch operators for it (see docs/rules.md)"
+        )
+
+
+def _as_input(x: torch.Tensor, features: int, name: str) -> torch.Tensor:
+    if x.shape[-1] != features:
+        raise ValueError(f"{name}: expected {features} input features, got {x.shape[-1]}")
+    return x.detach().to(device="cpu", dtype=torch.float32).reshape(-1, features).contiguous()
+
+
+class EngineLinear:
+    """y = x W^T on the engine; W: QuantTensor [out, in]."""
+
+    def __init__(self, engine: CPUEngine, weight: QuantTensor):
+        if len(weight.shape) != 2:
+            raise ValueError(f"tensor {weight.name!r}: a linear weight is 2-D, got {list(weight.shape)}")
+        _check_type(engine, weight)
+        self.weight = weight  # keeps the blocks alive for the native op
+        self.out_features, self.in_features = weight.shape
+        data = weight.data.contiguous()
+        self._data = data
+        try:
+            self._op = _native().LinearOp(
+                engine.pool, engine.kernels, data.data_ptr(), int(weight.ggml_type), *weight.shape
+            )
+        except ValueError as error:
+            raise UnsupportedError(f"tensor {weight.name!r}: {error}") from None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out] float32
+        flat = _as_input(x, self.in_features, self.weight.name)
+        out = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32)
+        self._op.forward(flat.data_ptr(), flat.shape[0], self.in_features, out.data_ptr())
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class EngineExperts:
+    """Routed experts of one layer on the engine: gate, up [E, I, H] and down [E, H, I] QuantTensors."""
+
+    def __init__(self, engine: CPUEngine, gate: QuantTensor, up: QuantTensor, down: QuantTensor):
+        for qt in (gate, up, down):
+            if len(qt.shape) != 3:
+                raise ValueError(f"tensor {qt.name!r}: stacked experts are 3-D, got {list(qt.shape)}")
+            _check_type(engine, qt)
+        self.n_experts, self.inter, self.hidden = gate.shape
+        if tuple(up.shape) != tuple(gate.shape) or tuple(down.shape) != (self.n_experts, self.hidden, self.inter):
+            raise ValueError(
+                f"experts: gate {list(gate.shape)}, up {list(up.shape)} and down {list(down.shape)} disagree"
+            )
+        self.tensors = tuple(qt.data.contiguous() for qt in (gate, up, down))  # kept alive for the op
+        args = []
+        for qt, data in zip((gate, up, down), self.tensors, strict=True):
+            args += [data.data_ptr(), int(qt.ggml_type)]
+        try:
+            self._op = _native().MoEOp(engine.pool, engine.kernels, self.n_experts, self.hidden, self.inter, *args)
+        except ValueError as error:
+            raise UnsupportedError(f"experts {gate.name!r}: {error}") from None
+        self._lock = threading.Lock()
+        self._pending: tuple | None = None  # tensors of a submitted call, alive until sync
+
+    def _prepare(self, x, ids, weights):
+        flat = _as_input(x, self.hidden, "experts")
+        n = flat.shape[0]
+        ids = ids.detach().to(device="cpu", dtype=torch.int64).reshape(n, -1).contiguous()
+        w = weights.detach().to(device="cpu", dtype=torch.float32).reshape(n, -1).contiguous()
+        if ids.shape != w.shape:
+            raise ValueError(f"experts: ids {list(ids.shape)} and weights {list(w.shape)} differ")
+        # transformers marks dropped slots with id E, which the engine skips; anything else is a bug.
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > self.n_experts):
+            raise IndexError(f"experts: expert id outside [0, {self.n_experts})")
+        out = torch.empty(n, self.hidden, dtype=torch.float32)
+        return flat, ids, w, out
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], ids [T, k], weights [T, k] -> [T, H] float32."""
+        flat, ids, w, out = self._prepare(x, ids, weights)
+        self._op.forward(flat.shape[0], ids.shape[1], flat.data_ptr(), ids.data_ptr(), w.data_ptr(), out.data_ptr())
+        return out.reshape(x.shape)
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """Start the call on the pool's driver thread and return at once; sync() returns the result."""
+        with self._lock:
+            if self._pending is not None:
+                raise TandemError("experts: submit() called twice without sync()")
+            flat, ids, w, out = self._prepare(x, ids, weights)
+            self._pending = (flat, ids, w, out, x.shape)
+            self._op.submit(flat.shape[0], ids.shape[1], flat.data_ptr(), ids.data_ptr(), w.data_ptr(), out.data_ptr())
+
+    def sync(self) -> torch.Tensor:
+        """Wait for the submitted call; its output [T, H]."""
+        with self._lock:
+            if self._pending is None:
+                raise TandemError("experts: sync() without submit()")
+            self._op.sync()
+            _, _, _, out, shape = self._pending
+            self._pending = None
+            return out.reshape(shape)
+
+    def host_call(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor):
+        """A native call record over fixed buffers, for plain C callers (a CUDA stream's host functions).
+
+        The buffers must be contiguous CPU tensors (x, out float32 [T, H]; ids int64 and weights
+        float32 [T, k]) that outlive the record; their contents are read when the call runs.
+        Call `host_submit_fn()` / `host_sync_fn()` with `record.address`.
+        """
+        for t, dtype in ((x, torch.float32), (ids, torch.int64), (weights, torch.float32), (out, torch.float32)):
+            if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError("experts: host_call buffers must be contiguous CPU tensors of the stated dtypes")
+        n, k = ids.shape
+        if x.shape != (n, self.hidden) or out.shape != (n, self.hidden) or weights.shape != (n, k):
+            raise ValueError("experts: host_call buffer shapes disagree")
+        record = self._op.host_call(n, k, x.data_ptr(), ids.data_ptr(), weights.data_ptr(), out.data_ptr())
+        return HostCall(record, (x, ids, weights, out))
+
+
+class HostCall:
+    """A native MoE call record and the buffers it points into (kept alive with it)."""
+
+    def __init__(self, record, buffers: tuple[torch.Tensor, ...]):
+        self._record = record
+        self.buffers = buffers
+        self.address = int(record.address)
+
+
+def host_submit_fn() -> int:
+    """Address of `void(void*)` submitting a host_call record: for cudaLaunchHostFunc."""
+    return int(_native().host_submit_fn())
+
+
+def host_sync_fn() -> int:
+    """Address of `void(void*)` waiting for a host_call record's op."""
+    return int(_native().host_sync_fn())
+
+
+_default: CPUEngine | None = None
+_default_lock = threading.Lock()
+
+
+def configure(threads: int | None = None, variant: str | None = None) -> CPUEngine:
+    """Replace the process's default engine (the CLI's --threads); ops made before keep theirs."""
+    global _default
+    with _default_lock:
+        _default = CPUEngine(threads=threads, variant=variant)
+        return _default
+
+
+def default_engine() -> CPUEngine:
+    """The process's engine, made on first use with one thread per physical core."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = CPUEngine()
+        return _default

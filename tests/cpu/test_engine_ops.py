@@ -1,0 +1,193 @@
+"""The engine's linear and MoE ops against torch references, over thread counts and routings.
+
+Bounds (asserted):
+- linear: each output within 1e-5 of Σ|w|·|x| of the exact product of the same
+  8-bit activation blocks (tandem.cpu.reference), whatever the thread count;
+- experts: relative L2 error below 5e-4 against tests/cpu/moe_reference.py
+  (same activation steps, float64; not tighter because the engine's silu and
+  torch's differ in the last bit, which now and then moves an element of h to
+  the neighbouring 8-bit step), and below 3e-2 against the float32 torch
+  operator tandem.ops.experts.QuantExperts' arithmetic (dequantized weights,
+  unquantized activations).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+
+from tandem.cpu import kernels, reference
+from tandem.cpu.engine import CPUEngine, host_submit_fn, host_sync_fn
+from tandem.errors import TandemError, UnsupportedError
+from tandem.quant.quant_tensor import QuantTensor
+from tests.cpu.moe_reference import experts_exact
+from tests.cpu.variants import testable_variants as _testable_variants
+from tests.random_quant import random_blocks
+
+VARIANT = _testable_variants()[0]  # the best this CPU runs; test_kernels.py covers the others
+FLOAT_DTYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
+ENGINES: dict[int, CPUEngine] = {}
+
+
+def engine(threads: int) -> CPUEngine:
+    if threads not in ENGINES:
+        ENGINES[threads] = CPUEngine(threads=threads, variant=None)
+    return ENGINES[threads]
+
+
+def quant(ggml_type: T, shape: tuple[int, ...], seed: int, name: str = "blk.0.test.weight") -> QuantTensor:
+    numel = 1
+    for d in shape:
+        numel *= d
+    if ggml_type in FLOAT_DTYPES:
+        values = torch.randn(numel, generator=torch.Generator().manual_seed(seed)) * 0.05
+        data = values.to(FLOAT_DTYPES[ggml_type]).view(torch.uint8)
+    else:
+        block, _ = GGML_QUANT_SIZES[ggml_type]
+        data = torch.from_numpy(random_blocks(ggml_type, numel // block, seed=seed, max_exponent=-4).reshape(-1))
+    return QuantTensor(data, ggml_type, shape, name)
+
+
+@pytest.mark.parametrize("ggml_type", [T.F16, T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n_tok", [1, 7, 70])
+def test_linear_matches_the_reference(ggml_type, threads, n_tok):
+    rows, cols = 300, 512
+    w = quant(ggml_type, (rows, cols), seed=n_tok + threads)
+    x = torch.randn(n_tok, cols, generator=torch.Generator().manual_seed(n_tok))
+    out = engine(threads).linear(w)(x)
+    fmt = kernels.act_format(engine(threads).kernels, ggml_type)
+    exact = reference.dot_rows(w.data, ggml_type, rows, x, fmt)
+    magnitude = reference.prepared_activations(x, fmt).abs() @ w.dequantize().double().abs().T
+    assert out.shape == (n_tok, rows)
+    assert ((out.double() - exact).abs() <= 1e-5 * magnitude + 1e-30).all()
+
+
+def test_linear_keeps_leading_dimensions_and_takes_other_dtypes():
+    w = quant(T.Q8_0, (64, 96), seed=1)
+    x = torch.randn(2, 3, 96, dtype=torch.bfloat16)
+    out = engine(2).linear(w)(x)
+    assert out.shape == (2, 3, 64) and out.dtype == torch.float32
+    torch.testing.assert_close(out[1, 2], engine(2).linear(w)(x[1, 2:3].float())[0])
+
+
+def test_linear_refuses_unsupported_types_and_shapes_before_any_work():
+    with pytest.raises(UnsupportedError, match="IQ4_XS"):
+        engine(1).linear(quant_iq4(8, 256))
+    with pytest.raises(ValueError, match="expected 96 input features"):
+        engine(1).linear(quant(T.Q8_0, (4, 96), seed=0))(torch.zeros(1, 64))
+
+
+def quant_iq4(rows: int, cols: int) -> QuantTensor:
+    _, size = GGML_QUANT_SIZES[T.IQ4_XS]
+    return QuantTensor(torch.zeros(rows * cols // 256 * size, dtype=torch.uint8), T.IQ4_XS, (rows, cols), "iq4")
+
+
+# (gate/up type, down type): the K-quant mix of Q4_K_M files, legacy types and floats.
+EXPERT_TYPES = [(T.Q4_K, T.Q6_K), (T.Q8_0, T.Q8_0), (T.F16, T.F32), (T.Q5_K, T.Q4_0)]
+E, H, I = 8, 256, 256
+
+
+def expert_set(types, seed=0):
+    gate_type, down_type = types
+    gate = quant(gate_type, (E, I, H), seed, "blk.0.ffn_gate_exps.weight")
+    up = quant(gate_type, (E, I, H), seed + 1, "blk.0.ffn_up_exps.weight")
+    down = quant(down_type, (E, H, I), seed + 2, "blk.0.ffn_down_exps.weight")
+    return gate, up, down
+
+
+def routing(n: int, k: int, seed: int, skew: str = "random"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, H, generator=g)
+    if skew == "one":  # every token to expert 3 (and, for k > 1, expert 5)
+        ids = torch.tensor([3, 5, 1, 0][:k]).repeat(n, 1)
+    elif skew == "half":  # experts 4..7 receive nothing
+        ids = torch.stack([torch.randperm(4, generator=g)[:k] for _ in range(n)])
+    else:
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(n)])
+    weights = torch.rand(n, k, generator=g)
+    return x, ids, weights
+
+
+def plain_experts(gate, up, down, x, ids, weights):
+    """The float32 torch computation of tandem.ops.experts.QuantExperts (dequantized weights)."""
+    wg, wu, wd = (qt.dequantize(torch.float32) for qt in (gate, up, down))
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if e < E:
+                h = torch.nn.functional.silu(wg[e] @ x[t]) * (wu[e] @ x[t])
+                out[t] += weights[t, j] * (wd[e] @ h)
+    return out
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("types", EXPERT_TYPES, ids=lambda t: f"{t[0].name}-{t[1].name}")
+@pytest.mark.parametrize("n,k,skew", [(1, 2, "random"), (5, 4, "one"), (33, 2, "half"), (130, 3, "random")])
+def test_experts_match_both_references(types, n, k, skew):
+    gate, up, down = expert_set(types)
+    x, ids, weights = routing(n, k, seed=n, skew=skew)
+    out = engine(2).experts(gate, up, down)(x, ids, weights)
+    assert rel(out, experts_exact(engine(2).kernels, gate, up, down, x, ids, weights)) < 5e-4
+    if n <= 33:
+        assert rel(out, plain_experts(gate, up, down, x, ids, weights)) < 3e-2
+
+
+@pytest.mark.parametrize("n", [1, 64, 1024])
+def test_experts_give_identical_results_for_every_thread_count(n):
+    gate, up, down = expert_set((T.Q8_0, T.Q8_0), seed=4)
+    x, ids, weights = routing(n, 4, seed=9)
+    outs = [engine(t).experts(gate, up, down)(x, ids, weights) for t in (1, 2, 3, 4)]
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])  # integer sums and slot-ordered reduction: bit-identical
+    assert rel(outs[0], experts_exact(engine(1).kernels, gate, up, down, x, ids, weights)) < 5e-4
+
+
+def test_dropped_slots_are_skipped_and_bad_ids_refused():
+    gate, up, down = expert_set((T.Q8_0, T.Q8_0))
+    experts = engine(2).experts(gate, up, down)
+    x, ids, weights = routing(4, 2, seed=1)
+    dropped = ids.clone()
+    dropped[:, 1] = E  # transformers marks dropped slots with id E
+    out = experts(x, dropped, weights)
+    only_first = experts(x, ids[:, :1], weights[:, :1])
+    torch.testing.assert_close(out, only_first, rtol=0, atol=0)
+    with pytest.raises(IndexError):
+        experts(x, ids - 5, weights)
+
+
+def test_ten_thousand_submit_sync_cycles():
+    gate, up, down = expert_set((T.Q8_0, T.Q8_0), seed=2)
+    experts = engine(2).experts(gate, up, down)
+    x, ids, weights = routing(2, 2, seed=3)
+    expected = experts(x, ids, weights)
+    for _ in range(10_000):
+        experts.submit(x, ids, weights)
+        out = experts.sync()
+    assert torch.equal(out, expected)
+    with pytest.raises(TandemError, match="without submit"):
+        experts.sync()
+
+
+def test_host_functions_run_from_plain_c_pointers():
+    # What cudaLaunchHostFunc does with them: call void(void*) with the record's address.
+    gate, up, down = expert_set((T.Q8_0, T.Q8_0), seed=5)
+    experts = engine(2).experts(gate, up, down)
+    x, ids, weights = routing(3, 2, seed=6)
+    out = torch.zeros(3, H)
+    record = experts.host_call(x.contiguous(), ids.contiguous(), weights.contiguous(), out)
+    host_fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+    submit, sync = host_fn(host_submit_fn()), host_fn(host_sync_fn())
+    for step in range(3):  # the same record replayed with new contents, as a CUDA graph does
+        x.copy_(routing(3, 2, seed=10 + step)[0])
+        submit(record.address)
+        sync(record.address)
+        torch.testing.assert_close(out, experts(x, ids, weights), rtol=0, atol=0)
