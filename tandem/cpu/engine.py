@@ -106,7 +106,11 @@ class EngineExperts:
                 raise ValueError(f"tensor {qt.name!r}: stacked experts are 3-D, got {list(qt.shape)}")
             _check_type(engine, qt)
         self.n_experts, self.inter, self.hidden = gate.shape
-        if tuple(up.shape) != tuple(gate.shape) or tuple(down.shape) != (self.n_experts, self.hidden, self.inter):
+        if tuple(up.shape) != tuple(gate.shape) or tuple(down.shape) != (
+            self.n_experts,
+            self.hidden,
+            self.inter,
+        ):
             raise ValueError(
                 f"experts: gate {list(gate.shape)}, up {list(up.shape)} and down {list(down.shape)} disagree"
             )
@@ -115,7 +119,9 @@ class EngineExperts:
         for qt, data in zip((gate, up, down), self.tensors, strict=True):
             args += [data.data_ptr(), int(qt.ggml_type)]
         try:
-            self._op = _native().MoEOp(engine.pool, engine.kernels, self.n_experts, self.hidden, self.inter, *args)
+            self._op = _native().MoEOp(
+                engine.pool, engine.kernels, self.n_experts, self.hidden, self.inter, *args
+            )
         except ValueError as error:
             raise UnsupportedError(f"experts {gate.name!r}: {error}") from None
         self._lock = threading.Lock()
@@ -137,7 +143,9 @@ class EngineExperts:
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], ids [T, k], weights [T, k] -> [T, H] float32."""
         flat, ids, w, out = self._prepare(x, ids, weights)
-        self._op.forward(flat.shape[0], ids.shape[1], flat.data_ptr(), ids.data_ptr(), w.data_ptr(), out.data_ptr())
+        self._op.forward(
+            flat.shape[0], ids.shape[1], flat.data_ptr(), ids.data_ptr(), w.data_ptr(), out.data_ptr()
+        )
         return out.reshape(x.shape)
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
@@ -147,7 +155,9 @@ class EngineExperts:
                 raise TandemError("experts: submit() called twice without sync()")
             flat, ids, w, out = self._prepare(x, ids, weights)
             self._pending = (flat, ids, w, out, x.shape)
-            self._op.submit(flat.shape[0], ids.shape[1], flat.data_ptr(), ids.data_ptr(), w.data_ptr(), out.data_ptr())
+            self._op.submit(
+                flat.shape[0], ids.shape[1], flat.data_ptr(), ids.data_ptr(), w.data_ptr(), out.data_ptr()
+            )
 
     def sync(self) -> torch.Tensor:
         """Wait for the submitted call; its output [T, H]."""
@@ -166,9 +176,16 @@ class EngineExperts:
         float32 [T, k]) that outlive the record; their contents are read when the call runs.
         Call `host_submit_fn()` / `host_sync_fn()` with `record.address`.
         """
-        for t, dtype in ((x, torch.float32), (ids, torch.int64), (weights, torch.float32), (out, torch.float32)):
+        for t, dtype in (
+            (x, torch.float32),
+            (ids, torch.int64),
+            (weights, torch.float32),
+            (out, torch.float32),
+        ):
             if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
-                raise ValueError("experts: host_call buffers must be contiguous CPU tensors of the stated dtypes")
+                raise ValueError(
+                    "experts: host_call buffers must be contiguous CPU tensors of the stated dtypes"
+                )
         n, k = ids.shape
         if x.shape != (n, self.hidden) or out.shape != (n, self.hidden) or weights.shape != (n, k):
             raise ValueError("experts: host_call buffer shapes disagree")

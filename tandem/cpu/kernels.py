@@ -36,7 +36,11 @@ def dot_rows(
     """uint8 blocks (rows × row_bytes) · x float32 [n, k] -> float32 [n, rows], one kernel call."""
     block_size, type_size = block_layout(ggml_type)
     n, k = x.shape
-    if blocks.dtype != torch.uint8 or not blocks.is_contiguous() or blocks.numel() != rows * k // block_size * type_size:
+    if (
+        blocks.dtype != torch.uint8
+        or not blocks.is_contiguous()
+        or blocks.numel() != rows * k // block_size * type_size
+    ):
         raise ValueError(f"expected {rows} rows of {k} {ggml_type.name} values as contiguous uint8")
     if k % block_size:
         raise UnsupportedError(f"{k} columns is not a multiple of {ggml_type.name}'s block of {block_size}")
@@ -46,7 +50,9 @@ def dot_rows(
     return out
 
 
-def quantize_activations(variant: str, x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_activations(
+    variant: str, x: torch.Tensor, block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x float32 [n, k] -> (d [n, B], q int8 [n, k], sums int32 [n, B * sums per block]) as the C++ blocks hold them.
 
     Blocks of 32 carry one sum each, blocks of 256 one per 16 values.

@@ -18,8 +18,12 @@ from tandem.quant.quant_tensor import QuantTensor
 def experts_exact(variant, gate: QuantTensor, up: QuantTensor, down: QuantTensor, x, ids, weights):
     """x [T, H], ids [T, k], weights [T, k] -> float64 [T, H]."""
     n_experts = gate.shape[0]
-    fmt = {name: kernels.act_format(variant, qt.ggml_type) for name, qt in (("g", gate), ("u", up), ("d", down))}
-    wg, wu, wd = (qt.dequantize(torch.float32).double() for qt in (gate, up, down))  # [E, I, H], [E, I, H], [E, H, I]
+    fmt = {
+        name: kernels.act_format(variant, qt.ggml_type) for name, qt in (("g", gate), ("u", up), ("d", down))
+    }
+    wg, wu, wd = (
+        qt.dequantize(torch.float32).double() for qt in (gate, up, down)
+    )  # [E, I, H], [E, I, H], [E, H, I]
     xg = reference.prepared_activations(x, fmt["g"])  # [T, H]
     xu = reference.prepared_activations(x, fmt["u"])
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
 import pytest
 import torch
 from gguf import GGML_QUANT_SIZES
@@ -24,9 +25,9 @@ from tandem.cpu import kernels, reference
 from tandem.cpu.engine import CPUEngine, host_submit_fn, host_sync_fn
 from tandem.errors import TandemError, UnsupportedError
 from tandem.quant.quant_tensor import QuantTensor
+from tandem.synth.random_blocks import random_blocks as model_like_blocks
 from tests.cpu.moe_reference import experts_exact
 from tests.cpu.variants import testable_variants as _testable_variants
-from tests.random_quant import random_blocks
 
 VARIANT = _testable_variants()[0]  # the best this CPU runs; test_kernels.py covers the others
 FLOAT_DTYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
@@ -46,9 +47,10 @@ def quant(ggml_type: T, shape: tuple[int, ...], seed: int, name: str = "blk.0.te
     if ggml_type in FLOAT_DTYPES:
         values = torch.randn(numel, generator=torch.Generator().manual_seed(seed)) * 0.05
         data = values.to(FLOAT_DTYPES[ggml_type]).view(torch.uint8)
-    else:
+    else:  # values of a freshly initialized model's size (std 0.02), every quant bit random
         block, _ = GGML_QUANT_SIZES[ggml_type]
-        data = torch.from_numpy(random_blocks(ggml_type, numel // block, seed=seed, max_exponent=-4).reshape(-1))
+        rng = np.random.default_rng(seed)
+        data = torch.from_numpy(model_like_blocks(ggml_type, numel // block, rng).reshape(-1))
     return QuantTensor(data, ggml_type, shape, name)
 
 
@@ -84,19 +86,21 @@ def test_linear_refuses_unsupported_types_and_shapes_before_any_work():
 
 def quant_iq4(rows: int, cols: int) -> QuantTensor:
     _, size = GGML_QUANT_SIZES[T.IQ4_XS]
-    return QuantTensor(torch.zeros(rows * cols // 256 * size, dtype=torch.uint8), T.IQ4_XS, (rows, cols), "iq4")
+    return QuantTensor(
+        torch.zeros(rows * cols // 256 * size, dtype=torch.uint8), T.IQ4_XS, (rows, cols), "iq4"
+    )
 
 
 # (gate/up type, down type): the K-quant mix of Q4_K_M files, legacy types and floats.
 EXPERT_TYPES = [(T.Q4_K, T.Q6_K), (T.Q8_0, T.Q8_0), (T.F16, T.F32), (T.Q5_K, T.Q4_0)]
-E, H, I = 8, 256, 256
+E, H, INTER = 8, 256, 256
 
 
 def expert_set(types, seed=0):
     gate_type, down_type = types
-    gate = quant(gate_type, (E, I, H), seed, "blk.0.ffn_gate_exps.weight")
-    up = quant(gate_type, (E, I, H), seed + 1, "blk.0.ffn_up_exps.weight")
-    down = quant(down_type, (E, H, I), seed + 2, "blk.0.ffn_down_exps.weight")
+    gate = quant(gate_type, (E, INTER, H), seed, "blk.0.ffn_gate_exps.weight")
+    up = quant(gate_type, (E, INTER, H), seed + 1, "blk.0.ffn_up_exps.weight")
+    down = quant(down_type, (E, H, INTER), seed + 2, "blk.0.ffn_down_exps.weight")
     return gate, up, down
 
 
