@@ -1,0 +1,170 @@
+"""`tandem bench`: prefill and decode speed as llama-bench measures it, and decode against its memory floor."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from tandem.cli.common import add_model_arguments, load_from_args
+from tandem.errors import TandemError
+
+HELP = "measure prefill and decode tokens/s (median of repeats); for MoE files, decode against the bandwidth floor"
+
+# Ordinary prose, tokenized and repeated to the asked length: the same ids every run, no special tokens.
+PROMPT_TEXT = (
+    "The quick brown fox jumps over the lazy dog while the river runs past the old mill, "
+    "and seven clocks in the tower strike noon one after another. "
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--n-prompt", "-p", type=int, default=512, metavar="P", help="prompt tokens (default: 512)"
+    )
+    parser.add_argument(
+        "--n-gen", "-n", type=int, default=128, metavar="N", help="decode steps (default: 128)"
+    )
+    parser.add_argument(
+        "--repeats", "-r", type=int, default=3, metavar="R", help="timed runs after one warm-up (default: 3)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    add_model_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    for flag, value in (("--n-prompt", args.n_prompt), ("--n-gen", args.n_gen), ("--repeats", args.repeats)):
+        if value < 1:  # checked before the slow load
+            raise TandemError(f"{flag} must be at least 1, got {value}")
+    loaded = load_from_args(args)
+    limit = getattr(loaded.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and args.n_prompt + args.n_gen > limit:
+        raise TandemError(
+            f"--n-prompt + --n-gen is {args.n_prompt + args.n_gen}, over the context of {limit}"
+        )
+    ids = prompt_ids(loaded.tokenizer, args.n_prompt)
+
+    runs = [timed_run(loaded, ids, args.n_gen) for _ in range(args.repeats + 1)][1:]  # the first warms up
+    prefill = [r.prefill_tok_s for r in runs]
+    decode = [r.decode_tok_s for r in runs]
+    report: dict = {
+        "model": model_name(loaded, args),
+        "n_prompt": args.n_prompt,
+        "n_gen": args.n_gen,
+        "threads": args.threads or torch.get_num_threads(),
+        "repeats": args.repeats,
+        "device": args.device,
+        "prefill_tok_s_runs": prefill,
+        "decode_tok_s_runs": decode,
+        "prefill_tok_s": statistics.median(prefill),
+        "decode_tok_s": statistics.median(decode),
+    }
+    # After the runs, so the gigabyte read buffer does not disturb them.
+    report.update(memory_floor(loaded.gguf, args.threads, report["decode_tok_s"]))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_report(report)
+    return 0
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    """`n` token ids of ordinary text, the same every call."""
+    special = set(tokenizer.all_special_ids)
+    base = [i for i in tokenizer(PROMPT_TEXT, add_special_tokens=False)["input_ids"] if i not in special]
+    if not base:
+        raise TandemError("the tokenizer gives no ordinary tokens for the benchmark prompt")
+    return (base * (n // len(base) + 1))[:n]
+
+
+def timed_run(loaded, ids: list[int], n_gen: int):
+    """One prefill of `ids` into an empty cache, then exactly `n_gen` greedy single-token forwards."""
+    from tandem.engine.generate import prefill_and_generate
+
+    # No stop ids or strings, so end-of-sequence never cuts the run short; the first new token
+    # comes from prefill, so n_gen + 1 tokens make n_gen timed decode forwards (llama-bench's tg).
+    result = prefill_and_generate(loaded.model, loaded.tokenizer, ids, n_gen + 1, sampling=None)
+    if result.n_generated != n_gen + 1:
+        raise TandemError(f"generation stopped after {result.n_generated} of {n_gen + 1} tokens")
+    return result
+
+
+def model_name(loaded, args: argparse.Namespace) -> str:
+    paths = getattr(loaded.gguf, "paths", None)
+    return str(paths[0]) if paths else str(args.model)
+
+
+def memory_floor(weights, threads: int | None, decode_tok_s: float) -> dict:
+    """The CPU kernel variant, read bandwidth and, for MoE GGUF files, decode as a fraction of its floor."""
+    from tandem.cpu.engine import configure, default_engine
+
+    try:
+        engine = default_engine()
+        if threads and engine.threads != threads:  # the pool follows --threads, as the model's ops do
+            engine = configure(threads=threads)
+        bandwidth = engine.read_bandwidth()
+    except TandemError as error:  # the timings still stand without the native extension
+        print(f"tandem: warning: no read bandwidth: {error}", file=sys.stderr)
+        return {}
+    out: dict = {
+        "cpu_variant": engine.variant,
+        "cpu_kernels": engine.kernels,
+        "engine_threads": engine.threads,
+        "read_bandwidth_gb_s": bandwidth / 1e9,
+    }
+    moe = moe_of(weights)
+    if moe is None:
+        return out
+    if "error" in moe:
+        out["moe_error"] = moe["error"]
+        return out
+    floor = bandwidth / moe["expert_bytes_per_token"]  # tokens/s if reading routed experts were all the work
+    out.update(
+        expert_bytes_per_token=moe["expert_bytes_per_token"],
+        decode_floor_tok_s=floor,
+        decode_fraction_of_floor=decode_tok_s / floor,
+    )
+    return out
+
+
+def moe_of(weights) -> dict | None:
+    """inspect's MoE description of a GGUF file; None for a dense one or Hugging Face weights."""
+    from tandem.cli.inspect import describe
+    from tandem.weights.gguf_file import GGUFFile
+
+    if not isinstance(weights, GGUFFile):
+        return None
+    return describe(weights)["moe"]
+
+
+def spread(values: list[float]) -> float:
+    """Half the range of the repeats: the ± of the table."""
+    return (max(values) - min(values)) / 2
+
+
+def print_report(r: dict) -> None:
+    name = Path(r["model"]).name
+    width = max(len(name), len("model"))
+    print(f"{'model':<{width}}  threads  {'test':<8} {'tok/s':>18}")
+    for test, key in ((f"pp{r['n_prompt']}", "prefill_tok_s"), (f"tg{r['n_gen']}", "decode_tok_s")):
+        speed = f"{r[key]:.2f} ± {spread(r[key + '_runs']):.2f}"
+        print(f"{name:<{width}}  {r['threads']:>7}  {test:<8} {speed:>18}")
+    print(f"median of {r['repeats']} runs after a warm-up, on {r['device']}; ± is half the range")
+    if "read_bandwidth_gb_s" not in r:
+        return
+    print(
+        f"read bandwidth  {r['read_bandwidth_gb_s']:.1f} GB/s "
+        f"({r['engine_threads']} threads, {r['cpu_variant']} kernels)"
+    )
+    if "moe_error" in r:
+        print(f"decode floor    unknown: {r['moe_error']}")
+    elif "decode_floor_tok_s" in r:
+        print(
+            f"decode floor    {r['decode_floor_tok_s']:.2f} tok/s "
+            f"({r['expert_bytes_per_token'] / (1 << 20):.2f} MiB of routed experts per token); "
+            f"decode runs at {r['decode_fraction_of_floor']:.3g} of it"
+        )
