@@ -48,5 +48,3 @@ def random_blocks(ggml_type: T, n_blocks: int, seed: int = 0, max_exponent: int 
         scale = rng.standard_normal(n_blocks) * 2.0 ** rng.integers(-14, max_exponent, n_blocks)
         raw[:, offset : offset + 2] = scale.astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
     return raw
-
-

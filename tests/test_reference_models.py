@@ -11,8 +11,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tandem.cpu.engine import torch_reference
 from tandem.engine.generate import prefill_and_generate
 from tandem.inject.model import load_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_path():
+    """These tests hold weight loading to transformers at float tolerance: the torch path.
+
+    The C++ engine is held to this path in tests/cpu/test_engine_models.py.
+    """
+    with torch_reference():
+        yield
+
 
 LOGITS_REL_ERR = 1e-4
 N_GREEDY = 32

@@ -24,7 +24,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", metavar="DIR", help="take config and tokenizer from this Hugging Face model directory"
     )
     group.add_argument(
-        "--threads", "-t", type=positive_int, metavar="N", help="CPU threads (default: torch's choice)"
+        "--threads", "-t", type=positive_int, metavar="N", help="CPU threads for torch and the C++ engine (default: one per physical core)"
     )
     group.add_argument(
         "--device", default="cpu", help="default device for modules no rule places (default: cpu)"
@@ -99,7 +99,10 @@ def load_from_args(args: argparse.Namespace):
     from tandem.inject.model import load_model
 
     if args.threads:
+        from tandem.cpu.engine import configure
+
         torch.set_num_threads(args.threads)
+        configure(threads=args.threads)  # the C++ engine's pool, before any operator takes it
     try:
         torch.device(args.device)
     except RuntimeError:

@@ -8,7 +8,10 @@ contiguity and expert ids happens here, before an address reaches C++.
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -130,8 +133,9 @@ class EngineExperts:
     def _prepare(self, x, ids, weights):
         flat = _as_input(x, self.hidden, "experts")
         n = flat.shape[0]
-        ids = ids.detach().to(device="cpu", dtype=torch.int64).reshape(n, -1).contiguous()
-        w = weights.detach().to(device="cpu", dtype=torch.float32).reshape(n, -1).contiguous()
+        k = ids.shape[-1] if ids.dim() else 0
+        ids = ids.detach().to(device="cpu", dtype=torch.int64).reshape(n, k).contiguous()
+        w = weights.detach().to(device="cpu", dtype=torch.float32).reshape(n, k).contiguous()
         if ids.shape != w.shape:
             raise ValueError(f"experts: ids {list(ids.shape)} and weights {list(w.shape)} differ")
         # transformers marks dropped slots with id E, which the engine skips; anything else is a bug.
@@ -214,6 +218,32 @@ def host_sync_fn() -> int:
 
 _default: CPUEngine | None = None
 _default_lock = threading.Lock()
+# The switch to the torch reference: with the engine off, the CPU operators
+# (QuantLinearCPU, ExpertsCPU) dequantize and run torch, as QuantLinear does.
+ENGINE_ENV = "TANDEM_CPU_ENGINE"
+_enabled = os.environ.get(ENGINE_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def enabled() -> bool:
+    """Whether CPU operators loaded from now on use the C++ engine ($TANDEM_CPU_ENGINE=0 turns it off)."""
+    return _enabled
+
+
+def set_enabled(flag: bool) -> None:
+    """Turn the engine on or off for operators loaded from now on (the reference switch)."""
+    global _enabled
+    _enabled = bool(flag)
+
+
+@contextmanager
+def torch_reference() -> Iterator[None]:
+    """Operators loaded inside take the torch reference path."""
+    was = enabled()
+    set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(was)
 
 
 def configure(threads: int | None = None, variant: str | None = None) -> CPUEngine:

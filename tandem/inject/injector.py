@@ -34,7 +34,7 @@ def inject(model: nn.Module, rules: list[Rule], config: PretrainedConfig, defaul
     def visit(parent: nn.Module, prefix: str, device: str) -> None:
         for name, child in list(parent.named_children()):
             path = f"{prefix}.{name}" if prefix else name
-            rule = next((r for r in rules if r.matches(path, child)), None)
+            rule = next((r for r in rules if r.matches(path, child, device)), None)
             child_device = device
             if rule is not None:
                 child_device = rule.kwargs.get("generate_device", device)

@@ -5,12 +5,17 @@ A rule file is a list of rules; each rule is
     - match:
         name: "^model\\.layers\\..*\\.mlp\\.down_proj$"   # regex searched in the module path
         class: torch.nn.Linear                             # and/or: the module is an instance of it
+        device: cpu                                        # and/or: it would run there (tandem's addition)
       replace:
         class: tandem.ops.linear.QuantLinear               # or "default": keep the module
         kwargs: {generate_device: cpu, dequant: load}
       recursive: true                                      # false: don't descend into its children
 
 For every module, walking from the root, the first rule that matches wins.
+`match.device` compares with the device the module would run on if the rule named
+none (its parent's, or `--device` at the root): "cpu" matches any CPU, "cuda" any
+GPU, "cuda:1" only that one. It lets one rule file pick the CPU engine's operators
+on the CPU and others elsewhere.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from tandem.errors import RuleError
 
 RULE_KEYS = {"match", "replace", "recursive"}
-MATCH_KEYS = {"name", "class"}
+MATCH_KEYS = {"name", "class", "device"}
 REPLACE_KEYS = {"class", "kwargs", "device"}
 DEFAULT = "default"
 
@@ -41,15 +47,25 @@ class Rule:
     replace_class: type | None  # None: "default" (keep the module) or no replace section
     kwargs: dict[str, Any] = field(default_factory=dict)
     recursive: bool = True
+    match_device: str | None = None
 
     @property
     def where(self) -> str:
         return f"{self.source}: rule {self.index + 1}"
 
-    def matches(self, path: str, module: Any) -> bool:
+    def matches(self, path: str, module: Any, device: str = "cpu") -> bool:
         if self.name is not None and self.name.search(path) is None:
             return False
+        if self.match_device is not None and not _same_device(device, self.match_device):
+            return False
         return self.match_class is None or isinstance(module, self.match_class)
+
+
+def _same_device(device: str, pattern: str) -> bool:
+    """'cuda' matches every GPU; 'cuda:1' only that one."""
+    if ":" in pattern:
+        return torch.device(device) == torch.device(pattern)
+    return torch.device(device).type == torch.device(pattern).type
 
 
 def load_rules(path: str | Path) -> list[Rule]:
@@ -80,7 +96,7 @@ def _parse_rule(item: Any, index: int, source: str) -> Rule:
     _check_keys(item, RULE_KEYS, where)
     match = item.get("match")
     if not isinstance(match, dict) or not match:
-        raise RuleError(f"{where}: 'match' must be a mapping with 'name' and/or 'class'")
+        raise RuleError(f"{where}: 'match' must be a mapping with 'name', 'class' and/or 'device'")
     _check_keys(match, MATCH_KEYS, f"{where} match")
     name = None
     if "name" in match:
@@ -91,6 +107,7 @@ def _parse_rule(item: Any, index: int, source: str) -> Rule:
         except re.error as error:
             raise RuleError(f"{where}: match.name {match['name']!r} is not a valid regex: {error}") from None
     match_class = _import_class(match["class"], f"{where} match.class") if "class" in match else None
+    match_device = _check_device(match["device"], f"{where} match.device") if "device" in match else None
 
     replace = item.get("replace", {})
     if not isinstance(replace, dict):
@@ -113,7 +130,7 @@ def _parse_rule(item: Any, index: int, source: str) -> Rule:
     recursive = item.get("recursive", True)
     if not isinstance(recursive, bool):
         raise RuleError(f"{where}: 'recursive' must be true or false")
-    return Rule(index, source, name, match_class, replace_class, kwargs, recursive)
+    return Rule(index, source, name, match_class, replace_class, kwargs, recursive, match_device)
 
 
 def _check_keys(mapping: dict, allowed: set[str], where: str) -> None:
@@ -139,8 +156,6 @@ def _import_class(dotted: Any, where: str) -> type:
 
 
 def _check_device(value: Any, where: str) -> str:
-    import torch
-
     if not isinstance(value, str):
         raise RuleError(f"{where}: a device is a string like 'cpu' or 'cuda:0'")
     try:

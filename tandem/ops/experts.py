@@ -31,6 +31,8 @@ class QuantExperts(TandemModule):
     dtype: the compute dtype of the dequantized expert weights and the activations.
     """
 
+    OPS = OPS  # the generate_op / prefill_op names this class accepts
+
     def __init__(
         self, key: str, orig: nn.Module, config: PretrainedConfig, *, dtype: str = "float32", **base
     ):
@@ -55,8 +57,9 @@ class QuantExperts(TandemModule):
             raise RuleError(f"{key}: experts with biases or transposed weights are not supported")
         if not getattr(orig, "is_concatenated", True) or not getattr(orig, "has_gate", True):
             raise RuleError(f"{key}: only experts with a gate concatenated before up are supported")
-        if self.generate_op not in OPS or self.prefill_op not in OPS:
-            raise RuleError(f"{key}: QuantExperts has only the 'torch' implementation")
+        if self.generate_op not in self.OPS or self.prefill_op not in self.OPS:
+            ops = ", ".join(repr(op) for op in self.OPS if op)
+            raise RuleError(f"{key}: {type(self).__name__}'s ops are {ops}")
         act = getattr(orig, "act_fn", None)
         self.act_fn = act if isinstance(act, nn.Module) else ACT2FN[config.hidden_act]
         self.dtype = parse_dtype(dtype, key)

@@ -10,6 +10,7 @@ import gguf
 import pytest
 import torch
 
+from tandem.cpu.engine import torch_reference
 from tandem.engine.generate import prefill_and_generate
 from tandem.errors import GGUFError, UnsupportedError
 from tandem.inject.loader import RULES_DIR, build_meta_model, default_rules, optimize_and_load_gguf
@@ -21,6 +22,17 @@ from tandem.weights.arch import config_of, get_architecture
 from tandem.weights.gguf_file import GGUFFile
 from tandem.weights.source import GGUFWeights
 from tandem.weights.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_path():
+    """These tests hold weight loading to transformers at float tolerance: the torch path.
+
+    The C++ engine is held to this path in tests/cpu/test_engine_models.py.
+    """
+    with torch_reference():
+        yield
+
 
 F32_REL_ERR = 1e-5  # same float32 weights: only summation order differs
 # Q8_0 (router, norms and rows shorter than a block in float) against the float model: measured

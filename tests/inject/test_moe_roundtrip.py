@@ -13,6 +13,7 @@ import pytest
 import torch
 from tiny_models import GGUF_ARCH, MOE_ARCHS, tiny_model, write_gguf
 
+from tandem.cpu.engine import torch_reference
 from tandem.engine.generate import prefill_and_generate
 from tandem.errors import GGUFError, WeightError
 from tandem.inject.loader import build_meta_model, default_rules, optimize_and_load_gguf
@@ -23,6 +24,17 @@ from tandem.weights.arch.mixtral import Mixtral
 from tandem.weights.gguf_file import GGUFFile
 from tandem.weights.source import GGUFWeights
 from tandem.weights.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_path():
+    """These tests hold weight loading to transformers at float tolerance: the torch path.
+
+    The C++ engine is held to this path in tests/cpu/test_engine_models.py.
+    """
+    with torch_reference():
+        yield
+
 
 F32_REL_ERR = 1e-5  # same float32 weights: only summation order differs
 Q8_REL_ERR = 0.03  # Q8_0 weights, router kept in float as llama-quantize does; measured 0.006-0.011

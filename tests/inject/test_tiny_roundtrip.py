@@ -7,9 +7,21 @@ import pytest
 import torch
 from tiny_models import tiny_model, write_gguf
 
+from tandem.cpu.engine import torch_reference
 from tandem.inject.loader import build_meta_model, default_rules, optimize_and_load_gguf
 from tandem.weights.arch import config_of
 from tandem.weights.gguf_file import GGUFFile
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_path():
+    """These tests hold weight loading to transformers at float tolerance: the torch path.
+
+    The C++ engine is held to this path in tests/cpu/test_engine_models.py.
+    """
+    with torch_reference():
+        yield
+
 
 F32_REL_ERR = 1e-5  # same float32 weights: only summation order differs
 Q8_REL_ERR = 0.05  # Q8_0 weights against the float32 model: quantization error

@@ -1,0 +1,112 @@
+"""Whole models on the C++ engine against the same models on the torch reference path.
+
+Tiny random models of every family, written as F16, Q8_0 and Q4_0 GGUF files, load
+twice: with the engine (the default CPU rules: QuantLinearCPU, ExpertsCPU) and with
+the engine switched off (the same operators dequantize and run torch). Bounds on
+the relative L2 error of the logits, asserted:
+- F16: below 1e-5. Float weights take float32 activations, so only summation
+  order differs (measured ≤ 6.2e-7); greedy tokens are identical.
+- Q8_0 and Q4_0: below 3e-2, top-1 agreement at least 90% of positions. The
+  engine quantizes activations to 8 bits as llama.cpp does (measured 0.7-1.8%).
+  DeepSeek: below 0.15 — its sigmoid router sits behind two engine layers and a
+  slightly different hidden state can pick other experts (measured 8.9%).
+The real models are held to llama.cpp's perplexity with the engine on
+(tests/test_cli.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tandem.cpu import engine
+from tandem.engine.generate import prefill_and_generate
+from tandem.inject.model import load_model
+from tandem.ops.experts_cpu import ExpertsCPU
+from tandem.ops.linear_cpu import QuantLinearCPU
+from tandem.synth.tiny import TINY_ARCHS, write_tiny
+
+QUANT_BOUND = {"deepseek2": 0.15}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("engine_models")
+
+
+def load_both(path):
+    was = engine.enabled()
+    try:
+        engine.set_enabled(True)
+        fast = load_model(path, progress=False)
+        engine.set_enabled(False)
+        ref = load_model(path, progress=False)
+    finally:
+        engine.set_enabled(was)
+    return fast, ref
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+IDS = torch.randint(3, 500, (2, 20), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("quant", ["F16", "Q8_0", "Q4_0"])
+def test_engine_logits_match_the_torch_path(tiny_dir, arch, quant):
+    fast, ref = load_both(write_tiny(arch, tiny_dir / f"{arch}-{quant}.gguf", quant))
+    engine_ops = [m for m in fast.model.modules() if isinstance(m, (QuantLinearCPU, ExpertsCPU))]
+    assert engine_ops and all(m.backend == "engine" for m in engine_ops)
+    assert all(
+        m.backend == "torch" for m in ref.model.modules() if isinstance(m, (QuantLinearCPU, ExpertsCPU))
+    )
+    if arch in ("qwen2moe", "qwen3moe", "mixtral", "deepseek2"):
+        assert any(isinstance(m, ExpertsCPU) for m in engine_ops)
+    with torch.inference_mode():
+        a, b = fast.model(IDS).logits, ref.model(IDS).logits
+    if quant == "F16":
+        assert rel(a, b) < 1e-5
+    else:
+        assert rel(a, b) < QUANT_BOUND.get(arch, 3e-2)
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2"])
+def test_greedy_tokens_equal_on_float_weights(tiny_dir, arch):
+    fast, ref = load_both(write_tiny(arch, tiny_dir / f"{arch}-greedy.gguf", "F16"))
+    prompt = IDS[0, :8].tolist()
+    runs = [prefill_and_generate(m.model, m.tokenizer, prompt, 16) for m in (fast, ref)]
+    assert len(runs[0].token_ids) == 16
+    assert runs[0].token_ids == runs[1].token_ids
+
+
+def test_engine_can_be_switched_off_per_rule(tiny_dir, tmp_path):
+    path = write_tiny("qwen3moe", tiny_dir / "rule.gguf", "Q8_0")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "- match: {class: torch.nn.Linear}\n"
+        "  replace: {class: tandem.ops.linear_cpu.QuantLinearCPU, kwargs: {generate_op: torch}}\n"
+    )
+    loaded = load_model(path, rules=rules, progress=False)
+    linears = [m for m in loaded.model.modules() if isinstance(m, QuantLinearCPU)]
+    assert linears and all(m.backend == "torch" for m in linears)
+
+
+# llama.cpp's greedy continuations of "The capital of France is" (BENCHMARKS.md, llama-completion
+# -n 16 --temp 0 on the same files); Gemma's 16th token is a near tie (0.012 nats), so its
+# first 15 tokens are compared.
+LLAMA_CPP_GREEDY = {
+    "qwen": " Paris. Paris is the largest city in France and the second-largest city in Europe",
+    "gemma": " the capital of the country of France. It is the largest city in France",
+}
+
+
+@pytest.mark.parametrize("model", ["qwen", "gemma"])
+def test_real_models_on_the_engine_continue_as_llama_cpp(model, request):
+    loaded = load_model(request.getfixturevalue(f"{model}_gguf"), progress=False)
+    assert all(m.backend == "engine" for m in loaded.model.modules() if isinstance(m, QuantLinearCPU))
+    ids = list(loaded.tokenizer("The capital of France is")["input_ids"])
+    result = prefill_and_generate(loaded.model, loaded.tokenizer, ids, 16)
+    assert result.text.startswith(LLAMA_CPP_GREEDY[model])
