@@ -24,7 +24,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", metavar="DIR", help="take config and tokenizer from this Hugging Face model directory"
     )
     group.add_argument(
-        "--threads", "-t", type=positive_int, metavar="N", help="CPU threads for torch and the C++ engine (default: one per physical core)"
+        "--threads",
+        "-t",
+        type=positive_int,
+        metavar="N",
+        help="CPU threads for torch and the C++ engine (default: one per physical core)",
     )
     group.add_argument(
         "--device", default="cpu", help="default device for modules no rule places (default: cpu)"
