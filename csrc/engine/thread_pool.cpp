@@ -2,8 +2,8 @@
 
 #include <algorithm>
 #include <chrono>
-#include <fstream>
-#include <sstream>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <tuple>
 
@@ -31,35 +31,47 @@ inline void cpu_relax() {
 #endif
 }
 
-int read_int(const std::string& path, int fallback) {
-    std::ifstream file(path);
-    int value;
-    return (file >> value) ? value : fallback;
+// /sys is read with C stdio on purpose: iostreams depend on the C++ runtime's
+// locale machinery, and a process that also loads torch may hold two copies of
+// that runtime (a crash seen in std::ifstream's constructor).
+std::string read_text(const std::string& path) {
+    std::string text;
+    if (FILE* file = std::fopen(path.c_str(), "r")) {
+        char buffer[4096];
+        if (std::fgets(buffer, sizeof buffer, file) != nullptr) text = buffer;
+        std::fclose(file);
+    }
+    while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
+    return text;
 }
 
-// "0-3,8,10-11" -> {0,1,2,3,8,10,11}
+int read_int(const std::string& path, int fallback) {
+    const std::string text = read_text(path);
+    char* end = nullptr;
+    const long value = std::strtol(text.c_str(), &end, 10);
+    return (text.empty() || end == text.c_str()) ? fallback : static_cast<int>(value);
+}
+
+// "0-3,8,10-11" -> {0,1,2,3,8,10,11}; malformed entries are skipped (topology is a hint).
 std::vector<int> parse_cpu_list(const std::string& text) {
     std::vector<int> out;
-    std::stringstream stream(text);
-    std::string item;
-    while (std::getline(stream, item, ',')) {
-        const auto dash = item.find('-');
-        try {
-            const int first = std::stoi(item.substr(0, dash));
-            const int last = dash == std::string::npos ? first : std::stoi(item.substr(dash + 1));
-            for (int cpu = first; cpu <= last; ++cpu) out.push_back(cpu);
-        } catch (const std::exception&) {
-            continue;  // a malformed entry: topology is a hint, not a requirement
+    const char* p = text.c_str();
+    while (*p != '\0') {
+        char* end = nullptr;
+        const long first = std::strtol(p, &end, 10);
+        if (end == p) break;
+        long last = first;
+        p = end;
+        if (*p == '-') {
+            last = std::strtol(p + 1, &end, 10);
+            if (end == p + 1) break;
+            p = end;
         }
+        for (long cpu = first; cpu <= last && cpu < 1 << 16; ++cpu) out.push_back(static_cast<int>(cpu));
+        if (*p == ',') ++p;
+        else break;
     }
     return out;
-}
-
-std::string read_text(const std::string& path) {
-    std::ifstream file(path);
-    std::string text;
-    std::getline(file, text);
-    return text;
 }
 
 int node_of(int cpu) {

@@ -42,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--tokenizer-from",
+        metavar="GGUF",
+        help="with --shape: copy the byte-level BPE tokenizer of this GGUF (default: the embedded Qwen2.5 model's)",
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="with --shape: print the tensor plan and sizes, write nothing"
     )
 
@@ -62,8 +67,8 @@ def _run_tiny(args: argparse.Namespace, out: Path) -> int:
 
     if not args.arch:
         raise TandemError("--tiny needs --arch")
-    if args.layers or args.dry_run:
-        raise TandemError("--layers and --dry-run go with --shape")
+    if args.layers or args.dry_run or args.tokenizer_from:
+        raise TandemError("--layers, --dry-run and --tokenizer-from go with --shape")
     quant = args.quant or TINY_DEFAULT_QUANT
     if quant not in TINY_QUANTS:
         raise TandemError(f"--quant for --tiny must be one of {', '.join(TINY_QUANTS)}, got {quant!r}")
@@ -88,12 +93,28 @@ def _run_shape(args: argparse.Namespace, out: Path) -> int:
         print(f"  {name:6} {size / gib:8.2f} GiB", file=sys.stderr)
     if args.dry_run:
         return 0
+    source = _tokenizer_source(args.tokenizer_from) if args.tokenizer_from else None
     bar = tqdm(total=layout.data_bytes, unit="B", unit_scale=True, desc="writing", file=sys.stderr)
     try:
         write_shape(
-            args.shape, out, quant, args.layers, args.seed, lambda done, total: bar.update(done - bar.n)
+            args.shape,
+            out,
+            quant,
+            args.layers,
+            args.seed,
+            lambda done, total: bar.update(done - bar.n),
+            tokenizer_source=source,
         )
     finally:
         bar.close()
     print(out)
     return 0
+
+
+def _tokenizer_source(path: str) -> dict:
+    from tandem.weights.gguf_file import read_metadata
+
+    metadata = read_metadata(Path(path))
+    if metadata.get("tokenizer.ggml.model") != "gpt2" or "tokenizer.ggml.merges" not in metadata:
+        raise TandemError(f"{path} holds no byte-level BPE (gpt2) tokenizer to copy")
+    return metadata

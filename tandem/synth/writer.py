@@ -78,14 +78,16 @@ def write_shape(
     layers: int | None = None,
     seed: int = 0,
     progress: Progress | None = None,
+    tokenizer_source: dict[str, Any] | None = None,
 ) -> Path:
     """Write the random model `shape_name` (see tandem.synth.shapes.SHAPES) to `out_path`.
 
     quant: a llama.cpp mix (Q4_K_M, Q5_K_M, Q6_K, Q8_0). layers: keep only the
     first N layers (default all). seed: the same seed gives the same bytes.
-    Returns the path written.
+    tokenizer_source: GGUF metadata holding a "gpt2" tokenizer (default: the
+    embedded Qwen2.5 model's). Returns the path written.
     """
-    return write_spec(get_shape(shape_name), out_path, quant, layers, seed, progress)
+    return write_spec(get_shape(shape_name), out_path, quant, layers, seed, progress, tokenizer_source)
 
 
 def write_spec(

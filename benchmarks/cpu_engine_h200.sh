@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The CPU engine on the GPU machine's CPU (16 cores, AVX-512 + AMX), CPU only:
+# kernel and op tests for every variant there, then tandem bench against
+# llama.cpp's llama-bench (CPU build of llama-cpp-python 0.3.36's llama.cpp) on
+# one Qwen3-30B-A3B-shaped Q4_K_M file from tandem synth, same threads.
+# Expects .whl/gguf-*.whl, .whl/llamacpp-cpu-src.tar.xz and .whl/qwen25-tokenizer.gguf
+# (the embedded model's tokenizer alone) carried, $OUT set.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+THREADS=${THREADS:-16}; LAYERS=${LAYERS:-48}; NP=${NP:-512}; NG=${NG:-32}
+log() { echo "[$(date +%T)] $*" | tee -a "$OUT/steps.log"; }
+
+python -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
+log "build llama.cpp (background)"
+( mkdir -p /tmp/l && tar xJf .whl/llamacpp-cpu-src.tar.xz -C /tmp/l &&
+  cmake -S /tmp/l/llama.cpp -B /tmp/l/b -DGGML_CUDA=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DGGML_NATIVE=ON &&
+  cmake --build /tmp/l/b -j 6 --target llama-bench ) > "$OUT/llama_build.log" 2>&1 &
+LLAMA_PID=$!
+log "build tandem"
+python -m pip install --no-build-isolation --no-deps -e . > "$OUT/tandem_build.log" 2>&1 || { log "tandem build failed"; exit 1; }
+export PYTHONPATH=/tmp/site  # after the build: the build backend must come from the system
+python -m tandem doctor | head -3 >> "$OUT/steps.log" 2>&1
+log "tests"
+timeout 240 python -m pytest -x -v -p no:cacheprovider tests/cpu/test_kernels.py tests/cpu/test_engine_ops.py \
+  > "$OUT/tests.log" 2>&1; log "tests rc=$?"; grep -v PASSED "$OUT/tests.log" | tail -40 >> "$OUT/steps.log"
+log "synth"
+python -m tandem synth --shape qwen3-30b-a3b --layers "$LAYERS" --quant Q4_K_M --tokenizer-from .whl/qwen25-tokenizer.gguf -o /tmp/q3.gguf > "$OUT/synth.log" 2>&1
+log "synth rc=$? $(ls -la /tmp/q3.gguf)"
+log "tandem bench"
+timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r 2 --json > "$OUT/tandem_bench.txt" 2>&1
+log "tandem bench rc=$?"; tail -8 "$OUT/tandem_bench.txt" | tee -a "$OUT/steps.log"
+wait $LLAMA_PID; log "llama build rc=$?"
+if [ -x /tmp/l/b/bin/llama-bench ]; then
+  timeout 240 /tmp/l/b/bin/llama-bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r 2 -o md > "$OUT/llama_bench.txt" 2>&1
+  log "llama-bench rc=$?"; cat "$OUT/llama_bench.txt" | tee -a "$OUT/steps.log"
+fi
