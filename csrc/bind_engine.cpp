@@ -123,6 +123,11 @@ void bind_engine(nb::module_& m) {
         },
         nb::arg("pool"), nb::arg("data"), nb::arg("bytes"), nb::arg("repeats") = 3,
         nb::call_guard<nb::gil_scoped_release>(), "Best of `repeats` reads of the buffer, bytes per second.");
+    m.def(
+        "prefault",
+        [](ThreadPool& pool, uintptr_t data, size_t bytes) { prefault(pool, ptr<const unsigned char>(data), bytes); },
+        nb::arg("pool"), nb::arg("data"), nb::arg("bytes"), nb::call_guard<nb::gil_scoped_release>(),
+        "Touch every page of the range with all threads (maps lazily mapped file pages now).");
     m.def("cores_in_order", &cores_in_order, "Usable logical CPUs, first thread of each core first, by NUMA node.");
     m.def("variants_built", &variants_built, "Kernel variants compiled into this extension.");
     m.def("kernel_types", &kernel_types, "ggml type numbers a variant has kernels for.");

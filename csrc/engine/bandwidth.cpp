@@ -47,4 +47,18 @@ double read_bandwidth(ThreadPool& pool, const unsigned char* data, size_t bytes,
     return best;
 }
 
+void prefault(ThreadPool& pool, const unsigned char* data, size_t bytes) {
+    constexpr size_t kChunk = 1 << 22;  // 4 MiB per task
+    constexpr size_t kPage = 4096;
+    const int64_t chunks = static_cast<int64_t>((bytes + kChunk - 1) / kChunk);
+    std::atomic<uint64_t> sink{0};
+    pool.parallel_for(chunks, [&](int64_t i, int) {
+        const size_t begin = static_cast<size_t>(i) * kChunk, end = std::min(bytes, begin + kChunk);
+        uint64_t sum = 0;
+        // One read per page maps it; volatile keeps the reads from being dropped.
+        for (size_t offset = begin; offset < end; offset += kPage) sum += *static_cast<const volatile unsigned char*>(data + offset);
+        sink.fetch_add(sum, std::memory_order_relaxed);
+    });
+}
+
 }  // namespace tandem

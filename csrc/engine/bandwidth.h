@@ -1,5 +1,5 @@
-// Memory read bandwidth as the pool sees it: the denominator of the decode
-// floor (bytes of weights read per token / bandwidth).
+// Memory as the pool sees it: read bandwidth (the denominator of the decode
+// floor, bytes of weights read per token / bandwidth) and pre-faulting weights.
 #pragma once
 
 #include <cstddef>
@@ -11,5 +11,10 @@ namespace tandem {
 // Reads `bytes` of `data` (already touched, so page faults are not counted)
 // `repeats` times with all threads; returns the best pass in bytes/second.
 double read_bandwidth(ThreadPool& pool, const unsigned char* data, size_t bytes, int repeats);
+
+// Maps every page of [data, data + bytes) into the process now, with all
+// threads, so that the first decode steps do not pay a page fault per 4 KiB
+// of weights they touch (mmap maps a file's pages lazily, on first access).
+void prefault(ThreadPool& pool, const unsigned char* data, size_t bytes);
 
 }  // namespace tandem

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from tandem.cpu.engine import install_decode_threads
 from tandem.errors import UnsupportedError, WeightError
 from tandem.inject.injector import Placement, inject
 from tandem.inject.rules import load_rules
@@ -113,6 +114,8 @@ def optimize_and_load(
     """optimize_and_load_gguf for any weights object (GGUFWeights, SafetensorsWeights)."""
     placements, devices = inject(model, load_rules(rule_path), config, default_device)
     load_weights(model, weights, devices, progress)
+    if any(getattr(m, "backend", None) == "engine" for m in model.modules()):
+        install_decode_threads(model)
     return placements
 
 

@@ -1,0 +1,55 @@
+"""Where a decode step's time goes: wall time per operator class over a few tokens.
+
+python benchmarks/profile_decode.py MODEL.gguf THREADS [TOKENS]
+Times every tandem operator's forward with perf_counter (hooks, so nested
+operators count inside their parents) and prints milliseconds per token.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import defaultdict
+
+import torch
+from transformers import DynamicCache
+
+from tandem.cpu.engine import configure
+from tandem.inject.model import load_model
+
+
+def main() -> None:
+    path, threads = sys.argv[1], int(sys.argv[2])
+    tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 8
+    torch.set_num_threads(threads)
+    configure(threads=threads)
+    model = load_model(path, progress=False).model
+    spent: dict[str, float] = defaultdict(float)
+    starts: dict[int, float] = {}
+
+    def before(module, args):
+        starts[id(module)] = time.perf_counter()
+
+    def after(module, args, output):
+        spent[type(module).__name__] += time.perf_counter() - starts.pop(id(module))
+
+    for module in model.modules():
+        if module is not model:
+            module.register_forward_pre_hook(before)
+            module.register_forward_hook(after)
+    cache, token = DynamicCache(config=model.config), torch.tensor([[785, 6722, 315, 9625, 374]])
+    with torch.inference_mode():
+        for step in range(tokens + 2):
+            if step == 2:  # warm-up done
+                spent.clear()
+                t0 = time.perf_counter()
+            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+            token = logits[:, -1:].argmax(-1)
+    total = (time.perf_counter() - t0) / tokens
+    print(f"decode {total * 1e3:.2f} ms per token ({1 / total:.2f} tok/s), {threads} threads")
+    for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {name:32} {seconds / tokens * 1e3:8.2f} ms per token")
+
+
+if __name__ == "__main__":
+    main()
