@@ -145,46 +145,57 @@ ThreadPool::~ThreadPool() {
     if (driver_.joinable()) driver_.join();
     {
         std::lock_guard<std::mutex> lock(park_mutex_);
-        generation_.fetch_add(1);
+        generation_.fetch_add(2);  // stays even: no loop is set up
     }
     park_cv_.notify_all();
     for (auto& worker : workers_) worker.join();
 }
 
+// The loop protocol. generation_ is odd while the caller sets a loop up and
+// even once it is published. A worker announces itself in busy_ before it
+// reads generation_, and the caller sets up only once busy_ is zero, so a
+// worker that woke late never reads half-written state (the two seq_cst
+// store/load pairs form a Dekker handshake). The caller returns when every
+// task is done, not when every worker has come and gone: a worker still
+// parked when the loop ends (woken late by the OS) costs nothing.
 void ThreadPool::parallel_for(int64_t n_tasks, TaskFn task, void* ctx) {
     if (n_tasks <= 0) return;
     std::lock_guard<std::mutex> loop(loop_mutex_);
-    const int active = static_cast<int>(std::min<int64_t>(n_threads_, n_tasks));
-    if (active == 1) {
+    if (n_threads_ == 1 || n_tasks == 1) {
         for (int64_t i = 0; i < n_tasks; ++i) task(ctx, i, 0);
         return;
     }
+    generation_.fetch_add(1, std::memory_order_seq_cst);  // odd: setting up
+    while (busy_.load(std::memory_order_seq_cst) != 0) cpu_relax();
     task_ = task;
     ctx_ = ctx;
     for (int t = 0; t < n_threads_; ++t) {
         ranges_[t].next.store(n_tasks * t / n_threads_, std::memory_order_relaxed);
         ranges_[t].end = n_tasks * (t + 1) / n_threads_;
     }
-    pending_.store(n_threads_ - 1, std::memory_order_relaxed);
-    generation_.fetch_add(1, std::memory_order_seq_cst);  // publishes the loop
+    done_.store(0, std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_seq_cst);  // even: published
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
         std::lock_guard<std::mutex> lock(park_mutex_);
         park_cv_.notify_all();
     }
     run_tasks(0);
-    while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
+    while (done_.load(std::memory_order_acquire) != n_tasks) cpu_relax();
 }
 
 void ThreadPool::run_tasks(int thread) {
     // Own range first, then the others', nearest thread first.
+    int64_t ran = 0;
     for (int step = 0; step < n_threads_; ++step) {
         Range& range = ranges_[(thread + step) % n_threads_];
         for (;;) {
             const int64_t i = range.next.fetch_add(1, std::memory_order_relaxed);
             if (i >= range.end) break;
             task_(ctx_, i, thread);
+            ++ran;
         }
     }
+    if (ran) done_.fetch_add(ran, std::memory_order_acq_rel);
 }
 
 bool ThreadPool::wait_for_generation(uint64_t seen) {
@@ -203,15 +214,19 @@ bool ThreadPool::wait_for_generation(uint64_t seen) {
 
 void ThreadPool::worker_main(int thread) {
     if (!cpus_.empty()) pin_to(cpus_[thread]);
-    // Generation 0 is the pool's state before any loop: a loop published before
-    // this thread got here must still be seen as new.
-    uint64_t seen = 0;
+    uint64_t seen = 0;  // the generation before any loop: a loop published earlier is still new
     for (;;) {
         wait_for_generation(seen);
-        seen = generation_.load(std::memory_order_acquire);
-        if (stop_.load(std::memory_order_acquire)) return;
-        run_tasks(thread);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
+        busy_.fetch_add(1, std::memory_order_seq_cst);
+        const uint64_t generation = generation_.load(std::memory_order_seq_cst);
+        if (stop_.load(std::memory_order_acquire)) {
+            busy_.fetch_sub(1, std::memory_order_seq_cst);
+            return;
+        }
+        // Odd: a loop is being set up; wait for its publication. Even and new: join it.
+        if ((generation & 1) == 0 && generation != seen) run_tasks(thread);
+        busy_.fetch_sub(1, std::memory_order_seq_cst);
+        seen = generation;
     }
 }
 

@@ -73,7 +73,8 @@ private:
     TaskFn task_ = nullptr;
     void* ctx_ = nullptr;
     alignas(64) std::atomic<uint64_t> generation_{0};
-    alignas(64) std::atomic<int> pending_{0};  // workers still in the current loop
+    alignas(64) std::atomic<int64_t> done_{0};  // tasks of the current loop finished
+    alignas(64) std::atomic<int> busy_{0};      // workers between waking and leaving a loop
     std::atomic<int> sleepers_{0};
     std::atomic<bool> stop_{false};
     std::mutex park_mutex_;
