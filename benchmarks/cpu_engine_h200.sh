@@ -32,6 +32,8 @@ log "synth rc=$? $(ls -la /tmp/q3.gguf)"
 log "tandem bench"
 timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r 2 --json > "$OUT/tandem_bench.txt" 2>&1
 log "tandem bench rc=$?"; tail -8 "$OUT/tandem_bench.txt" | tee -a "$OUT/steps.log"
+log "moe op alone"
+timeout 120 python benchmarks/moe_op_bench.py /tmp/q3.gguf "$THREADS" 20 >> "$OUT/steps.log" 2>&1
 log "profile"
 timeout 200 python benchmarks/profile_decode.py /tmp/q3.gguf "$THREADS" 8 2>&1 | grep -v Warn | tail -14 >> "$OUT/steps.log"
 wait $LLAMA_PID; log "llama build rc=$?"

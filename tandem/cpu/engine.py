@@ -226,7 +226,9 @@ class DecodeThreads:
     def __call__(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
-        tokens = ids.shape[-1] if isinstance(ids, torch.Tensor) else embeds.shape[-2] if embeds is not None else 2
+        tokens = (
+            ids.shape[-1] if isinstance(ids, torch.Tensor) else embeds.shape[-2] if embeds is not None else 2
+        )
         if tokens == 1:
             if torch.get_num_threads() != 1:
                 self.threads = torch.get_num_threads()

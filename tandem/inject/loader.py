@@ -15,6 +15,7 @@ from tandem.cpu.engine import install_decode_threads
 from tandem.errors import UnsupportedError, WeightError
 from tandem.inject.injector import Placement, inject
 from tandem.inject.rules import load_rules
+from tandem.ops.attention_cpu import IMPLEMENTATION as CPU_ATTENTION
 from tandem.ops.base import TandemModule
 from tandem.weights.arch import get_architecture
 from tandem.weights.gguf_file import GGUFFile
@@ -78,7 +79,9 @@ def meta_parameters() -> Iterator[None]:
 def build_meta_model(config: PretrainedConfig) -> PreTrainedModel:
     """The Hugging Face causal LM for `config` with every parameter on the meta device."""
     with meta_parameters():
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=CPU_ATTENTION, dtype=torch.float32
+        )
     return model.eval()
 
 

@@ -1,0 +1,53 @@
+"""The engine alone on a model's routed experts: one decode token = one MoE call per layer.
+
+python benchmarks/moe_op_bench.py MODEL.gguf THREADS [TOKENS]
+Builds the engine's expert op for every layer of the file, then times tokens
+that route to 8 random experts per layer (no attention, no Python model around
+it), and prints ms per token and the bytes-per-token bandwidth it reached: the
+engine's own share of a decode step, to set against `tandem bench`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from tandem.cpu.engine import CPUEngine
+from tandem.weights.gguf_file import GGUFFile
+
+
+def main() -> None:
+    path, threads = sys.argv[1], int(sys.argv[2])
+    tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 20
+    gguf = GGUFFile.open(path)
+    engine = CPUEngine(threads=threads)
+    layers = []
+    for i in range(1000):
+        names = [f"blk.{i}.ffn_{part}_exps.weight" for part in ("gate", "up", "down")]
+        if names[0] not in gguf.tensors:
+            break
+        layers.append(engine.experts(*(gguf.tensor(n) for n in names)))
+    n_experts, hidden = layers[0].n_experts, layers[0].hidden
+    per_expert = sum(t.numel() for t in layers[0].tensors) / n_experts  # bytes of one expert
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, hidden, generator=g)
+    w = torch.full((1, 8), 1 / 8)
+    routes = [[torch.randperm(n_experts, generator=g)[:8][None] for _ in layers] for _ in range(tokens + 2)]
+    for step, route in enumerate(routes):
+        if step == 2:
+            t0 = time.perf_counter()
+        for layer, ids in zip(layers, route, strict=True):
+            layer(x, ids, w)
+    seconds = (time.perf_counter() - t0) / tokens
+    read = per_expert * 8 * len(layers)
+    print(
+        f"{len(layers)} MoE layers, {threads} threads: {seconds * 1e3:.2f} ms per token, "
+        f"{read / 1e9:.3f} GB of experts per token, {read / seconds / 1e9:.1f} GB/s; "
+        f"read bandwidth {engine.read_bandwidth() / 1e9:.1f} GB/s"
+    )
+
+
+if __name__ == "__main__":
+    main()

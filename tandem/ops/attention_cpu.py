@@ -1,0 +1,69 @@
+"""Scaled-dot-product attention for models whose attention runs on the CPU.
+
+Hugging Face's "sdpa" attention repeats every key/value head for each query
+head of its group before calling torch (only newer transformers releases avoid
+it, and only for some cases), which at decode copies the whole KV cache once
+per layer per token: 5.7× slower than torch's own grouped-query path at a
+512-token context on one thread. This implementation passes the grouped heads
+to torch as they are (`enable_gqa`); on other devices it defers to Hugging
+Face's. Models are built with it by name (`attn_implementation=IMPLEMENTATION`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+IMPLEMENTATION = "tandem_sdpa"
+
+
+def grouped_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [B, Hq, Tq, D]
+    key: torch.Tensor,  # [B, Hkv, Tk, D]
+    value: torch.Tensor,  # [B, Hkv, Tk, Dv]
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    special = (
+        kwargs.get("softcap") is not None
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("s_aux") is not None
+    )
+    if query.device.type != "cpu" or special or query.shape[1] % key.shape[1]:
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    if attention_mask is not None and attention_mask.ndim == 4:
+        attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = query.shape[2] > 1 and attention_mask is None and causal
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout if module.training else 0.0,
+        scale=scaling,
+        is_causal=causal,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )  # [B, Hq, Tq, Dv]
+    return out.transpose(1, 2).contiguous(), None  # [B, Tq, Hq, Dv]
+
+
+AttentionInterface.register(IMPLEMENTATION, grouped_sdpa_attention)
+AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
