@@ -89,3 +89,22 @@ def test_inspect_knows_mla(tmp_path):
         == c["num_hidden_layers"] * (c["kv_lora_rank"] + c["qk_rope_head_dim"]) * 4
     )
     assert "MLA (q-LoRA" in tandem("inspect", str(out)).stdout
+
+
+def test_tokenizer_from_another_file(tmp_path, gemma_gguf):
+    tiny = tmp_path / "tiny.gguf"
+    assert tandem("synth", "--tiny", "--arch", "qwen2", "--out", str(tiny)).returncode == 0
+    out = tmp_path / "q3.gguf"
+    proc = tandem(
+        "synth", "--shape", "qwen3-30b-a3b", "--layers", "1", "--tokenizer-from", str(tiny), "--out", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    with GGUFFile.open(tiny) as source, GGUFFile.open(out) as written:
+        tokens = source.metadata["tokenizer.ggml.tokens"]
+        assert written.metadata["tokenizer.ggml.tokens"][: len(tokens)] == tokens
+        assert len(written.metadata["tokenizer.ggml.tokens"]) == 151936
+    # Gemma's tokenizer is SentencePiece-style, not byte-level BPE: refused in one line.
+    proc = tandem("synth", "--shape", "qwen3-30b-a3b", "--tokenizer-from", str(gemma_gguf), "--out", str(out))
+    assert proc.returncode == 1 and "no byte-level BPE" in proc.stderr and "Traceback" not in proc.stderr
+    proc = tandem("synth", "--tiny", "--arch", "qwen2", "--tokenizer-from", str(tiny), "--out", str(out))
+    assert proc.returncode == 1 and "--tokenizer-from go with --shape" in proc.stderr
