@@ -34,6 +34,10 @@ public:
     // gate, up: [E, inter, hidden]; down: [E, hidden, inter].
     MoEOp(std::shared_ptr<ThreadPool> pool, const VariantKernels& kernels, WeightMatrix gate, WeightMatrix up,
           WeightMatrix down);
+    // A submitted call may still be running on the driver thread: wait for it.
+    ~MoEOp() { pool_->wait_idle(); }
+    MoEOp(const MoEOp&) = delete;
+    MoEOp& operator=(const MoEOp&) = delete;
 
     void forward(const MoECall& call);
     void submit(const MoECall& call);

@@ -195,3 +195,13 @@ def test_host_functions_run_from_plain_c_pointers():
         submit(record.address)
         sync(record.address)
         torch.testing.assert_close(out, experts(x, ids, weights), rtol=0, atol=0)
+
+
+def test_dropping_an_op_with_a_call_in_flight_waits_for_it():
+    gate, up, down = expert_set((T.Q8_0, T.Q8_0), seed=7)
+    x, ids, weights = routing(64, 4, seed=8)
+    for _ in range(20):
+        experts = engine(2).experts(gate, up, down)
+        experts.submit(x, ids, weights)
+        del experts  # the native op waits for the pool before its buffers go
+    assert torch.isfinite(engine(2).experts(gate, up, down)(x, ids, weights)).all()
