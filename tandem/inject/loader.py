@@ -11,7 +11,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from tandem.cpu.engine import install_decode_threads
+from tandem.cpu.torch_threads import install_decode_threads
 from tandem.errors import UnsupportedError, WeightError
 from tandem.inject.injector import Placement, inject
 from tandem.inject.rules import load_rules

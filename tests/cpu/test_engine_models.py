@@ -110,3 +110,17 @@ def test_real_models_on_the_engine_continue_as_llama_cpp(model, request):
     ids = list(loaded.tokenizer("The capital of France is")["input_ids"])
     result = prefill_and_generate(loaded.model, loaded.tokenizer, ids, 16)
     assert result.text.startswith(LLAMA_CPP_GREEDY[model])
+
+
+def test_torch_takes_one_thread_for_decode_steps_and_all_for_prefill(tiny_dir):
+    loaded = load_model(write_tiny("qwen3moe", tiny_dir / "threads.gguf", "Q8_0"), progress=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            loaded.model(IDS[:1, :1])
+            assert torch.get_num_threads() == 1
+            loaded.model(IDS[:1, :4])
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
