@@ -8,8 +8,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 from tandem.cli.common import add_model_arguments, load_from_args
 from tandem.errors import TandemError
 
@@ -37,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tandem.cpu.engine import default_threads
+
     for flag, value in (("--n-prompt", args.n_prompt), ("--n-gen", args.n_gen), ("--repeats", args.repeats)):
         if value < 1:  # checked before the slow load
             raise TandemError(f"{flag} must be at least 1, got {value}")
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         "model": model_name(loaded, args),
         "n_prompt": args.n_prompt,
         "n_gen": args.n_gen,
-        "threads": args.threads or torch.get_num_threads(),
+        "threads": args.threads or default_threads(),  # torch runs decode steps on one
         "repeats": args.repeats,
         "device": args.device,
         "prefill_tok_s_runs": prefill,
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         "decode_tok_s": statistics.median(decode),
     }
     # After the runs, so the gigabyte read buffer does not disturb them.
-    report.update(memory_floor(loaded.gguf, args.threads, report["decode_tok_s"]))
+    report.update(memory_floor(loaded.gguf, report["decode_tok_s"]))
     if args.json:
         print(json.dumps(report))
     else:
@@ -98,14 +98,12 @@ def model_name(loaded, args: argparse.Namespace) -> str:
     return str(paths[0]) if paths else str(args.model)
 
 
-def memory_floor(weights, threads: int | None, decode_tok_s: float) -> dict:
+def memory_floor(weights, decode_tok_s: float) -> dict:
     """The CPU kernel variant, read bandwidth and, for MoE GGUF files, decode as a fraction of its floor."""
-    from tandem.cpu.engine import configure, default_engine
+    from tandem.cpu.engine import default_engine
 
     try:
-        engine = default_engine()
-        if threads and engine.threads != threads:  # the pool follows --threads, as the model's ops do
-            engine = configure(threads=threads)
+        engine = default_engine()  # the model's pool: load_from_args sized it from --threads
         bandwidth = engine.read_bandwidth()
     except TandemError as error:  # the timings still stand without the native extension
         print(f"tandem: warning: no read bandwidth: {error}", file=sys.stderr)
