@@ -52,8 +52,9 @@ void MoEOp::forward(const MoECall& call) {
     std::lock_guard<std::mutex> lock(mutex_);
     const int64_t n_tok = call.n_tok, k = call.top_k, E = gate_.n_experts;
     const int64_t H = gate_.cols, I = gate_.rows;
+    if (n_tok <= 0) return;
     std::memset(call.out, 0, sizeof(float) * static_cast<size_t>(n_tok * H));
-    if (n_tok <= 0 || k <= 0) return;
+    if (k <= 0) return;
     ThreadPool& pool = *pool_;
 
     // 1. Group the (token, slot) pairs by expert: assignment a of expert e lies
