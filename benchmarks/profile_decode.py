@@ -1,12 +1,14 @@
 """Where a decode step's time goes: wall time per operator class over a few tokens.
 
-python benchmarks/profile_decode.py MODEL.gguf THREADS [TOKENS]
-Times every tandem operator's forward with perf_counter (hooks, so nested
-operators count inside their parents) and prints milliseconds per token.
+python benchmarks/profile_decode.py MODEL.gguf THREADS [TOKENS [PROMPT_TOKENS]]
+Times every module's forward with perf_counter (hooks, so nested modules count
+inside their parents) over TOKENS decode steps after a prompt of PROMPT_TOKENS
+(default 5) and prints milliseconds per token.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import defaultdict
@@ -21,9 +23,12 @@ from tandem.inject.model import load_model
 def main() -> None:
     path, threads = sys.argv[1], int(sys.argv[2])
     tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 8
+    prompt = int(sys.argv[4]) if len(sys.argv) > 4 else 5
     torch.set_num_threads(threads)
     configure(threads=threads)
     model = load_model(path, progress=False).model
+    if os.environ.get("PROFILE_KEEP_TORCH_THREADS"):  # drop the one-thread decode policy
+        model._forward_pre_hooks.clear()
     spent: dict[str, float] = defaultdict(float)
     starts: dict[int, float] = {}
 
@@ -37,16 +42,17 @@ def main() -> None:
         if module is not model:
             module.register_forward_pre_hook(before)
             module.register_forward_hook(after)
-    cache, token = DynamicCache(config=model.config), torch.tensor([[785, 6722, 315, 9625, 374]])
+    cache = DynamicCache(config=model.config)
+    token = torch.tensor([[785, 6722, 315, 9625, 374] * (prompt // 5) + [785] * (prompt % 5)])
     with torch.inference_mode():
         for step in range(tokens + 2):
-            if step == 2:  # warm-up done
+            if step == 2:  # prompt and one decode step done: warm
                 spent.clear()
                 t0 = time.perf_counter()
             logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
             token = logits[:, -1:].argmax(-1)
     total = (time.perf_counter() - t0) / tokens
-    print(f"decode {total * 1e3:.2f} ms per token ({1 / total:.2f} tok/s), {threads} threads")
+    print(f"decode {total * 1e3:.2f} ms per token ({1 / total:.2f} tok/s), {threads} threads, after {prompt} prompt tokens")
     for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1])[:12]:
         print(f"  {name:32} {seconds / tokens * 1e3:8.2f} ms per token")
 

@@ -14,6 +14,7 @@
 
 #include "engine/activations.h"
 #include "engine/bandwidth.h"
+#include "engine/gemm_path.h"
 #include "engine/linear_op.h"
 #include "engine/moe_op.h"
 #include "engine/thread_pool.h"
@@ -33,6 +34,43 @@ const VariantKernels& kernels_named(const std::string& name) {
     const VariantKernels* kernels = variant_kernels(name.c_str());
     if (kernels == nullptr) throw std::invalid_argument("CPU kernel variant '" + name + "' is not built into tandem._cpu");
     return *kernels;
+}
+
+GemmPath gemm_path(const std::string& name, int64_t min_tokens) {
+    GemmPath path;
+    if (name.empty()) return path;
+    path.kernels = gemm_kernels(name.c_str());
+    if (path.kernels == nullptr) throw std::invalid_argument("prefill kernels '" + name + "' are not built into tandem._cpu");
+    if (min_tokens < 1) throw std::invalid_argument("gemm_min_tokens must be at least 1");
+    path.min_tokens = min_tokens;
+    return path;
+}
+
+std::vector<std::string> gemm_built() {
+    std::vector<std::string> out;
+    for (const char* name : {"avx512bf16", "amx"})
+        if (gemm_kernels(name) != nullptr) out.emplace_back(name);
+    return out;
+}
+
+// The prefill path on the calling thread: rows x tokens through dequantized tiles (tests, benchmarks).
+void gemm_matmul(const std::string& name, int ggml_type, uintptr_t w, int64_t rows, int64_t cols, uintptr_t x,
+                 int64_t n_tok, uintptr_t out) {
+    const GemmKernels* g = gemm_kernels(name.c_str());
+    if (g == nullptr) throw std::invalid_argument("prefill kernels '" + name + "' are not built into tandem._cpu");
+    if (!g->supports(ggml_type)) throw std::invalid_argument("no prefill kernel for ggml type " + std::to_string(ggml_type));
+    if (cols % 32 != 0) throw std::invalid_argument("columns must be a multiple of 32");
+    // The generic table only supplies the block geometry here.
+    const WeightMatrix m = make_weight_matrix(kernels_named("generic"), "weight", ptr<const uint8_t>(w), ggml_type, 1, rows, cols);
+    nb::gil_scoped_release release;
+    ThreadPool single(1, false);
+    std::vector<uint16_t> packed(gemm_act_elems(n_tok, cols));
+    pack_for_gemm(single, *g, ptr<const float>(x), cols, nullptr, n_tok, cols, packed.data());
+    GemmScratch scratch;
+    scratch.reserve(1, cols);
+    for (int64_t r0 = 0; r0 < rows; r0 += kGemmRows)
+        gemm_rows(*g, scratch, 0, m, m.data, r0, std::min(kGemmRows, rows - r0), packed.data(), n_tok, ptr<float>(out),
+                  rows);
 }
 
 std::vector<std::string> variants_built() {
@@ -134,17 +172,20 @@ void bind_engine(nb::module_& m) {
     m.def("act_format", &act_format, "0: float32, 1: Q8_32 blocks, 2: Q8_256 blocks.");
     m.def("dot_rows", &dot_rows, "out[t, r] = W[r] . x[t], one kernel on the calling thread (tests, benchmarks).");
     m.def("quantize_activations", &quantize_activations, "float32 rows to 8-bit activation blocks.");
+    m.def("gemm_built", &gemm_built, "Prefill (bf16 tile) kernels compiled into this extension.");
+    m.def("gemm_matmul", &gemm_matmul, "out[t, r] = W[r] . x[t] through the prefill kernels, on the calling thread.");
 
     nb::class_<LinearOp>(m, "LinearOp")
         .def(nb::new_([](std::shared_ptr<ThreadPool> pool, const std::string& variant, uintptr_t data, int ggml_type,
-                         int64_t rows, int64_t cols) {
+                         int64_t rows, int64_t cols, const std::string& gemm, int64_t gemm_min_tokens) {
                  const VariantKernels& kernels = kernels_named(variant);
                  return std::make_shared<LinearOp>(
                      std::move(pool), kernels,
-                     make_weight_matrix(kernels, "weight", ptr<const uint8_t>(data), ggml_type, 1, rows, cols));
+                     make_weight_matrix(kernels, "weight", ptr<const uint8_t>(data), ggml_type, 1, rows, cols),
+                     gemm_path(gemm, gemm_min_tokens));
              }),
              nb::arg("pool"), nb::arg("variant"), nb::arg("data"), nb::arg("ggml_type"), nb::arg("rows"),
-             nb::arg("cols"))
+             nb::arg("cols"), nb::arg("gemm") = "", nb::arg("gemm_min_tokens") = 32)
         .def(
             "forward",
             [](LinearOp& op, uintptr_t x, int64_t n_tok, int64_t x_stride, uintptr_t out) {
@@ -158,16 +199,16 @@ void bind_engine(nb::module_& m) {
     nb::class_<MoEOp>(m, "MoEOp")
         .def(nb::new_([](std::shared_ptr<ThreadPool> pool, const std::string& variant, int64_t n_experts,
                          int64_t hidden, int64_t inter, uintptr_t gate, int gate_type, uintptr_t up, int up_type,
-                         uintptr_t down, int down_type) {
+                         uintptr_t down, int down_type, const std::string& gemm, int64_t gemm_min_tokens) {
                  const VariantKernels& kernels = kernels_named(variant);
                  auto g = make_weight_matrix(kernels, "gate", ptr<const uint8_t>(gate), gate_type, n_experts, inter, hidden);
                  auto u = make_weight_matrix(kernels, "up", ptr<const uint8_t>(up), up_type, n_experts, inter, hidden);
                  auto d = make_weight_matrix(kernels, "down", ptr<const uint8_t>(down), down_type, n_experts, hidden, inter);
-                 return std::make_shared<MoEOp>(std::move(pool), kernels, g, u, d);
+                 return std::make_shared<MoEOp>(std::move(pool), kernels, g, u, d, gemm_path(gemm, gemm_min_tokens));
              }),
              nb::arg("pool"), nb::arg("variant"), nb::arg("n_experts"), nb::arg("hidden"), nb::arg("inter"),
              nb::arg("gate"), nb::arg("gate_type"), nb::arg("up"), nb::arg("up_type"), nb::arg("down"),
-             nb::arg("down_type"))
+             nb::arg("down_type"), nb::arg("gemm") = "", nb::arg("gemm_min_tokens") = 32)
         .def(
             "forward",
             [](MoEOp& op, int64_t n_tok, int64_t top_k, uintptr_t x, uintptr_t ids, uintptr_t w, uintptr_t out) {

@@ -19,4 +19,9 @@ void prepare_activations(ThreadPool& pool, const VariantKernels& kernels, ActFor
     pool.parallel_for(n_rows, [&](int64_t r, int) { quantize(x + r * x_stride, k, dst + r * row_bytes); });
 }
 
+void prepare_activation_row(const VariantKernels& kernels, ActFormat format, const float* x, int64_t k, uint8_t* dst) {
+    if (format == ActFormat::F32) std::memcpy(dst, x, act_row_bytes(format, k));
+    else (format == ActFormat::Q8_32 ? kernels.quantize_q8_32 : kernels.quantize_q8_256)(x, k, dst);
+}
+
 }  // namespace tandem

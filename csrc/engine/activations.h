@@ -13,6 +13,9 @@ namespace tandem {
 void prepare_activations(ThreadPool& pool, const VariantKernels& kernels, ActFormat format, const float* x,
                          int64_t n_rows, int64_t k, int64_t x_stride, uint8_t* dst);
 
+// One row, on the calling thread.
+void prepare_activation_row(const VariantKernels& kernels, ActFormat format, const float* x, int64_t k, uint8_t* dst);
+
 // Grows buf to at least n bytes (never shrinks: op scratch is reused call after call).
 inline uint8_t* scratch(std::vector<uint8_t>& buf, size_t n) {
     if (buf.size() < n) buf.resize(n);

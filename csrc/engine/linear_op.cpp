@@ -17,12 +17,14 @@ TileShape choose_tiles(int64_t total_rows, int64_t n_tok, int threads) {
     return TileShape{rows, std::min<int64_t>(std::max<int64_t>(n_tok, 1), 32)};
 }
 
-LinearOp::LinearOp(std::shared_ptr<ThreadPool> pool, const VariantKernels& kernels, WeightMatrix weight)
-    : pool_(std::move(pool)), kernels_(kernels), weight_(weight) {}
+LinearOp::LinearOp(std::shared_ptr<ThreadPool> pool, const VariantKernels& kernels, WeightMatrix weight,
+                   GemmPath gemm)
+    : pool_(std::move(pool)), kernels_(kernels), weight_(weight), gemm_(gemm) {}
 
 void LinearOp::forward(const float* x, int64_t n_tok, int64_t x_stride, float* out) {
     if (n_tok <= 0) return;
     std::lock_guard<std::mutex> lock(mutex_);
+    if (gemm_.takes(weight_, n_tok)) return forward_gemm(x, n_tok, x_stride, out);
     const WeightMatrix& w = weight_;
     const ActFormat format = w.kernel->act;
     const size_t arb = act_row_bytes(format, w.cols);
@@ -42,6 +44,19 @@ void LinearOp::forward(const float* x, int64_t n_tok, int64_t x_stride, float* o
         const int64_t nt = std::min(tile.tokens, n_tok - t0);
         dot(w.data + r0 * w.row_bytes, w.row_bytes, nr, w.cols, act + t0 * arb, arb, nt, out + t0 * w.rows + r0,
             w.rows);
+    });
+}
+
+void LinearOp::forward_gemm(const float* x, int64_t n_tok, int64_t x_stride, float* out) {
+    const WeightMatrix& w = weight_;
+    const GemmKernels& g = *gemm_.kernels;
+    if (packed_.size() < gemm_act_elems(n_tok, w.cols)) packed_.resize(gemm_act_elems(n_tok, w.cols));
+    pack_for_gemm(*pool_, g, x, x_stride, nullptr, n_tok, w.cols, packed_.data());
+    gemm_scratch_.reserve(pool_->size(), w.cols);
+    pool_->parallel_for((w.rows + kGemmRows - 1) / kGemmRows, [&](int64_t i, int thread) {
+        const int64_t r0 = i * kGemmRows;
+        gemm_rows(g, gemm_scratch_, thread, w, w.data, r0, std::min(kGemmRows, w.rows - r0), packed_.data(), n_tok,
+                  out, w.rows);
     });
 }
 

@@ -1,13 +1,15 @@
 // y = x W^T for one quantized weight matrix: dense layers and the lm head on
 // the CPU. Activations are quantized once per call, then row tiles × token
 // tiles of the output are spread over the pool; each task reads its weight
-// rows once for all the tokens of its tile.
+// rows once for all the tokens of its tile. Calls with many tokens take the
+// bf16 prefill path instead when the engine has one (engine/gemm_path.h).
 #pragma once
 
 #include <memory>
 #include <mutex>
 #include <vector>
 
+#include "engine/gemm_path.h"
 #include "engine/thread_pool.h"
 #include "engine/weight_matrix.h"
 
@@ -15,7 +17,8 @@ namespace tandem {
 
 class LinearOp {
 public:
-    LinearOp(std::shared_ptr<ThreadPool> pool, const VariantKernels& kernels, WeightMatrix weight);
+    LinearOp(std::shared_ptr<ThreadPool> pool, const VariantKernels& kernels, WeightMatrix weight,
+             GemmPath gemm = {});
 
     // x: [n_tok, cols] float32 rows x_stride floats apart; out: [n_tok, rows] float32, contiguous.
     void forward(const float* x, int64_t n_tok, int64_t x_stride, float* out);
@@ -26,8 +29,13 @@ private:
     std::shared_ptr<ThreadPool> pool_;
     const VariantKernels& kernels_;
     WeightMatrix weight_;
+    GemmPath gemm_;
     std::mutex mutex_;  // scratch is per op
     std::vector<uint8_t> act_;
+    std::vector<uint16_t> packed_;
+    GemmScratch gemm_scratch_;
+
+    void forward_gemm(const float* x, int64_t n_tok, int64_t x_stride, float* out);
 };
 
 // Shared by the linear and MoE ops: out[t * out_stride + r] for r in [0, rows),

@@ -3,13 +3,16 @@
 // Tokens are grouped by expert, so each active expert's weights are read once
 // for all of its tokens; no Python runs per expert. forward() runs on the
 // calling thread (which leads the pool); submit() queues the same work on the
-// pool's driver thread and returns at once, sync() waits for it.
+// pool's driver thread and returns at once, sync() waits for it. An expert
+// with many tokens (prefill) takes the bf16 tile path when the engine has one
+// (engine/gemm_path.h); the others take the 8-bit dot kernels.
 #pragma once
 
 #include <memory>
 #include <mutex>
 #include <vector>
 
+#include "engine/gemm_path.h"
 #include "engine/thread_pool.h"
 #include "engine/weight_matrix.h"
 
@@ -27,13 +30,14 @@ struct MoECall {
 // Rows [r0, r0 + nr) of one expert's matrix for its assignments [a0, a0 + na).
 struct MoETask {
     int64_t expert, r0, nr, a0, na;
+    bool gemm = false;  // the bf16 tile path: nr <= kGemmRows, every assignment of the expert
 };
 
 class MoEOp {
 public:
     // gate, up: [E, inter, hidden]; down: [E, hidden, inter].
     MoEOp(std::shared_ptr<ThreadPool> pool, const VariantKernels& kernels, WeightMatrix gate, WeightMatrix up,
-          WeightMatrix down);
+          WeightMatrix down, GemmPath gemm = {});
     // A submitted call may still be running on the driver thread: wait for it.
     ~MoEOp() { pool_->wait_idle(); }
     MoEOp(const MoEOp&) = delete;
@@ -51,13 +55,21 @@ private:
     std::shared_ptr<ThreadPool> pool_;
     const VariantKernels& kernels_;
     WeightMatrix gate_, up_, down_;
+    GemmPath gemm_;
     std::mutex mutex_;  // scratch below belongs to one call at a time
 
     // Per-call scratch, grown as needed and reused.
-    std::vector<int64_t> count_, offset_, cursor_, slot_assignment_, assignment_token_;
+    std::vector<int64_t> count_, offset_, cursor_, slot_assignment_, assignment_token_, assignment_expert_;
+    std::vector<int64_t> dot_count_, packed_x_at_, packed_h_at_;
+    std::vector<int64_t> pack_jobs_;  // (expert, group pair) pairs
+    std::vector<char> on_gemm_;
+    std::vector<uint16_t> packed_x_, packed_h_;
+    GemmScratch gemm_scratch_;
     std::vector<MoETask> tasks_;
     std::vector<uint8_t> x_act_, x_act_up_, gathered_, gathered_up_, h_act_;
     std::vector<float> gate_out_, up_out_, y_;
+
+    void append_gemm_tasks(int64_t rows, std::vector<MoETask>& tasks) const;
 };
 
 }  // namespace tandem

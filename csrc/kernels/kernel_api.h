@@ -99,6 +99,41 @@ inline size_t act_row_bytes(ActFormat format, int64_t k) {
     }
 }
 
+// The prefill path (gemm_bf16.inc): a tile of kGemmRows weight rows is
+// dequantized to bf16 once per call, tokens are packed once per call in groups
+// of kGemmGroup as bf16 pairs, and the bf16 dot-product units (AMX tiles or
+// AVX512-BF16) multiply the two. Packed groups come in pairs: a call's packed
+// activations take gemm_act_elems(n_tok, k) uint16 values.
+constexpr int64_t kGemmRows = 32;
+constexpr int64_t kGemmGroup = 16;
+
+inline int64_t gemm_groups(int64_t n_tok) { return (n_tok + 2 * kGemmGroup - 1) / (2 * kGemmGroup) * 2; }
+inline size_t gemm_act_elems(int64_t n_tok, int64_t k) { return static_cast<size_t>(gemm_groups(n_tok) * kGemmGroup * k); }
+
+struct GemmKernels {
+    const char* name;
+    bool (*supports)(int ggml_type);
+    // Rows [0, n_rows) of w (n_rows <= kGemmRows, k a multiple of 32) to bf16
+    // rows of k elements in dst[kGemmRows][k]; rows past n_rows become zero.
+    // tmp: k floats of scratch.
+    void (*dequant_tile)(int ggml_type, const uint8_t* w, size_t row_bytes, int64_t n_rows, int64_t k,
+                         uint16_t* dst, float* tmp);
+    // Groups [g0, g1) of n float rows (row t at x + index[t] * x_stride, or
+    // t * x_stride when index is null); tokens past n are zero. tmp: 32 floats.
+    void (*pack_act)(const float* x, int64_t x_stride, const int64_t* index, int64_t n, int64_t k, int64_t g0,
+                     int64_t g1, uint16_t* dst, float* tmp);
+    // out[t * out_stride + r] = W[r] · x_t for r < n_rows, t < n_tok, from one
+    // dequantized tile and the packed groups.
+    void (*tile_gemm)(const uint16_t* tile, int64_t k, const uint16_t* act, int64_t n_tok, float* out,
+                      int64_t out_stride, int64_t n_rows);
+};
+
+namespace gemm_avx512bf16 { extern const GemmKernels kGemm; }
+namespace gemm_amx { extern const GemmKernels kGemm; }
+
+// "avx512bf16" or "amx" if built into this extension, else nullptr.
+const GemmKernels* gemm_kernels(const char* name);
+
 // One table per built variant (csrc/kernels/variant_*.cpp). Only call a
 // variant's table on a CPU that can run it (tandem/cpu/features.py decides).
 namespace generic { const VariantKernels& kernels(); }

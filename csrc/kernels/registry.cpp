@@ -16,4 +16,15 @@ const VariantKernels* variant_kernels(const char* name) {
     return nullptr;
 }
 
+const GemmKernels* gemm_kernels(const char* name) {
+#if defined(TANDEM_HAVE_AVX512BF16)
+    if (std::strcmp(name, "avx512bf16") == 0) return &gemm_avx512bf16::kGemm;
+#endif
+#if defined(TANDEM_HAVE_AMX)
+    if (std::strcmp(name, "amx") == 0) return &gemm_amx::kGemm;
+#endif
+    (void)name;
+    return nullptr;
+}
+
 }  // namespace tandem

@@ -15,13 +15,19 @@ from contextlib import contextmanager
 
 import torch
 
-from tandem.cpu.features import _native, select_variant
+from tandem.cpu.features import _native, select_prefill, select_variant
 from tandem.cpu.system import physical_cores, usable_cores
 from tandem.errors import TandemError, UnsupportedError
 from tandem.quant.quant_tensor import QuantTensor
 
 # The amx variant runs the avx512 dot kernels (its tiles serve prefill).
 _KERNEL_TABLE = {"amx": "avx512", "avx512": "avx512", "avx2": "avx2", "generic": "generic"}
+
+# Below this many tokens per matrix a call takes the 8-bit dot kernels, from it
+# on the prefill kernels (when the CPU has them): the dequantized tile then
+# serves enough tokens to pay for itself (benchmarks/gemm_crossover.py).
+GEMM_MIN_TOKENS_ENV = "TANDEM_CPU_GEMM_MIN_TOKENS"
+DEFAULT_GEMM_MIN_TOKENS = 32
 
 
 def default_threads() -> int:
@@ -32,11 +38,30 @@ def default_threads() -> int:
 class CPUEngine:
     """A thread pool plus the kernel variant chosen for this CPU."""
 
-    def __init__(self, threads: int | None = None, variant: str | None = None, pin: bool = True):
+    def __init__(
+        self,
+        threads: int | None = None,
+        variant: str | None = None,
+        pin: bool = True,
+        prefill: str | None = None,
+        gemm_min_tokens: int | None = None,
+    ):
         self.variant = select_variant(override=variant)
         self.kernels = _KERNEL_TABLE[self.variant]
         if self.kernels not in _native().variants_built():
             raise TandemError(f"CPU kernel variant {self.kernels!r} is not built into tandem._cpu")
+        self.prefill = select_prefill(self.variant, override=prefill)
+        if self.prefill and self.prefill not in _native().gemm_built():
+            raise TandemError(f"prefill kernels {self.prefill!r} are not built into tandem._cpu")
+        if gemm_min_tokens is None:
+            raw = os.environ.get(GEMM_MIN_TOKENS_ENV, str(DEFAULT_GEMM_MIN_TOKENS))
+            try:
+                gemm_min_tokens = int(raw)
+            except ValueError:
+                raise TandemError(f"{GEMM_MIN_TOKENS_ENV} must be an integer, got {raw!r}") from None
+        if gemm_min_tokens < 1:
+            raise TandemError(f"{GEMM_MIN_TOKENS_ENV} must be at least 1, got {gemm_min_tokens}")
+        self.gemm_min_tokens = gemm_min_tokens
         self.threads = threads or default_threads()
         if self.threads < 1:
             raise TandemError(f"threads must be at least 1, got {self.threads}")
@@ -58,7 +83,10 @@ class CPUEngine:
         return float(_native().read_bandwidth(self.pool, buffer.data_ptr(), n_bytes, repeats))
 
     def __repr__(self) -> str:
-        return f"CPUEngine(threads={self.threads}, variant={self.variant}, kernels={self.kernels})"
+        return (
+            f"CPUEngine(threads={self.threads}, variant={self.variant}, kernels={self.kernels}, "
+            f"prefill={self.prefill or 'off'})"
+        )
 
 
 def _check_type(engine: CPUEngine, qt: QuantTensor) -> None:
@@ -89,7 +117,13 @@ class EngineLinear:
         _native().prefault(engine.pool, data.data_ptr(), data.numel())
         try:
             self._op = _native().LinearOp(
-                engine.pool, engine.kernels, data.data_ptr(), int(weight.ggml_type), *weight.shape
+                engine.pool,
+                engine.kernels,
+                data.data_ptr(),
+                int(weight.ggml_type),
+                *weight.shape,
+                engine.prefill,
+                engine.gemm_min_tokens,
             )
         except ValueError as error:
             raise UnsupportedError(f"tensor {weight.name!r}: {error}") from None
@@ -126,7 +160,14 @@ class EngineExperts:
             args += [data.data_ptr(), int(qt.ggml_type)]
         try:
             self._op = _native().MoEOp(
-                engine.pool, engine.kernels, self.n_experts, self.hidden, self.inter, *args
+                engine.pool,
+                engine.kernels,
+                self.n_experts,
+                self.hidden,
+                self.inter,
+                *args,
+                engine.prefill,
+                engine.gemm_min_tokens,
             )
         except ValueError as error:
             raise UnsupportedError(f"experts {gate.name!r}: {error}") from None

@@ -48,6 +48,16 @@ VARIANTS = tuple(VARIANT_REQUIRES)
 # Tests force a lower variant with this (the AVX2 path on an AVX-512 machine, say).
 VARIANT_ENV = "TANDEM_CPU_VARIANT"
 
+# The prefill kernels (csrc/kernels/gemm_bf16.inc): weight tiles dequantized to
+# bf16 once per call, multiplied on AMX tiles or with AVX512-BF16, best first.
+PREFILL_REQUIRES: dict[str, tuple[str, ...]] = {
+    "amx": _AMX,
+    "avx512bf16": (*_AVX512, "avx512_bf16"),
+}
+# amx, avx512bf16, or off (every call on the 8-bit dot kernels).
+PREFILL_ENV = "TANDEM_CPU_PREFILL"
+_OFF = ("off", "none", "0", "no", "false")
+
 
 def _native() -> ModuleType:
     try:
@@ -101,4 +111,34 @@ def select_variant(features: dict[str, bool] | None = None, override: str | None
             f"{VARIANT_ENV}={override} cannot run on this CPU: it lacks {', '.join(missing)}; "
             f"runnable here: {', '.join(runnable_variants(features))}"
         )
+    return override
+
+
+def select_prefill(
+    variant: str, features: dict[str, bool] | None = None, override: str | None = None
+) -> str:
+    """The prefill kernels to use beside `variant`'s dot kernels: 'amx', 'avx512bf16' or '' (none).
+
+    By default amx when the variant is amx, else none: avx512bf16 multiplies at
+    half the rate of the 8-bit dot kernels' VNNI (on Zen 4 it was slower than
+    them at every token count, benchmarks/gemm_crossover.py), so it is opt-in.
+    `override` / $TANDEM_CPU_PREFILL picks one ('off' for none), never one the
+    CPU cannot run.
+    """
+    features = cpu_features() if features is None else features
+    if override is None:
+        override = os.environ.get(PREFILL_ENV) or None
+    if override is not None and override.strip().lower() in _OFF:
+        return ""
+    if override is None:
+        runs_amx = all(features.get(f, False) for f in PREFILL_REQUIRES["amx"])
+        return "amx" if variant == "amx" and runs_amx else ""
+    if override not in PREFILL_REQUIRES:
+        raise TandemError(
+            f"{PREFILL_ENV}={override} is not a prefill kernel set; choose one of "
+            f"{', '.join(PREFILL_REQUIRES)} or off"
+        )
+    missing = [f for f in PREFILL_REQUIRES[override] if not features.get(f, False)]
+    if missing:
+        raise TandemError(f"{PREFILL_ENV}={override} cannot run on this CPU: it lacks {', '.join(missing)}")
     return override

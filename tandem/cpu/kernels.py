@@ -73,3 +73,26 @@ def quantize_activations(
         sums = raw[..., 4:36].contiguous().view(torch.int16).reshape(n, -1).int()
         q = raw[..., 36:292].contiguous().view(torch.int8).reshape(n, k)
     return d, q, sums
+
+
+def prefill_kernels_built() -> list[str]:
+    """Prefill (bf16 tile) kernel sets compiled into the extension ('avx512bf16', 'amx')."""
+    return list(_native().gemm_built())
+
+
+def gemm_rows(
+    name: str, blocks: torch.Tensor, ggml_type: GGMLQuantizationType, rows: int, x: torch.Tensor
+) -> torch.Tensor:
+    """uint8 blocks (rows × row_bytes) · x float32 [n, k] -> float32 [n, rows] through the prefill kernels."""
+    block_size, type_size = block_layout(ggml_type)
+    n, k = x.shape
+    if (
+        blocks.dtype != torch.uint8
+        or not blocks.is_contiguous()
+        or blocks.numel() != rows * k // block_size * type_size
+    ):
+        raise ValueError(f"expected {rows} rows of {k} {ggml_type.name} values as contiguous uint8")
+    x = x.float().contiguous()
+    out = torch.empty(n, rows, dtype=torch.float32)
+    _native().gemm_matmul(name, int(ggml_type), blocks.data_ptr(), rows, k, x.data_ptr(), n, out.data_ptr())
+    return out

@@ -16,6 +16,12 @@ from gguf import GGMLQuantizationType
 from tandem.quant.dequant import dequantize_blocks
 from tandem.quant.quant_tensor import block_layout
 
+_FLOAT_DTYPES = {
+    GGMLQuantizationType.F32: torch.float32,
+    GGMLQuantizationType.F16: torch.float16,
+    GGMLQuantizationType.BF16: torch.bfloat16,
+}
+
 # csrc/kernels/kernel_api.h ActFormat: float32 rows, blocks of 32, blocks of 256.
 ACT_F32, ACT_Q8_32, ACT_Q8_256 = 0, 1, 2
 ACT_BLOCK = {ACT_Q8_32: 32, ACT_Q8_256: 256}
@@ -40,6 +46,21 @@ def prepared_activations(x: torch.Tensor, act_format: int) -> torch.Tensor:
     d, q = quantize_activations(x, block)
     n, k = q.shape
     return (d.double()[..., None] * q.double().reshape(n, k // block, block)).reshape(n, k)
+
+
+def to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """Values rounded to bfloat16 (nearest, ties to even), as float64: what the prefill kernels multiply."""
+    return x.float().to(torch.bfloat16).double()
+
+
+def gemm_rows(blocks: torch.Tensor, ggml_type: GGMLQuantizationType, rows: int, x: torch.Tensor) -> torch.Tensor:
+    """The prefill kernels' product: bf16-rounded dequantized weights · bf16-rounded x, float64 [n, rows]."""
+    if ggml_type in _FLOAT_DTYPES:
+        w = blocks.reshape(-1).view(_FLOAT_DTYPES[ggml_type]).double().reshape(rows, -1)
+    else:
+        _, type_size = block_layout(ggml_type)
+        w = dequantize_blocks(blocks.reshape(-1, type_size), ggml_type).double().reshape(rows, -1)
+    return to_bf16(x) @ to_bf16(w).T
 
 
 def dot_rows(

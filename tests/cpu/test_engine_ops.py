@@ -36,7 +36,8 @@ ENGINES: dict[int, CPUEngine] = {}
 
 def engine(threads: int) -> CPUEngine:
     if threads not in ENGINES:
-        ENGINES[threads] = CPUEngine(threads=threads, variant=None)
+        # The 8-bit dot kernels for every call; tests/cpu/test_gemm.py covers the prefill path.
+        ENGINES[threads] = CPUEngine(threads=threads, variant=None, prefill="off")
     return ENGINES[threads]
 
 
