@@ -19,23 +19,33 @@ log "build llama.cpp (background)"
 LLAMA_PID=$!
 log "build tandem"
 python -m pip install --no-build-isolation --no-deps -e . > "$OUT/tandem_build.log" 2>&1 || { log "tandem build failed"; exit 1; }
-export PYTHONPATH=/tmp/site  # after the build: the build backend must come from the system
+export PYTHONPATH=/tmp/site:$PWD  # after the build: the build backend must come from the system
 python -m tandem doctor | head -3 >> "$OUT/steps.log" 2>&1
 if [ -z "${SKIP_TESTS:-}" ]; then
 log "tests"
-timeout 240 python -m pytest -x -v -p no:cacheprovider tests/cpu/test_kernels.py tests/cpu/test_engine_ops.py \
-  > "$OUT/tests.log" 2>&1; log "tests rc=$?"; grep -v PASSED "$OUT/tests.log" | tail -40 >> "$OUT/steps.log"
+timeout 240 python -m pytest -v -p no:cacheprovider tests/cpu/test_kernels.py tests/cpu/test_engine_ops.py \
+  tests/cpu/test_gemm.py > "$OUT/tests.log" 2>&1; log "tests rc=$?"; grep -v PASSED "$OUT/tests.log" | tail -40 >> "$OUT/steps.log"
+grep -c "PASSED.*amx" "$OUT/tests.log" | sed 's/^/amx tests passed: /' >> "$OUT/steps.log"
 fi
+log "prefill kernels against the dot kernels, one linear layer"
+for shape in "2048 2048" "768 2048"; do
+  timeout 120 python benchmarks/gemm_crossover.py "$THREADS" $shape >> "$OUT/steps.log" 2>&1
+done
 log "synth"
 python -m tandem synth --shape qwen3-30b-a3b --layers "$LAYERS" --quant Q4_K_M --tokenizer-from .whl/qwen25-tokenizer.gguf -o /tmp/q3.gguf > "$OUT/synth.log" 2>&1
 log "synth rc=$? $(ls -la /tmp/q3.gguf)"
 log "tandem bench"
 timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r 2 --json > "$OUT/tandem_bench.txt" 2>&1
 log "tandem bench rc=$?"; tail -8 "$OUT/tandem_bench.txt" | tee -a "$OUT/steps.log"
+log "tandem bench, prefill kernels off"
+TANDEM_CPU_PREFILL=off timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r 2 --json \
+  2>&1 | tail -1 | tee -a "$OUT/steps.log"
+if [ -n "${PROFILE:-}" ]; then
 log "moe op alone"
 timeout 120 python benchmarks/moe_op_bench.py /tmp/q3.gguf "$THREADS" 20 >> "$OUT/steps.log" 2>&1
 log "profile"
 timeout 200 python benchmarks/profile_decode.py /tmp/q3.gguf "$THREADS" 8 2>&1 | grep -v Warn | tail -14 >> "$OUT/steps.log"
+fi
 wait $LLAMA_PID; log "llama build rc=$?"
 if [ -x /tmp/l/b/bin/llama-bench ]; then
   timeout 240 /tmp/l/b/bin/llama-bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r 2 -o md > "$OUT/llama_bench.txt" 2>&1
