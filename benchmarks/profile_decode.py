@@ -3,7 +3,8 @@
 python benchmarks/profile_decode.py MODEL.gguf THREADS [TOKENS [PROMPT_TOKENS]]
 Times every module's forward with perf_counter (hooks, so nested modules count
 inside their parents) over TOKENS decode steps after a prompt of PROMPT_TOKENS
-(default 5) and prints milliseconds per token.
+(default 5) and prints milliseconds per token. TOKENS 0 profiles the prompt
+pass itself instead (a second one, on a fresh cache, after one that warms up).
 """
 
 from __future__ import annotations
@@ -42,8 +43,19 @@ def main() -> None:
         if module is not model:
             module.register_forward_pre_hook(before)
             module.register_forward_hook(after)
-    cache = DynamicCache(config=model.config)
     token = torch.tensor([[785, 6722, 315, 9625, 374] * (prompt // 5) + [785] * (prompt % 5)])
+    if tokens == 0:
+        with torch.inference_mode():
+            for step in range(2):
+                spent.clear()
+                t0 = time.perf_counter()
+                model(input_ids=token, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+        total = time.perf_counter() - t0
+        print(f"prompt of {prompt} tokens: {total * 1e3:.1f} ms ({prompt / total:.1f} tok/s), {threads} threads")
+        for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1])[:14]:
+            print(f"  {name:32} {seconds * 1e3:8.1f} ms")
+        return
+    cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         for step in range(tokens + 2):
             if step == 2:  # prompt and one decode step done: warm
