@@ -146,11 +146,12 @@ MoECall make_call(int64_t n_tok, int64_t top_k, uintptr_t x, uintptr_t ids, uint
 
 void bind_engine(nb::module_& m) {
     nb::class_<ThreadPool>(m, "ThreadPool", "Persistent worker threads; n_threads counts the calling thread.")
-        .def(nb::new_([](int n_threads, bool pin) {
+        .def(nb::new_([](int n_threads, bool pin, int spin_us) {
                  if (n_threads < 1 || n_threads > 4096) throw std::invalid_argument("threads must be in 1 ... 4096");
-                 return std::make_shared<ThreadPool>(n_threads, pin);
+                 if (spin_us < 0 || spin_us > 1000000) throw std::invalid_argument("spin_us must be in 0 ... 1000000");
+                 return std::make_shared<ThreadPool>(n_threads, pin, spin_us);
              }),
-             nb::arg("n_threads"), nb::arg("pin") = true)
+             nb::arg("n_threads"), nb::arg("pin") = true, nb::arg("spin_us") = ThreadPool::kDefaultSpinMicroseconds)
         .def_prop_ro("size", &ThreadPool::size)
         .def_prop_ro("cpus", &ThreadPool::cpus, "The core each thread is pinned to (empty: not pinned).")
         .def("wait_idle", &ThreadPool::wait_idle, nb::call_guard<nb::gil_scoped_release>());

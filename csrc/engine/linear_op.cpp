@@ -24,7 +24,11 @@ LinearOp::LinearOp(std::shared_ptr<ThreadPool> pool, const VariantKernels& kerne
 void LinearOp::forward(const float* x, int64_t n_tok, int64_t x_stride, float* out) {
     if (n_tok <= 0) return;
     std::lock_guard<std::mutex> lock(mutex_);
-    if (gemm_.takes(weight_, n_tok)) return forward_gemm(x, n_tok, x_stride, out);
+    if (gemm_.takes(weight_, n_tok)) {
+        forward_gemm(x, n_tok, x_stride, out);
+        pool_->rest();
+        return;
+    }
     const WeightMatrix& w = weight_;
     const ActFormat format = w.kernel->act;
     const size_t arb = act_row_bytes(format, w.cols);
@@ -45,6 +49,7 @@ void LinearOp::forward(const float* x, int64_t n_tok, int64_t x_stride, float* o
         dot(w.data + r0 * w.row_bytes, w.row_bytes, nr, w.cols, act + t0 * arb, arb, nt, out + t0 * w.rows + r0,
             w.rows);
     });
+    if (n_tok > 1) pool_->rest();  // decode (one token) keeps its workers spinning for the next op
 }
 
 void LinearOp::forward_gemm(const float* x, int64_t n_tok, int64_t x_stride, float* out) {

@@ -218,6 +218,7 @@ void MoEOp::forward(const MoECall& call) {
             for (int64_t c = c0; c < c1; ++c) o[c] += wt * ya[c];
         }
     });
+    if (n_tok > 1) pool.rest();  // decode (one token) keeps its workers spinning for the next op
 }
 
 void MoEOp::append_gemm_tasks(int64_t rows, std::vector<Task>& tasks) const {

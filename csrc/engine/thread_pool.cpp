@@ -18,10 +18,6 @@
 namespace tandem {
 namespace {
 
-// How long an idle thread spins before parking. Decode calls the pool a few
-// hundred times per token, microseconds apart: parking between them would
-// cost a futex wake-up (tens of microseconds) per phase.
-constexpr auto kSpin = std::chrono::microseconds(200);
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -127,8 +123,10 @@ std::vector<int> cores_in_order() {
     return out;
 }
 
-ThreadPool::ThreadPool(int n_threads, bool pin)
-    : n_threads_(std::max(1, n_threads)), ranges_(new Range[static_cast<size_t>(std::max(1, n_threads))]) {
+ThreadPool::ThreadPool(int n_threads, bool pin, int spin_us)
+    : n_threads_(std::max(1, n_threads)),
+      spin_(std::chrono::microseconds(std::max(0, spin_us))),
+      ranges_(new Range[static_cast<size_t>(std::max(1, n_threads))]) {
     if (pin) {
         const auto cores = cores_in_order();
         if (static_cast<int>(cores.size()) >= n_threads_) cpus_.assign(cores.begin(), cores.begin() + n_threads_);
@@ -165,6 +163,7 @@ void ThreadPool::parallel_for(int64_t n_tasks, TaskFn task, void* ctx) {
         for (int64_t i = 0; i < n_tasks; ++i) task(ctx, i, 0);
         return;
     }
+    rest_.store(false, std::memory_order_relaxed);
     generation_.fetch_add(1, std::memory_order_seq_cst);  // odd: setting up
     while (busy_.load(std::memory_order_seq_cst) != 0) cpu_relax();
     task_ = task;
@@ -199,10 +198,11 @@ void ThreadPool::run_tasks(int thread) {
 }
 
 bool ThreadPool::wait_for_generation(uint64_t seen) {
-    const auto deadline = std::chrono::steady_clock::now() + kSpin;
+    const auto deadline = std::chrono::steady_clock::now() + spin_;
     for (int i = 0;; ++i) {
         if (generation_.load(std::memory_order_acquire) != seen) return true;
-        if ((i & 63) == 63 && std::chrono::steady_clock::now() > deadline) break;
+        if ((i & 63) == 63 && (rest_.load(std::memory_order_relaxed) || std::chrono::steady_clock::now() > deadline))
+            break;
         cpu_relax();
     }
     std::unique_lock<std::mutex> lock(park_mutex_);

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -28,7 +29,12 @@ public:
     using TaskFn = void (*)(void* ctx, int64_t index, int thread);
 
     // n_threads counts the calling thread; pin binds each worker to its own core.
-    ThreadPool(int n_threads, bool pin);
+    // spin_us: how long an idle worker spins before parking. Decode calls the
+    // pool a few hundred times per token with torch work between calls; a
+    // parked worker costs a futex wake-up (tens of microseconds, in series
+    // over the workers) when the next loop starts.
+    explicit ThreadPool(int n_threads, bool pin, int spin_us = kDefaultSpinMicroseconds);
+    static constexpr int kDefaultSpinMicroseconds = 200;
     ~ThreadPool();
     ThreadPool(const ThreadPool&) = delete;
     ThreadPool& operator=(const ThreadPool&) = delete;
@@ -46,6 +52,12 @@ public:
             n_tasks, [](void* ctx, int64_t i, int t) { (*static_cast<F*>(ctx))(i, t); },
             static_cast<void*>(&body));
     }
+
+    // Idle workers park at once instead of spinning until the next loop: an
+    // op that ends a call with many tokens (prefill) says so, because torch's
+    // own threads run next (attention, norms) on the same cores. The next
+    // parallel loop ends the rest.
+    void rest() { rest_.store(true, std::memory_order_relaxed); }
 
     // Asynchronous work: job runs on the pool's driver thread, which leads the
     // parallel loops it calls, in submission order. wait_idle() returns when
@@ -65,6 +77,7 @@ private:
     bool wait_for_generation(uint64_t seen);
 
     int n_threads_;
+    std::chrono::microseconds spin_;
     std::vector<int> cpus_;  // the core of each thread (empty: not pinned)
     std::vector<std::thread> workers_;
     std::unique_ptr<Range[]> ranges_;
@@ -77,6 +90,7 @@ private:
     alignas(64) std::atomic<int> busy_{0};      // workers between waking and leaving a loop
     std::atomic<int> sleepers_{0};
     std::atomic<bool> stop_{false};
+    std::atomic<bool> rest_{false};
     std::mutex park_mutex_;
     std::condition_variable park_cv_;
 

@@ -29,6 +29,24 @@ _KERNEL_TABLE = {"amx": "avx512", "avx512": "avx512", "avx2": "avx2", "generic":
 GEMM_MIN_TOKENS_ENV = "TANDEM_CPU_GEMM_MIN_TOKENS"
 DEFAULT_GEMM_MIN_TOKENS = 32
 
+# How long the pool's idle workers spin before parking, microseconds. Between
+# two engine calls of a decode step torch runs on the calling thread alone, so
+# spinning workers cost no one anything, while a parked one delays the next
+# call by a wake-up; calls with many tokens let the workers park at once.
+SPIN_ENV = "TANDEM_CPU_SPIN_US"
+DEFAULT_SPIN_US = 200
+
+
+def _int_env(name: str, default: int, low: int, high: int) -> int:
+    raw = os.environ.get(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise TandemError(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise TandemError(f"{name} must be in {low} ... {high}, got {value}")
+    return value
+
 
 def default_threads() -> int:
     """One thread per physical core this process may use: hyper-thread pairs share vector units."""
@@ -54,19 +72,16 @@ class CPUEngine:
         if self.prefill and self.prefill not in _native().gemm_built():
             raise TandemError(f"prefill kernels {self.prefill!r} are not built into tandem._cpu")
         if gemm_min_tokens is None:
-            raw = os.environ.get(GEMM_MIN_TOKENS_ENV, str(DEFAULT_GEMM_MIN_TOKENS))
-            try:
-                gemm_min_tokens = int(raw)
-            except ValueError:
-                raise TandemError(f"{GEMM_MIN_TOKENS_ENV} must be an integer, got {raw!r}") from None
+            gemm_min_tokens = _int_env(GEMM_MIN_TOKENS_ENV, DEFAULT_GEMM_MIN_TOKENS, 1, 1 << 30)
         if gemm_min_tokens < 1:
-            raise TandemError(f"{GEMM_MIN_TOKENS_ENV} must be at least 1, got {gemm_min_tokens}")
+            raise TandemError(f"gemm_min_tokens must be at least 1, got {gemm_min_tokens}")
         self.gemm_min_tokens = gemm_min_tokens
+        self.spin_us = _int_env(SPIN_ENV, DEFAULT_SPIN_US, 0, 1_000_000)
         self.threads = threads or default_threads()
         if self.threads < 1:
             raise TandemError(f"threads must be at least 1, got {self.threads}")
         # Pinning more threads than cores would stack two on one core for good.
-        self.pool = _native().ThreadPool(self.threads, pin and self.threads <= usable_cores())
+        self.pool = _native().ThreadPool(self.threads, pin and self.threads <= usable_cores(), self.spin_us)
 
     def supports(self, ggml_type) -> bool:
         return int(ggml_type) in _native().kernel_types(self.kernels)

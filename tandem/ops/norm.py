@@ -37,12 +37,14 @@ class RMSNorm(TandemModule):
     def load(self, weights: GGUFWeights) -> None:
         w = weights.dense(f"{self.key}.weight", (self.hidden_size,), torch.float32, self.generate_device)
         self.weight = nn.Parameter(w, requires_grad=False)
+        # The factor forward multiplies by, formed once (Gemma's 1 + w).
+        self.register_buffer("scale", 1.0 + w if self.unit_offset else w, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., hidden]
+        # One torch call: x * rsqrt(mean(x²) + eps) * scale in float32.
         h = x.to(device=self.generate_device, dtype=torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        scale = 1.0 + self.weight if self.unit_offset else self.weight
-        return (h * scale).to(device=x.device, dtype=x.dtype)
+        h = torch.nn.functional.rms_norm(h, (self.hidden_size,), self.scale, self.eps)
+        return h.to(device=x.device, dtype=x.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.hidden_size}, eps={self.eps}, unit_offset={self.unit_offset}"
