@@ -134,7 +134,14 @@ void MoEOp::forward(const MoECall& call) {
         uint8_t* tok = scratch(per_token, arb * n_tok);
         prepare_activations(pool, kernels_, w.kernel->act, call.x, n_tok, H, H, tok);
         uint8_t* dst = scratch(out, arb * n_assign);
-        for (int64_t a = 0; a < n_assign; ++a) std::memcpy(dst + a * arb, tok + assignment_token_[a] * arb, arb);
+        auto copy = [&](int64_t a) { std::memcpy(dst + a * arb, tok + assignment_token_[a] * arb, arb); };
+        if (n_assign <= 64) {  // decode: a few rows, not worth a loop on the pool
+            for (int64_t a = 0; a < n_assign; ++a) copy(a);
+        } else {
+            pool.parallel_for(n_assign, [&](int64_t a, int) {
+                if (!on_gemm_[assignment_expert_[a]]) copy(a);  // rows of tile-path experts are packed instead
+            });
+        }
         return dst;
     };
     const uint8_t* act_gate = nullptr;
