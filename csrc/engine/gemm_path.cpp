@@ -9,7 +9,8 @@ void GemmScratch::reserve(int threads, int64_t k) {
     }
     for (int t = 0; t < threads; ++t) {
         auto& tile = tiles_[static_cast<size_t>(t)];
-        if (static_cast<int64_t>(tile.size()) < kGemmRows * k) tile.resize(static_cast<size_t>(kGemmRows * k));
+        const int64_t elems = kGemmRows * gemm_tile_ld(k);
+        if (static_cast<int64_t>(tile.size()) < elems) tile.resize(static_cast<size_t>(elems));
         auto& row = rows_[static_cast<size_t>(t)];
         if (static_cast<int64_t>(row.size()) < k) row.resize(static_cast<size_t>(k));
     }

@@ -106,6 +106,10 @@ inline size_t act_row_bytes(ActFormat format, int64_t k) {
 // activations take gemm_act_elems(n_tok, k) uint16 values.
 constexpr int64_t kGemmRows = 32;
 constexpr int64_t kGemmGroup = 16;
+// A dequantized tile's rows lie k + kGemmTilePad elements apart: rows a power
+// of two bytes apart (k = 2048: 4 KiB) would all fall in one L1 cache set.
+constexpr int64_t kGemmTilePad = 32;
+inline int64_t gemm_tile_ld(int64_t k) { return k + kGemmTilePad; }
 
 inline int64_t gemm_groups(int64_t n_tok) { return (n_tok + 2 * kGemmGroup - 1) / (2 * kGemmGroup) * 2; }
 inline size_t gemm_act_elems(int64_t n_tok, int64_t k) { return static_cast<size_t>(gemm_groups(n_tok) * kGemmGroup * k); }
@@ -114,7 +118,7 @@ struct GemmKernels {
     const char* name;
     bool (*supports)(int ggml_type);
     // Rows [0, n_rows) of w (n_rows <= kGemmRows, k a multiple of 32) to bf16
-    // rows of k elements in dst[kGemmRows][k]; rows past n_rows become zero.
+    // rows of k elements in dst[kGemmRows][gemm_tile_ld(k)]; rows past n_rows become zero.
     // tmp: k floats of scratch.
     void (*dequant_tile)(int ggml_type, const uint8_t* w, size_t row_bytes, int64_t n_rows, int64_t k,
                          uint16_t* dst, float* tmp);
