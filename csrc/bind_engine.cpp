@@ -173,6 +173,12 @@ void bind_engine(nb::module_& m) {
     m.def("act_format", &act_format, "0: float32, 1: Q8_32 blocks, 2: Q8_256 blocks.");
     m.def("dot_rows", &dot_rows, "out[t, r] = W[r] . x[t], one kernel on the calling thread (tests, benchmarks).");
     m.def("quantize_activations", &quantize_activations, "float32 rows to 8-bit activation blocks.");
+    m.def(
+        "silu_mul",
+        [](const std::string& variant, uintptr_t g, uintptr_t u, int64_t n) {
+            kernels_named(variant).silu_mul(ptr<float>(g), ptr<const float>(u), n);
+        },
+        "g[i] = silu(g[i]) * u[i], one kernel call (tests).");
     m.def("gemm_built", &gemm_built, "Prefill (bf16 tile) kernels compiled into this extension.");
     m.def("gemm_matmul", &gemm_matmul, "out[t, r] = W[r] . x[t] through the prefill kernels, on the calling thread.");
 

@@ -30,8 +30,6 @@ void make_tasks(const std::vector<int64_t>& count, const std::vector<int64_t>& o
     }
 }
 
-inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
-
 }  // namespace
 
 MoEOp::MoEOp(std::shared_ptr<ThreadPool> pool, const VariantKernels& kernels, WeightMatrix gate, WeightMatrix up,
@@ -174,8 +172,7 @@ void MoEOp::forward(const MoECall& call) {
             up_.kernel->dot_rows(up_.matrix(t.expert) + t.r0 * up_.row_bytes, up_.row_bytes, t.nr, H,
                                  act_up + t.a0 * arb_up, arb_up, t.na, u + t.a0 * I + t.r0, I);
         }
-        for (int64_t a = t.a0; a < t.a0 + t.na; ++a)
-            for (int64_t r = t.r0; r < t.r0 + t.nr; ++r) g[a * I + r] = silu(g[a * I + r]) * u[a * I + r];
+        for (int64_t a = t.a0; a < t.a0 + t.na; ++a) kernels_.silu_mul(g + a * I + t.r0, u + a * I + t.r0, t.nr);
     });
 
     // 4. down: h rows prepared for the down type (or packed), then the same kinds of tasks.

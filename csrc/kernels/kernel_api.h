@@ -76,10 +76,14 @@ struct TypeKernel {
     DotRowsFn dot_rows;
 };
 
+// g[i] = silu(g[i]) * u[i] for i < n (the MoE op's gated activation).
+using SiluMulFn = void (*)(float* g, const float* u, int64_t n);
+
 struct VariantKernels {
     const char* name;
     QuantizeRowFn quantize_q8_32;
     QuantizeRowFn quantize_q8_256;
+    SiluMulFn silu_mul;
     const TypeKernel* types;
     int n_types;
 

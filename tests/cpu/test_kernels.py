@@ -120,3 +120,17 @@ def test_unsupported_type_is_refused_before_any_work():
     with pytest.raises(ValueError, match="no kernel for ggml type"):
         kernels.dot_rows(VARIANTS[0], w, T.IQ4_XS, 1, torch.zeros(1, 256))
     np.testing.assert_equal(w.numpy(), 0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_silu_mul_matches_torch(variant):
+    from tandem import _cpu
+
+    # Both signs up to where e^-g leaves float range, zeros, tiny values, and a length
+    # that is no multiple of any vector width.
+    g = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.5, -88.5])])
+    u = torch.randn(g.numel(), generator=torch.Generator().manual_seed(0))
+    exact = torch.nn.functional.silu(g.double()) * u.double()
+    out = g.clone()
+    _cpu.silu_mul(variant, out.data_ptr(), u.data_ptr(), g.numel())
+    assert ((out.double() - exact).abs() <= 1e-6 * exact.abs() + 1e-30).all()
