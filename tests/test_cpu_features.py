@@ -167,19 +167,27 @@ def test_doctor_json():
     assert report["tandem"] == tandem.__version__
     assert report["cpu"]["features"] == cpu.cpu_features()
     assert report["cpu"]["kernel_variant"] in cpu.VARIANTS
+    assert report["cpu"]["prefill_kernels"] in ("off", *cpu.PREFILL_REQUIRES)
     assert report["extension"]["march_native"] is False
     assert isinstance(report["torch"]["cuda_available"], bool)
     assert report["memory"]["total"] > 0
 
 
-def test_doctor_reports_a_bad_override_without_failing():
+@pytest.mark.parametrize(
+    "env, key, message",
+    [
+        (cpu.VARIANT_ENV, "kernel_variant", "unknown CPU kernel variant"),
+        (cpu.PREFILL_ENV, "prefill_kernels", "not a prefill kernel set"),
+    ],
+)
+def test_doctor_reports_a_bad_override_without_failing(env, key, message):
     result = subprocess.run(
         [sys.executable, "-m", "tandem", "doctor", "--json"],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
-        env={**os.environ, cpu.VARIANT_ENV: "sse9"},
+        env={**os.environ, env: "sse9"},
     )
     assert result.returncode == 0, result.stderr
-    assert "unknown CPU kernel variant" in json.loads(result.stdout)["cpu"]["kernel_variant"]["error"]
+    assert message in json.loads(result.stdout)["cpu"][key]["error"]

@@ -59,4 +59,18 @@ inline uint16_t load_u16(const uint8_t* p) {
 
 inline float load_fp16(const uint8_t* p) { return fp16_to_fp32(load_u16(p)); }
 
+// Q4_K / Q5_K: scale and min of sub-block j (0..7) from the 12 packed bytes.
+// Bytes 0-3 and 4-7 hold scales and mins 0-3 in their low six bits; scales and
+// mins 4-7 take their low four bits from the nibbles of bytes 8-11 and their
+// top two bits from the top of bytes 0-3 (scales) and 4-7 (mins).
+inline void kq_scale_min(const uint8_t* s, int j, int* sc, int* m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
 }  // namespace tandem::detail

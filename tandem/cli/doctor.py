@@ -81,6 +81,7 @@ def _cpu_section() -> dict[str, Any]:
         "features": None,
         "kernel_variant": None,
         "runnable_variants": None,
+        "prefill_kernels": None,
     }
     try:
         features = cpu.cpu_features()
@@ -92,6 +93,9 @@ def _cpu_section() -> dict[str, Any]:
     section["features"] = features
     section["runnable_variants"] = cpu.runnable_variants(features)
     section["kernel_variant"] = _guarded(lambda: cpu.select_variant(features))
+    variant = section["kernel_variant"]
+    if isinstance(variant, str):
+        section["prefill_kernels"] = _guarded(lambda: cpu.select_prefill(variant, features) or "off")
     return section
 
 
@@ -195,6 +199,11 @@ def _render_cpu(section: dict[str, Any], memory: Any) -> list[str]:
         f"(order amx > avx512 > avx2 > generic; runnable here: {', '.join(section['runnable_variants'])}; "
         f"override with ${cpu.VARIANT_ENV})"
     )
+    if section.get("prefill_kernels") is not None:
+        lines.append(
+            f"prefill kernels {_text(section['prefill_kernels'])} "
+            f"(bf16 tiles for many tokens: amx by default on AMX CPUs; override with ${cpu.PREFILL_ENV})"
+        )
     return lines
 
 

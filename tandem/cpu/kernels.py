@@ -30,20 +30,26 @@ def act_format(variant: str, ggml_type: GGMLQuantizationType) -> int:
     return int(_native().act_format(variant, int(ggml_type)))
 
 
-def dot_rows(
-    variant: str, blocks: torch.Tensor, ggml_type: GGMLQuantizationType, rows: int, x: torch.Tensor
-) -> torch.Tensor:
-    """uint8 blocks (rows × row_bytes) · x float32 [n, k] -> float32 [n, rows], one kernel call."""
+def _check_blocks(blocks: torch.Tensor, ggml_type: GGMLQuantizationType, rows: int, x: torch.Tensor):
+    """(n, k) of x after checking that blocks hold `rows` rows of k values of the type."""
     block_size, type_size = block_layout(ggml_type)
     n, k = x.shape
+    if k % block_size:
+        raise UnsupportedError(f"{k} columns is not a multiple of {ggml_type.name}'s block of {block_size}")
     if (
         blocks.dtype != torch.uint8
         or not blocks.is_contiguous()
         or blocks.numel() != rows * k // block_size * type_size
     ):
         raise ValueError(f"expected {rows} rows of {k} {ggml_type.name} values as contiguous uint8")
-    if k % block_size:
-        raise UnsupportedError(f"{k} columns is not a multiple of {ggml_type.name}'s block of {block_size}")
+    return n, k
+
+
+def dot_rows(
+    variant: str, blocks: torch.Tensor, ggml_type: GGMLQuantizationType, rows: int, x: torch.Tensor
+) -> torch.Tensor:
+    """uint8 blocks (rows × row_bytes) · x float32 [n, k] -> float32 [n, rows], one kernel call."""
+    n, k = _check_blocks(blocks, ggml_type, rows, x)
     x = x.float().contiguous()
     out = torch.empty(n, rows, dtype=torch.float32)
     _native().dot_rows(variant, int(ggml_type), blocks.data_ptr(), rows, k, x.data_ptr(), n, out.data_ptr())
@@ -84,14 +90,7 @@ def gemm_rows(
     name: str, blocks: torch.Tensor, ggml_type: GGMLQuantizationType, rows: int, x: torch.Tensor
 ) -> torch.Tensor:
     """uint8 blocks (rows × row_bytes) · x float32 [n, k] -> float32 [n, rows] through the prefill kernels."""
-    block_size, type_size = block_layout(ggml_type)
-    n, k = x.shape
-    if (
-        blocks.dtype != torch.uint8
-        or not blocks.is_contiguous()
-        or blocks.numel() != rows * k // block_size * type_size
-    ):
-        raise ValueError(f"expected {rows} rows of {k} {ggml_type.name} values as contiguous uint8")
+    n, k = _check_blocks(blocks, ggml_type, rows, x)
     x = x.float().contiguous()
     out = torch.empty(n, rows, dtype=torch.float32)
     _native().gemm_matmul(name, int(ggml_type), blocks.data_ptr(), rows, k, x.data_ptr(), n, out.data_ptr())
