@@ -40,10 +40,12 @@ def main() -> None:
         print("this CPU has no prefill kernels")
         return
     for ggml_type in (T.Q4_K, T.Q6_K):
-        block, size = GGML_QUANT_SIZES[ggml_type]
+        block, _ = GGML_QUANT_SIZES[ggml_type]
         w = torch.from_numpy(random_blocks(ggml_type, rows * cols // block, max_exponent=0).reshape(-1))
         dot = _cpu.LinearOp(engine.pool, engine.kernels, w.data_ptr(), int(ggml_type), rows, cols, "", 1)
-        gemm = _cpu.LinearOp(engine.pool, engine.kernels, w.data_ptr(), int(ggml_type), rows, cols, engine.prefill, 1)
+        gemm = _cpu.LinearOp(
+            engine.pool, engine.kernels, w.data_ptr(), int(ggml_type), rows, cols, engine.prefill, 1
+        )
         print(f"{ggml_type.name}: tokens, dot ms, {engine.prefill} ms, dot/{engine.prefill}")
         for n in (4, 8, 16, 24, 32, 48, 64, 128, 256, 512):
             x = torch.randn(n, cols)

@@ -46,12 +46,19 @@ def main() -> None:
     token = torch.tensor([[785, 6722, 315, 9625, 374] * (prompt // 5) + [785] * (prompt % 5)])
     if tokens == 0:
         with torch.inference_mode():
-            for step in range(2):
+            for _ in range(2):  # the first warms up
                 spent.clear()
                 t0 = time.perf_counter()
-                model(input_ids=token, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+                model(
+                    input_ids=token,
+                    past_key_values=DynamicCache(config=model.config),
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
         total = time.perf_counter() - t0
-        print(f"prompt of {prompt} tokens: {total * 1e3:.1f} ms ({prompt / total:.1f} tok/s), {threads} threads")
+        print(
+            f"prompt of {prompt} tokens: {total * 1e3:.1f} ms ({prompt / total:.1f} tok/s), {threads} threads"
+        )
         for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1])[:14]:
             print(f"  {name:32} {seconds * 1e3:8.1f} ms")
         return
@@ -64,7 +71,9 @@ def main() -> None:
             logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
             token = logits[:, -1:].argmax(-1)
     total = (time.perf_counter() - t0) / tokens
-    print(f"decode {total * 1e3:.2f} ms per token ({1 / total:.2f} tok/s), {threads} threads, after {prompt} prompt tokens")
+    print(
+        f"decode {total * 1e3:.2f} ms per token ({1 / total:.2f} tok/s), {threads} threads, after {prompt} prompt tokens"
+    )
     for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1])[:12]:
         print(f"  {name:32} {seconds / tokens * 1e3:8.2f} ms per token")
 

@@ -7,6 +7,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -179,6 +180,21 @@ void bind_engine(nb::module_& m) {
             kernels_named(variant).silu_mul(ptr<float>(g), ptr<const float>(u), n);
         },
         "g[i] = silu(g[i]) * u[i], one kernel call (tests).");
+    m.def(
+        "rms_norm",
+        [](ThreadPool& pool, const std::string& variant, uintptr_t x, uintptr_t w, int64_t rows, int64_t n, float eps,
+           uintptr_t out) {
+            const RmsNormFn norm = kernels_named(variant).rms_norm;
+            if (rows < 64) return norm(ptr<const float>(x), ptr<const float>(w), rows, n, eps, ptr<float>(out));
+            nb::gil_scoped_release release;
+            const int64_t chunk = 16;
+            pool.parallel_for((rows + chunk - 1) / chunk, [&](int64_t i, int) {
+                const int64_t r0 = i * chunk, nr = std::min(chunk, rows - r0);
+                norm(ptr<const float>(x) + r0 * n, ptr<const float>(w), nr, n, eps, ptr<float>(out) + r0 * n);
+            });
+            pool.rest();  // many rows: prefill, torch runs next
+        },
+        "out = x / sqrt(mean(x^2) + eps) * w per row of n floats (out may be x); the pool takes many rows.");
     m.def("gemm_built", &gemm_built, "Prefill (bf16 tile) kernels compiled into this extension.");
     m.def("gemm_matmul", &gemm_matmul, "out[t, r] = W[r] . x[t] through the prefill kernels, on the calling thread.");
 

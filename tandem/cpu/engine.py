@@ -92,6 +92,25 @@ class CPUEngine:
     def experts(self, gate: QuantTensor, up: QuantTensor, down: QuantTensor) -> EngineExperts:
         return EngineExperts(self, gate, up, down)
 
+    def rms_norm(self, x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+        """x / sqrt(mean(x², -1) + eps) * scale for contiguous float32 CPU x [..., n] and scale [n]."""
+        n = x.shape[-1]
+        if (
+            x.dtype != torch.float32
+            or scale.dtype != torch.float32
+            or x.device.type != "cpu"
+            or scale.device.type != "cpu"
+            or not x.is_contiguous()
+            or not scale.is_contiguous()
+            or scale.shape != (n,)
+        ):
+            raise ValueError("rms_norm: contiguous float32 CPU tensors x [..., n] and scale [n] expected")
+        out = torch.empty_like(x)
+        _native().rms_norm(
+            self.pool, self.kernels, x.data_ptr(), scale.data_ptr(), x.numel() // n, n, eps, out.data_ptr()
+        )
+        return out
+
     def read_bandwidth(self, n_bytes: int = 1 << 30, repeats: int = 3) -> float:
         """Read bandwidth of this pool's threads, bytes per second (best of `repeats`)."""
         buffer = torch.ones(n_bytes, dtype=torch.uint8)  # written, so every page is mapped

@@ -114,9 +114,7 @@ def select_variant(features: dict[str, bool] | None = None, override: str | None
     return override
 
 
-def select_prefill(
-    variant: str, features: dict[str, bool] | None = None, override: str | None = None
-) -> str:
+def select_prefill(variant: str, features: dict[str, bool] | None = None, override: str | None = None) -> str:
     """The prefill kernels to use beside `variant`'s dot kernels: 'amx', 'avx512bf16' or '' (none).
 
     By default amx when the variant is amx, else none: avx512bf16 multiplies at

@@ -53,7 +53,9 @@ def to_bf16(x: torch.Tensor) -> torch.Tensor:
     return x.float().to(torch.bfloat16).double()
 
 
-def gemm_rows(blocks: torch.Tensor, ggml_type: GGMLQuantizationType, rows: int, x: torch.Tensor) -> torch.Tensor:
+def gemm_rows(
+    blocks: torch.Tensor, ggml_type: GGMLQuantizationType, rows: int, x: torch.Tensor
+) -> torch.Tensor:
     """The prefill kernels' product: bf16-rounded dequantized weights · bf16-rounded x, float64 [n, rows]."""
     if ggml_type in _FLOAT_DTYPES:
         w = blocks.reshape(-1).view(_FLOAT_DTYPES[ggml_type]).double().reshape(rows, -1)

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from tandem.cpu.engine import default_engine
+from tandem.cpu.engine import enabled as engine_enabled
 from tandem.errors import RuleError
 from tandem.ops.base import TandemModule
 from tandem.weights.source import GGUFWeights
@@ -33,14 +35,25 @@ class RMSNorm(TandemModule):
             type(orig).__name__.startswith("Gemma") if unit_offset is None else bool(unit_offset)
         )
         self.weight: nn.Parameter | None = None
+        self._engine = None
 
     def load(self, weights: GGUFWeights) -> None:
         w = weights.dense(f"{self.key}.weight", (self.hidden_size,), torch.float32, self.generate_device)
         self.weight = nn.Parameter(w, requires_grad=False)
         # The factor forward multiplies by, formed once (Gemma's 1 + w).
         self.register_buffer("scale", 1.0 + w if self.unit_offset else w, persistent=False)
+        # On the CPU the engine's kernel does the whole norm in one call: a decode step
+        # has four to six norms per layer, each half a dozen small torch ops otherwise.
+        self._engine = default_engine() if self.generate_device.type == "cpu" and engine_enabled() else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., hidden]
+        if (
+            self._engine is not None
+            and x.dtype is torch.float32
+            and x.device.type == "cpu"
+            and x.is_contiguous()
+        ):
+            return self._engine.rms_norm(x, self.scale, self.eps)
         # One torch call: x * rsqrt(mean(x²) + eps) * scale in float32.
         h = x.to(device=self.generate_device, dtype=torch.float32)
         h = torch.nn.functional.rms_norm(h, (self.hidden_size,), self.scale, self.eps)

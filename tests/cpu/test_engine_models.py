@@ -96,20 +96,36 @@ def test_engine_can_be_switched_off_per_rule(tiny_dir, tmp_path):
 
 # llama.cpp's greedy continuations of "The capital of France is" (BENCHMARKS.md, llama-completion
 # -n 16 --temp 0 on the same files); Gemma's 16th token is a near tie (0.012 nats), so its
-# first 15 tokens are compared.
+# first 15 tokens are used.
 LLAMA_CPP_GREEDY = {
     "qwen": " Paris. Paris is the largest city in France and the second-largest city in Europe",
     "gemma": " the capital of the country of France. It is the largest city in France",
 }
+# Fed llama.cpp's continuation, the engine must rank each of its tokens first or within this
+# many nats of first. The engine, like llama.cpp, quantizes activations to 8 bits, and a
+# float-rounding change upstream (the order of a norm's sum) moves a few of those roundings
+# and logits by tenths of a nat: Gemma's 12th token, 0.17 nats ahead of the runner-up in
+# one build, was 0.14 behind it in another. A wrong model misses by whole nats.
+NEAR_TIE_NATS = 0.25
 
 
 @pytest.mark.parametrize("model", ["qwen", "gemma"])
-def test_real_models_on_the_engine_continue_as_llama_cpp(model, request):
+def test_real_models_on_the_engine_follow_llama_cpp(model, request):
     loaded = load_model(request.getfixturevalue(f"{model}_gguf"), progress=False)
     assert all(m.backend == "engine" for m in loaded.model.modules() if isinstance(m, QuantLinearCPU))
-    ids = list(loaded.tokenizer("The capital of France is")["input_ids"])
-    result = prefill_and_generate(loaded.model, loaded.tokenizer, ids, 16)
-    assert result.text.startswith(LLAMA_CPP_GREEDY[model])
+    prompt = list(loaded.tokenizer("The capital of France is")["input_ids"])
+    cont = list(loaded.tokenizer(LLAMA_CPP_GREEDY[model], add_special_tokens=False)["input_ids"])
+    assert loaded.tokenizer.decode(cont) == LLAMA_CPP_GREEDY[model]
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=torch.tensor([prompt + cont])).logits[0, len(prompt) - 1 : -1]
+    behind = logits.max(-1).values - logits[torch.arange(len(cont)), torch.tensor(cont)]
+    assert (behind <= NEAR_TIE_NATS).all(), behind.tolist()
+    assert (behind == 0).sum() >= len(cont) - 1  # at most one near tie goes the other way
+    # Generation itself: greedy decoding through the engine's cache reproduces the prefix
+    # up to the first near tie.
+    first_tie = int((behind > 0).nonzero()[0]) if (behind > 0).any() else len(cont)
+    result = prefill_and_generate(loaded.model, loaded.tokenizer, prompt, 16)
+    assert result.token_ids[:first_tie] == cont[:first_tie]
 
 
 def test_torch_takes_one_thread_for_decode_steps_and_all_for_prefill(tiny_dir):

@@ -206,3 +206,15 @@ def test_dropping_an_op_with_a_call_in_flight_waits_for_it():
         experts.submit(x, ids, weights)
         del experts  # the native op waits for the pool before its buffers go
     assert torch.isfinite(engine(2).experts(gate, up, down)(x, ids, weights)).all()
+
+
+def test_rms_norm_keeps_the_shape_and_refuses_other_layouts():
+    x = torch.randn(2, 3, 64)
+    scale = torch.randn(64)
+    out = engine(2).rms_norm(x, scale, 1e-5)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, torch.nn.functional.rms_norm(x, (64,), scale, 1e-5), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        engine(2).rms_norm(x.transpose(0, 1), scale, 1e-5)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        engine(2).rms_norm(x.double(), scale, 1e-5)

@@ -134,3 +134,19 @@ def test_silu_mul_matches_torch(variant):
     out = g.clone()
     _cpu.silu_mul(variant, out.data_ptr(), u.data_ptr(), g.numel())
     assert ((out.double() - exact).abs() <= 1e-6 * exact.abs() + 1e-30).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("rows,n", [(1, 2048), (3, 128), (5, 13), (200, 640)])  # 200 rows: on the pool
+def test_rms_norm_matches_float64(variant, rows, n):
+    from tandem import _cpu
+
+    g = torch.Generator().manual_seed(rows + n)
+    x = torch.randn(rows, n, generator=g) * torch.exp2(torch.randint(-8, 8, (rows, 1), generator=g).float())
+    w = torch.randn(n, generator=g)
+    out = torch.empty_like(x)
+    pool = _cpu.ThreadPool(2, False)
+    _cpu.rms_norm(pool, variant, x.data_ptr(), w.data_ptr(), rows, n, 1e-6, out.data_ptr())
+    xd = x.double()
+    exact = xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    assert ((out.double() - exact).abs() <= 1e-6 * exact.abs() + 1e-12).all()
