@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "engine/activations.h"
+#include "engine/attention_decode.h"
 #include "engine/bandwidth.h"
 #include "engine/gemm_path.h"
 #include "engine/linear_op.h"
@@ -195,6 +196,34 @@ void bind_engine(nb::module_& m) {
             pool.rest();  // many rows: prefill, torch runs next
         },
         "out = x / sqrt(mean(x^2) + eps) * w per row of n floats (out may be x); the pool takes many rows.");
+    m.def(
+        "attention_decode",
+        [](ThreadPool& pool, const std::string& variant, uintptr_t q, int64_t n_q_heads, int64_t d, uintptr_t k,
+           uintptr_t v, int64_t n_kv_heads, int64_t t, int64_t dv, int64_t k_head_stride, int64_t k_row_stride,
+           int64_t v_head_stride, int64_t v_row_stride, float scale, uintptr_t out) {
+            if (n_q_heads < 1 || n_kv_heads < 1 || n_q_heads % n_kv_heads != 0 || t < 1 || d < 1 || dv < 1)
+                throw std::invalid_argument("attention_decode: bad head counts or sizes");
+            DecodeAttention a;
+            a.q = ptr<const float>(q);
+            a.n_q_heads = n_q_heads;
+            a.d = d;
+            a.k = ptr<const float>(k);
+            a.v = ptr<const float>(v);
+            a.n_kv_heads = n_kv_heads;
+            a.t = t;
+            a.dv = dv;
+            a.k_head_stride = k_head_stride;
+            a.k_row_stride = k_row_stride;
+            a.v_head_stride = v_head_stride;
+            a.v_row_stride = v_row_stride;
+            a.scale = scale;
+            a.out = ptr<float>(out);
+            const VariantKernels& kernels = kernels_named(variant);
+            nb::gil_scoped_release release;
+            thread_local std::vector<float> scratch;
+            attention_decode(pool, kernels, a, scratch);
+        },
+        "One query position against cached keys/values, grouped-query, one pool task per query head.");
     m.def("gemm_built", &gemm_built, "Prefill (bf16 tile) kernels compiled into this extension.");
     m.def("gemm_matmul", &gemm_matmul, "out[t, r] = W[r] . x[t] through the prefill kernels, on the calling thread.");
 

@@ -79,6 +79,10 @@ nb::dict build_info() {
 
 NB_MODULE(_cpu, m) {
     m.doc() = "tandem's C++ CPU engine.";
+    // A model or engine still held by a module global when Python exits is torn
+    // down after this extension, which nanobind would report as leaked objects on
+    // every `tandem` command's exit; the process is ending, so say nothing.
+    nb::set_leak_warnings(false);
     m.def("cpu_features", &features_dict,
           "CPUID feature bits, OS register-state support (XCR0) and AMX permission, as name -> bool.");
     m.def("cpu_brand", &tandem::cpu_brand, "The processor's brand string, or '' where CPUID has none.");

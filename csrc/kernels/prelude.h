@@ -3,6 +3,7 @@
 // per-type .inc files can be included inside that namespace.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>

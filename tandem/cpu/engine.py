@@ -111,6 +111,52 @@ class CPUEngine:
         )
         return out
 
+    def attention_decode(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor | None:
+        """One position's grouped-query attention over the cache: q [1, Hq, 1, D], k [1, Hkv, T, D],
+        v [1, Hkv, T, Dv] float32 CPU -> [1, 1, Hq, Dv]; None when the tensors are outside that form."""
+        if (
+            q.dim() != 4
+            or k.dim() != 4
+            or v.dim() != 4
+            or q.shape[0] != 1
+            or q.shape[2] != 1
+            or k.shape[0] != 1
+            or v.shape[:3] != k.shape[:3]
+            or q.shape[3] != k.shape[3]
+            or k.shape[1] == 0
+            or k.shape[2] == 0
+            or q.shape[1] % k.shape[1]
+            or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (q, k, v))
+            or k.stride(3) != 1
+            or v.stride(3) != 1
+        ):
+            return None
+        q = q.contiguous()
+        n_q, d = q.shape[1], q.shape[3]
+        n_kv, t, dv = k.shape[1], k.shape[2], v.shape[3]
+        out = torch.empty(1, 1, n_q, dv, dtype=torch.float32)
+        _native().attention_decode(
+            self.pool,
+            self.kernels,
+            q.data_ptr(),
+            n_q,
+            d,
+            k.data_ptr(),
+            v.data_ptr(),
+            n_kv,
+            t,
+            dv,
+            k.stride(1),
+            k.stride(2),
+            v.stride(1),
+            v.stride(2),
+            float(scale),
+            out.data_ptr(),
+        )
+        return out
+
     def read_bandwidth(self, n_bytes: int = 1 << 30, repeats: int = 3) -> float:
         """Read bandwidth of this pool's threads, bytes per second (best of `repeats`)."""
         buffer = torch.ones(n_bytes, dtype=torch.uint8)  # written, so every page is mapped

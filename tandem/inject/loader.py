@@ -15,6 +15,7 @@ from tandem.cpu.torch_threads import install_decode_threads
 from tandem.errors import UnsupportedError, WeightError
 from tandem.inject.injector import Placement, inject
 from tandem.inject.rules import load_rules
+from tandem.ops.attention_cpu import ENGINE_FLAG
 from tandem.ops.attention_cpu import IMPLEMENTATION as CPU_ATTENTION
 from tandem.ops.base import TandemModule
 from tandem.weights.arch import get_architecture
@@ -119,6 +120,7 @@ def optimize_and_load(
     load_weights(model, weights, devices, progress)
     if any(getattr(m, "backend", None) == "engine" for m in model.modules()):
         install_decode_threads(model)
+        setattr(model.config, ENGINE_FLAG, True)  # decode attention on the engine too
     return placements
 
 

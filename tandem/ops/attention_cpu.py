@@ -6,7 +6,8 @@ it, and only for some cases), which at decode copies the whole KV cache once
 per layer per token: 5.7× slower than torch's own grouped-query path at a
 512-token context on one thread. This implementation passes the grouped heads
 to torch as they are (`enable_gqa`); on other devices it defers to Hugging
-Face's. Models are built with it by name (`attn_implementation=IMPLEMENTATION`).
+Face's. A decode step (one query position, no mask) of a model on the CPU engine
+runs on the engine's pool instead of torch's single decode thread. Models are built with it by name (`attn_implementation=IMPLEMENTATION`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from tandem.cpu.engine import default_engine
+
 IMPLEMENTATION = "tandem_sdpa"
+# Set on a model's config when its CPU operators run on the engine: decode steps'
+# attention then runs there too (one pool task per query head) instead of torch's
+# single decode thread.
+ENGINE_FLAG = "tandem_engine_attention"
 
 
 def grouped_sdpa_attention(
@@ -48,6 +55,16 @@ def grouped_sdpa_attention(
             is_causal=is_causal,
             **kwargs,
         )
+    if (
+        query.shape[2] == 1
+        and attention_mask is None
+        and not (module.training and dropout)
+        and getattr(getattr(module, "config", None), ENGINE_FLAG, False)
+    ):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = default_engine().attention_decode(query, key, value, scale)
+        if out is not None:
+            return out, None
     if attention_mask is not None and attention_mask.ndim == 4:
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)

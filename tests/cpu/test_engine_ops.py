@@ -218,3 +218,28 @@ def test_rms_norm_keeps_the_shape_and_refuses_other_layouts():
         engine(2).rms_norm(x.transpose(0, 1), scale, 1e-5)
     with pytest.raises(ValueError, match="contiguous float32"):
         engine(2).rms_norm(x.double(), scale, 1e-5)
+
+
+@pytest.mark.parametrize("hq,hkv,t,d", [(32, 4, 300, 128), (8, 8, 1, 64), (14, 2, 37, 80)])
+def test_decode_attention_matches_torch(hq, hkv, t, d):
+    g = torch.Generator().manual_seed(t)
+    q = torch.randn(1, hq, 1, d, generator=g)
+    cache = torch.randn(1, hkv, t + 7, d, generator=g)  # a cache with room left: a strided view
+    k, v = cache[:, :, :t], torch.randn(1, hkv, t, d, generator=g) * 3
+    out = engine(3).attention_decode(q, k, v, d**-0.5)
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), enable_gqa=True
+    ).transpose(1, 2)  # [1, 1, hq, d]
+    assert out.shape == exact.shape
+    assert float((out.double() - exact).abs().max()) <= 1e-5 * float(exact.abs().max())
+
+
+def test_decode_attention_declines_other_forms():
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 5, 16)
+    e = engine(2)
+    assert (
+        e.attention_decode(q.expand(2, 4, 1, 16), k.expand(2, 2, 5, 16), k.expand(2, 2, 5, 16), 1.0) is None
+    )
+    assert e.attention_decode(torch.randn(1, 4, 2, 16), k, k, 1.0) is None  # two query positions
+    assert e.attention_decode(torch.randn(1, 3, 1, 16), k, k, 1.0) is None  # heads not a multiple
+    assert e.attention_decode(q.double(), k.double(), k.double(), 1.0) is None
