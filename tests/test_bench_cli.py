@@ -88,3 +88,18 @@ def assert_user_error(status: int, err: str, needle: str) -> None:
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("tandem: error:") and needle in lines[0], err
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "needle"),
+    [
+        ("TANDEM_CPU_PREFILL", "tiles", "not a prefill kernel set"),
+        ("TANDEM_CPU_SPIN_US", "soon", "TANDEM_CPU_SPIN_US must be an integer"),
+        ("TANDEM_CPU_GEMM_MIN_TOKENS", "0", "TANDEM_CPU_GEMM_MIN_TOKENS must be in 1"),
+    ],
+)
+def test_bad_engine_settings_are_one_line_errors(tiny_dense, capsys, monkeypatch, env, value, needle):
+    monkeypatch.setenv(env, value)
+    status, out, err = bench(capsys, "--model", str(tiny_dense), "-p", "4", "-n", "1", "-r", "1")
+    assert_user_error(status, err, needle)
+    assert out == ""
