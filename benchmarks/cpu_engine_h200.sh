@@ -4,7 +4,9 @@
 # llama.cpp's llama-bench (CPU build of llama-cpp-python 0.3.36's llama.cpp) on
 # one Qwen3-30B-A3B-shaped Q4_K_M file from tandem synth, same threads.
 # Expects .whl/gguf-*.whl, .whl/llamacpp-cpu-src.tar.xz and .whl/qwen25-tokenizer.gguf
-# (the embedded model's tokenizer alone) carried, $OUT set.
+# (the embedded model's tokenizer alone) carried, $OUT set. SKIP_TESTS=1 skips the tests;
+# PROFILE=1 adds the prefill-kernel crossover, a prompt and a decode profile and the MoE
+# op alone.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 THREADS=${THREADS:-16}; LAYERS=${LAYERS:-48}; NP=${NP:-512}; NG=${NG:-32}
@@ -25,12 +27,11 @@ if [ -z "${SKIP_TESTS:-}" ]; then
 log "tests"
 timeout 240 python -m pytest -v -p no:cacheprovider tests/cpu/test_kernels.py tests/cpu/test_engine_ops.py \
   tests/cpu/test_gemm.py > "$OUT/tests.log" 2>&1; log "tests rc=$?"; grep -v PASSED "$OUT/tests.log" | tail -40 >> "$OUT/steps.log"
-grep -c "PASSED.*amx" "$OUT/tests.log" | sed 's/^/amx tests passed: /' >> "$OUT/steps.log"
+grep -c "amx\] PASSED" "$OUT/tests.log" | sed 's/^/amx prefill tests passed: /' >> "$OUT/steps.log"
 fi
-log "prefill kernels against the dot kernels, one linear layer"
-for shape in "2048 2048" "768 2048"; do
-  timeout 120 python benchmarks/gemm_crossover.py "$THREADS" $shape >> "$OUT/steps.log" 2>&1
-done
+# Nothing else may run while either tool is timed: a compile beside the engine's pinned
+# workers cut its decode to a third (BENCHMARKS.md).
+wait $LLAMA_PID; log "llama build rc=$?"
 log "synth"
 python -m tandem synth --shape qwen3-30b-a3b --layers "$LAYERS" --quant Q4_K_M --tokenizer-from .whl/qwen25-tokenizer.gguf -o /tmp/q3.gguf > "$OUT/synth.log" 2>&1
 log "synth rc=$? $(ls -la /tmp/q3.gguf)"
@@ -41,12 +42,18 @@ log "tandem bench, prefill kernels off"
 TANDEM_CPU_PREFILL=off timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r 2 --json \
   2>&1 | tail -1 | tee -a "$OUT/steps.log"
 if [ -n "${PROFILE:-}" ]; then
+log "prefill kernels against the dot kernels, one linear layer"
+for shape in "2048 2048" "768 2048"; do
+  timeout 120 python benchmarks/gemm_crossover.py "$THREADS" $shape >> "$OUT/steps.log" 2>&1
+done
+log "prompt profile"
+timeout 120 python -c "import tandem, runpy, sys; sys.argv = ['p', '/tmp/q3.gguf', '$THREADS', '0', '$NP']; runpy.run_path('benchmarks/profile_decode.py', run_name='__main__')" \
+  2>&1 | grep -v Warn | tail -12 >> "$OUT/steps.log"
 log "moe op alone"
 timeout 120 python benchmarks/moe_op_bench.py /tmp/q3.gguf "$THREADS" 20 >> "$OUT/steps.log" 2>&1
 log "profile"
 timeout 200 python benchmarks/profile_decode.py /tmp/q3.gguf "$THREADS" 8 2>&1 | grep -v Warn | tail -14 >> "$OUT/steps.log"
 fi
-wait $LLAMA_PID; log "llama build rc=$?"
 if [ -x /tmp/l/b/bin/llama-bench ]; then
   timeout 240 /tmp/l/b/bin/llama-bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r 2 -o md > "$OUT/llama_bench.txt" 2>&1
   log "llama-bench rc=$?"; cat "$OUT/llama_bench.txt" | tee -a "$OUT/steps.log"
