@@ -6,7 +6,9 @@ straight to `experts`: softmax, top-k, renormalisation and `routed_scaling_facto
 happen inside the router, so these operators return the same triple. They compute the
 logits in float32 (as DeepSeek's routers do; for a float32 model that is exactly what
 every family does) and keep the same sequence of torch calls as Hugging Face's routers,
-so that top-k ties and group ties break the same way (torch.topk's order).
+so that top-k ties and group ties break the same way (torch.topk's order). On the CPU
+with the engine on, the logits come from the engine's linear op (float32 products,
+summed in another order than torch's: the last bit may differ).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from tandem.cpu.engine import default_engine
+from tandem.cpu.engine import enabled as engine_enabled
 from tandem.errors import RuleError
 from tandem.ops.base import TandemModule
 from tandem.weights.source import GGUFWeights
@@ -41,15 +45,23 @@ class _Router(TandemModule):
         if not 0 < self.top_k <= self.num_experts:
             raise RuleError(f"{key}: top_k {self.top_k} is not in 1..{self.num_experts}")
         self.weight: nn.Parameter | None = None
+        self._engine_linear = None
 
     def load(self, weights: GGUFWeights) -> None:
-        w = weights.dense(
-            f"{self.key}.weight", (self.num_experts, self.hidden_dim), torch.float32, self.generate_device
-        )
+        name, shape = f"{self.key}.weight", (self.num_experts, self.hidden_dim)
+        w = weights.dense(name, shape, torch.float32, self.generate_device)
         self.weight = nn.Parameter(w, requires_grad=False)
+        # On the CPU the logits come from the engine: at decode torch has one thread, the pool all.
+        self._engine_linear = None
+        if self.generate_device.type == "cpu" and engine_enabled() and isinstance(weights, GGUFWeights):
+            part = weights.quant(name, shape)
+            if default_engine().supports(part.ggml_type):
+                self._engine_linear = default_engine().linear(part)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [T, E] float32
         h = hidden.reshape(-1, self.hidden_dim).to(device=self.weight.device, dtype=torch.float32)
+        if self._engine_linear is not None:
+            return self._engine_linear(h)
         return F.linear(h, self.weight)
 
     def extra_repr(self) -> str:
