@@ -6,7 +6,8 @@
 # Expects .whl/gguf-*.whl, .whl/llamacpp-cpu-src.tar.xz and .whl/qwen25-tokenizer.gguf
 # (the embedded model's tokenizer alone) carried, $OUT set. SKIP_TESTS=1 skips the tests;
 # PROFILE=1 adds the prefill-kernel crossover, a prompt and a decode profile and the MoE
-# op alone.
+# op alone. AB names an environment setting for a second tandem run (default: the fused
+# decode layers off).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 THREADS=${THREADS:-16}; LAYERS=${LAYERS:-48}; NP=${NP:-512}; NG=${NG:-32}
@@ -26,7 +27,7 @@ python -m tandem doctor | head -3 >> "$OUT/steps.log" 2>&1
 if [ -z "${SKIP_TESTS:-}" ]; then
 log "tests"
 timeout 240 python -m pytest -v -p no:cacheprovider tests/cpu/test_kernels.py tests/cpu/test_engine_ops.py \
-  tests/cpu/test_gemm.py > "$OUT/tests.log" 2>&1; log "tests rc=$?"; grep -v PASSED "$OUT/tests.log" | tail -40 >> "$OUT/steps.log"
+  tests/cpu/test_gemm.py tests/cpu/test_decode_layer.py tests/engine/test_kv_cache.py > "$OUT/tests.log" 2>&1; log "tests rc=$?"; grep -v PASSED "$OUT/tests.log" | tail -40 >> "$OUT/steps.log"
 grep -c "amx\] PASSED" "$OUT/tests.log" | sed 's/^/amx prefill tests passed: /' >> "$OUT/steps.log"
 fi
 # Nothing else may run while either tool is timed: a compile beside the engine's pinned
@@ -38,8 +39,9 @@ log "synth rc=$? $(ls -la /tmp/q3.gguf)"
 log "tandem bench"
 timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r 2 --json > "$OUT/tandem_bench.txt" 2>&1
 log "tandem bench rc=$?"; tail -8 "$OUT/tandem_bench.txt" | tee -a "$OUT/steps.log"
-log "tandem bench, prefill kernels off"
-TANDEM_CPU_PREFILL=off timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r 2 --json \
+AB=${AB:-TANDEM_CPU_FUSED_DECODE=0}
+log "tandem bench, $AB"
+env "$AB" timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r 2 --json \
   2>&1 | tail -1 | tee -a "$OUT/steps.log"
 if [ -n "${PROFILE:-}" ]; then
 log "prefill kernels against the dot kernels, one linear layer"

@@ -15,9 +15,9 @@ import time
 from collections import defaultdict
 
 import torch
-from transformers import DynamicCache
 
 from tandem.cpu.engine import configure
+from tandem.engine.kv_cache import new_cache
 from tandem.inject.model import load_model
 
 
@@ -51,7 +51,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 model(
                     input_ids=token,
-                    past_key_values=DynamicCache(config=model.config),
+                    past_key_values=new_cache(model),
                     use_cache=True,
                     logits_to_keep=1,
                 )
@@ -62,7 +62,7 @@ def main() -> None:
         for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1])[:14]:
             print(f"  {name:32} {seconds * 1e3:8.1f} ms")
         return
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model)
     with torch.inference_mode():
         for step in range(tokens + 2):
             if step == 2:  # prompt and one decode step done: warm

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "bind_common.h"
 #include "engine/activations.h"
 #include "engine/attention_decode.h"
 #include "engine/bandwidth.h"
@@ -26,17 +27,6 @@ namespace nb = nanobind;
 using namespace tandem;
 
 namespace {
-
-template <typename T>
-T* ptr(uintptr_t address) {
-    return reinterpret_cast<T*>(address);
-}
-
-const VariantKernels& kernels_named(const std::string& name) {
-    const VariantKernels* kernels = variant_kernels(name.c_str());
-    if (kernels == nullptr) throw std::invalid_argument("CPU kernel variant '" + name + "' is not built into tandem._cpu");
-    return *kernels;
-}
 
 GemmPath gemm_path(const std::string& name, int64_t min_tokens) {
     GemmPath path;

@@ -7,7 +7,8 @@
 
 namespace nb = nanobind;
 
-void bind_engine(nb::module_& m);  // bind_engine.cpp
+void bind_engine(nb::module_& m);        // bind_engine.cpp
+void bind_decode_layer(nb::module_& m);  // bind_decode_layer.cpp
 
 // CMake passes these (CMakeLists.txt); the fallbacks keep a hand build compiling.
 #ifndef TANDEM_COMPILER_ID
@@ -88,4 +89,5 @@ NB_MODULE(_cpu, m) {
     m.def("cpu_brand", &tandem::cpu_brand, "The processor's brand string, or '' where CPUID has none.");
     m.def("build_info", &build_info, "How this extension was compiled.");
     bind_engine(m);
+    bind_decode_layer(m);
 }

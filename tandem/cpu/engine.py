@@ -157,6 +157,10 @@ class CPUEngine:
         )
         return out
 
+    def decode_layer(self, spec):
+        """A fused decode layer (tandem._cpu.DecodeLayer) on this engine's pool and kernels."""
+        return _native().DecodeLayer(self.pool, self.kernels, spec)
+
     def read_bandwidth(self, n_bytes: int = 1 << 30, repeats: int = 3) -> float:
         """Read bandwidth of this pool's threads, bytes per second (best of `repeats`)."""
         buffer = torch.ones(n_bytes, dtype=torch.uint8)  # written, so every page is mapped
@@ -328,6 +332,11 @@ class HostCall:
         self._record = record
         self.buffers = buffers
         self.address = int(record.address)
+
+
+def decode_layer_spec():
+    """An empty tandem._cpu.DecodeLayerSpec to fill (tandem.ops.decode_layer_cpu)."""
+    return _native().DecodeLayerSpec()
 
 
 def host_submit_fn() -> int:

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache
 
 from tandem.engine.errors import EngineError
+from tandem.engine.kv_cache import new_cache
 from tandem.engine.model_io import (
     accepts_logits_to_keep,
     as_token_list,
@@ -71,7 +72,7 @@ class PromptCache:
     else starts a fresh cache, so reuse never changes the result.
     """
 
-    kv: DynamicCache | None = None
+    kv: Cache | None = None
     ids: list[int] = field(default_factory=list)
 
     def clear(self) -> None:
@@ -171,7 +172,7 @@ def prefill_and_generate(
     with torch.inference_mode():
         # Sized from the config so that sliding-window and hybrid layers get their own cache kind.
         cached = prompt_cache.reusable(prompt) if prompt_cache is not None else 0
-        kv = prompt_cache.kv if cached else DynamicCache(config=model.config)
+        kv = prompt_cache.kv if cached else new_cache(model)
         if prompt_cache is not None:
             prompt_cache.clear()  # filled again only if this call completes
         kwargs = {cache_kwarg(model): kv}

@@ -18,6 +18,7 @@ from tandem.inject.rules import load_rules
 from tandem.ops.attention_cpu import ENGINE_FLAG
 from tandem.ops.attention_cpu import IMPLEMENTATION as CPU_ATTENTION
 from tandem.ops.base import TandemModule
+from tandem.ops.decode_layer_cpu import fuse_decoder_layers
 from tandem.weights.arch import get_architecture
 from tandem.weights.gguf_file import GGUFFile
 from tandem.weights.safetensors_source import SafetensorsWeights
@@ -121,6 +122,7 @@ def optimize_and_load(
     if any(getattr(m, "backend", None) == "engine" for m in model.modules()):
         install_decode_threads(model)
         setattr(model.config, ENGINE_FLAG, True)  # decode attention on the engine too
+        model._tandem_decode_layers = fuse_decoder_layers(model)  # each decode layer in one native call
     return placements
 
 

@@ -1,0 +1,90 @@
+"""GrowingLayer against Hugging Face's DynamicLayer: same keys and values, appends without re-copying."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from tandem.engine.kv_cache import MIN_CAPACITY, GrowingLayer, new_cache
+from tandem.engine.model_io import cache_kwarg
+from tandem.inject.model import load_model
+from tandem.synth.tiny import write_tiny
+
+
+def kv(n: int, seed: int, heads: int = 2, dim: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, heads, n, dim, generator=g), torch.randn(1, heads, n, dim, generator=g)
+
+
+def test_appends_equal_dynamic_layer_and_grow_by_doubling():
+    grow, ref = GrowingLayer(), DynamicLayer()
+    buffers = set()
+    for step, n in enumerate([5, 1, 1, 70, 1, 200, 3]):
+        k, v = kv(n, step)
+        a, b = grow.update(k, v), ref.update(k, v)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert grow.get_seq_length() == ref.get_seq_length()
+        buffers.add(grow._k.data_ptr())
+    assert grow._k.shape[2] >= grow.length
+    assert len(buffers) <= 4  # 64 -> 76 -> 152 -> 281: one reallocation per doubling, not per append
+
+
+def test_next_row_and_advance_write_in_place():
+    layer = GrowingLayer()
+    k, v, pos = layer.next_row(2, 8)  # an empty layer: allocated on first use
+    assert pos == 0 and k.shape == (1, 2, MIN_CAPACITY, 8)
+    k[:, :, 0] = 1.0
+    v[:, :, 0] = 2.0
+    layer.advance()
+    assert layer.get_seq_length() == 1 and layer.keys.shape == (1, 2, 1, 8)
+    assert bool((layer.keys == 1).all()) and bool((layer.values == 2).all())
+    k2, v2 = kv(MIN_CAPACITY - 1, 3)
+    layer.update(k2, v2)
+    k3, _, pos = layer.next_row(2, 8)  # full: the buffer doubles and keeps what it had
+    assert pos == MIN_CAPACITY and k3.shape[2] == 2 * MIN_CAPACITY
+    assert torch.equal(layer.keys[:, :, 1:], k2)
+
+
+def test_crop_reset_and_reorder():
+    layer = GrowingLayer()
+    k, v = kv(10, 1)
+    layer.update(k, v)
+    layer.crop(-3)
+    assert layer.get_seq_length() == 7 and torch.equal(layer.keys, k[:, :, :7])
+    with pytest.raises(ValueError):
+        layer.crop(2)
+    layer.reorder_cache(torch.tensor([0]))
+    assert torch.equal(layer.values, v[:, :, :7])
+    layer.batch_repeat_interleave(2)
+    assert layer.keys.shape == (2, 2, 7, 8)
+    layer.reset()
+    assert layer.get_seq_length() == 0
+
+
+def test_a_different_shape_is_an_error_not_lost_data():
+    layer = GrowingLayer()
+    layer.update(*kv(4, 0))
+    with pytest.raises(ValueError, match="do not fit"):
+        layer.update(*kv(1, 1, heads=3))
+
+
+def test_sliding_window_layers_grow_too_and_give_the_same_logits(tmp_path, monkeypatch):
+    monkeypatch.setenv("TANDEM_CPU_FUSED_DECODE", "0")  # Hugging Face's masks and modules alone
+    loaded = load_model(write_tiny("gemma3", tmp_path / "g.gguf", "F16"), progress=False)
+    model = loaded.model
+    assert model.config.sliding_window == 8 and "sliding_attention" in model.config.layer_types
+    cache = new_cache(model)
+    assert all(type(layer) is GrowingLayer for layer in cache.layers)
+    ids = torch.randint(3, 200, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        whole = model(input_ids=ids).logits[0]  # prefill alone: the sliding mask over the whole prompt
+        steps = [model(input_ids=ids[:, :6], **{cache_kwarg(model): cache}, use_cache=True).logits[0, -1]]
+        for t in range(6, 20):  # decode steps well past the window
+            steps.append(
+                model(input_ids=ids[:, t : t + 1], **{cache_kwarg(model): cache}, use_cache=True).logits[
+                    0, -1
+                ]
+            )
+    for got, want in zip(steps, whole[5:], strict=True):
+        assert float((got - want).norm() / want.norm()) < 1e-5
