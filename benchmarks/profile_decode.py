@@ -5,6 +5,8 @@ Times every module's forward with perf_counter (hooks, so nested modules count
 inside their parents) over TOKENS decode steps after a prompt of PROMPT_TOKENS
 (default 5) and prints milliseconds per token. TOKENS 0 profiles the prompt
 pass itself instead (a second one, on a fresh cache, after one that warms up).
+Decoder layers that run fused (tandem.ops.decode_layer_cpu) are timed by the engine
+instead, phase by phase, without hooks; PROFILE_HOOKS=1 hooks them too.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from tandem.cpu.engine import configure
 from tandem.engine.kv_cache import new_cache
 from tandem.inject.model import load_model
+from tandem.ops.decode_layer_cpu import decoder_layers
 
 
 def main() -> None:
@@ -39,10 +42,13 @@ def main() -> None:
     def after(module, args, output):
         spent[type(module).__name__] += time.perf_counter() - starts.pop(id(module))
 
-    for module in model.modules():
-        if module is not model:
-            module.register_forward_pre_hook(before)
-            module.register_forward_hook(after)
+    fused = [layer.forward.fused.native for layer in decoder_layers(model) if hasattr(layer.forward, "fused")]
+    hooked = [model.lm_head, model.model.norm, model.model.embed_tokens]
+    if not fused or os.environ.get("PROFILE_HOOKS") or tokens == 0:
+        hooked = [m for m in model.modules() if m is not model]
+    for module in hooked:
+        module.register_forward_pre_hook(before)
+        module.register_forward_hook(after)
     token = torch.tensor([[785, 6722, 315, 9625, 374] * (prompt // 5) + [785] * (prompt % 5)])
     if tokens == 0:
         with torch.inference_mode():
@@ -67,6 +73,8 @@ def main() -> None:
         for step in range(tokens + 2):
             if step == 2:  # prompt and one decode step done: warm
                 spent.clear()
+                for native in fused:
+                    native.set_profiling(True)
                 t0 = time.perf_counter()
             logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
             token = logits[:, -1:].argmax(-1)
@@ -76,6 +84,16 @@ def main() -> None:
     )
     for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1])[:12]:
         print(f"  {name:32} {seconds / tokens * 1e3:8.2f} ms per token")
+    if fused:
+        phases: dict[str, float] = defaultdict(float)
+        for native in fused:
+            for name, seconds in native.phase_seconds().items():
+                phases[name] += seconds
+        inside = sum(phases.values()) / tokens
+        print(f"  {len(fused)} fused layers, inside the engine: {inside * 1e3:.2f} ms per token")
+        for name, seconds in sorted(phases.items(), key=lambda kv: -kv[1]):
+            print(f"    {name:30} {seconds / tokens * 1e3:8.2f} ms per token")
+        print(f"  the rest (Python, torch, the lm head): {(total - inside) * 1e3:.2f} ms per token")
 
 
 if __name__ == "__main__":

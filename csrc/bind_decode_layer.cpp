@@ -3,8 +3,10 @@
 // alive (tandem/cpu/decode_layer.py); pointers cross as raw addresses.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/map.h>
 #include <nanobind/stl/string.h>
 
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -100,5 +102,15 @@ void bind_decode_layer(nb::module_& m) {
                            ptr<float>(k_cache), ptr<float>(v_cache), capacity, pos);
             },
             nb::call_guard<nb::gil_scoped_release>(),
-            "x, out [hidden]; cos, sin [head_dim]; caches [n_kv_heads, capacity, head_dim], pos rows filled.");
+            "x, out [hidden]; cos, sin [head_dim]; caches [n_kv_heads, capacity, head_dim], pos rows filled.")
+        .def("set_profiling", &DecodeLayer::set_profiling, "Start (and zero) or stop the per-phase clocks.")
+        .def_prop_ro("profiled_steps", &DecodeLayer::profiled_steps)
+        .def(
+            "phase_seconds",
+            [](const DecodeLayer& layer) {
+                std::map<std::string, double> out;
+                for (int p = 0; p < kPhases; ++p) out[kPhaseNames[p]] = layer.phase_ns()[p] * 1e-9;
+                return out;
+            },
+            "Wall time per phase since profiling started, seconds.");
 }

@@ -147,7 +147,7 @@ void DecodeLayer::feed_forward(const float* h, float* out) {
     } else {
         // Router: softmax over all experts, the top k (ties to the lower id), renormalised.
         const int64_t E = s.experts->n_experts();
-        gemv(h, {{&s.router, logits_.data()}});
+        gemv(h, {{&s.router, logits_.data()}});  // (the ffn norm before it counts here too)
         const float top = *std::max_element(logits_.begin(), logits_.end());
         float sum = 0.0f;
         for (int64_t e = 0; e < E; ++e) sum += (logits_[e] = std::exp(logits_[e] - top));
@@ -175,7 +175,9 @@ void DecodeLayer::feed_forward(const float* h, float* out) {
         call.ids = ids_.data();
         call.weights = weights_.data();
         call.out = out;
+        mark(kRouter);
         s.experts->forward(call);
+        mark(kExperts);
         if (!gated) return;
         float gate_logit = 0.0f;
         if (present(s.shared_gate))
@@ -186,11 +188,13 @@ void DecodeLayer::feed_forward(const float* h, float* out) {
         kernels_.silu_mul(g_.data(), u_.data(), s.gate.rows);
         gemv(g_.data(), {{&s.down, d_.data()}});
         for (int64_t i = 0; i < s.hidden; ++i) out[i] += scale * d_[i];
+        mark(kMlp);
         return;
     }
     if (s.act == GatedAct::Silu) kernels_.silu_mul(g_.data(), u_.data(), s.gate.rows);
     else gelu_tanh_mul(g_.data(), u_.data(), s.gate.rows);
     gemv(g_.data(), {{&s.down, out}});
+    mark(kMlp);
 }
 
 void DecodeLayer::step(const float* x, float* out, const float* cos, const float* sin, float* k_cache,
@@ -199,9 +203,14 @@ void DecodeLayer::step(const float* x, float* out, const float* cos, const float
     const DecodeLayerSpec& s = spec_;
     const int64_t d = s.head_dim;
     if (pos < 0 || pos >= capacity) throw std::invalid_argument("decode layer: position outside the cache");
+    if (profiling_) {
+        clock_ = std::chrono::steady_clock::now();
+        ++steps_;
+    }
 
     norm(kernels_, s.attn_norm, x, 1, s.hidden, h_.data());
     gemv(h_.data(), {{&s.q, q_.data()}, {&s.k, k_.data()}, {&s.v, v_.data()}});
+    mark(kQkv);
     add_bias(q_.data(), s.q_bias, s.n_heads * d);
     add_bias(k_.data(), s.k_bias, s.n_kv_heads * d);
     add_bias(v_.data(), s.v_bias, s.n_kv_heads * d);
@@ -214,6 +223,7 @@ void DecodeLayer::step(const float* x, float* out, const float* cos, const float
         std::copy(k_.data() + g * d, k_.data() + (g + 1) * d, k_cache + g * head_stride + pos * d);
         std::copy(v_.data() + g * d, v_.data() + (g + 1) * d, v_cache + g * head_stride + pos * d);
     }
+    mark(kRope);
     const int64_t first = s.window > 0 ? std::max<int64_t>(0, pos + 1 - s.window) : 0;
     DecodeAttention a;
     a.q = q_.data();
@@ -229,15 +239,18 @@ void DecodeLayer::step(const float* x, float* out, const float* cos, const float
     a.scale = s.attn_scale;
     a.out = attn_.data();
     attention_decode(*pool_, kernels_, a, scores_);
+    mark(kAttention);
     gemv(attn_.data(), {{&s.o, o_.data()}});
     add_bias(o_.data(), s.o_bias, s.hidden);
     norm(kernels_, s.post_attn_norm, o_.data(), 1, s.hidden, o_.data());
     for (int64_t i = 0; i < s.hidden; ++i) o_[i] += x[i];  // o_: the residual stream from here
+    mark(kOut);
 
     norm(kernels_, s.ffn_norm, o_.data(), 1, s.hidden, h_.data());
     feed_forward(h_.data(), ffn_.data());
     norm(kernels_, s.post_ffn_norm, ffn_.data(), 1, s.hidden, ffn_.data());
     for (int64_t i = 0; i < s.hidden; ++i) out[i] = o_[i] + ffn_[i];
+    mark(kResidual);
 }
 
 }  // namespace tandem

@@ -9,6 +9,8 @@
 // spec only points at them.
 #pragma once
 
+#include <array>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -49,6 +51,11 @@ struct DecodeLayerSpec {
 // Checks a spec's shapes; throws std::invalid_argument with a one-line reason.
 void check_decode_layer_spec(const DecodeLayerSpec& s);
 
+// Where a layer's steps spend their time, for profiling (off unless asked for).
+enum DecodePhase : int { kQkv, kRope, kAttention, kOut, kRouter, kExperts, kMlp, kResidual, kPhases };
+inline const char* const kPhaseNames[kPhases] = {"norm_qkv", "bias_qk_norm_rope_cache", "attention", "o_residual",
+                                                 "ffn_norm_router", "experts", "mlp", "ffn_residual"};
+
 class DecodeLayer {
 public:
     DecodeLayer(std::shared_ptr<ThreadPool> pool, const VariantKernels& kernels, DecodeLayerSpec spec);
@@ -60,6 +67,15 @@ public:
               int64_t capacity, int64_t pos);
 
     const DecodeLayerSpec& spec() const { return spec_; }
+
+    // Profiling: with it on, each step adds its phases' wall time (ns) to phase_ns().
+    void set_profiling(bool on) {
+        profiling_ = on;
+        phase_ns_.fill(0);
+        steps_ = 0;
+    }
+    const std::array<int64_t, kPhases>& phase_ns() const { return phase_ns_; }
+    int64_t profiled_steps() const { return steps_; }
 
 private:
     struct Job {
@@ -74,10 +90,21 @@ private:
     void gemv(const float* x, std::initializer_list<Job> jobs);
     void feed_forward(const float* h, float* out);
 
+    void mark(DecodePhase phase) {
+        if (!profiling_) return;
+        const auto now = std::chrono::steady_clock::now();
+        phase_ns_[phase] += std::chrono::duration_cast<std::chrono::nanoseconds>(now - clock_).count();
+        clock_ = now;
+    }
+
     std::shared_ptr<ThreadPool> pool_;
     const VariantKernels& kernels_;
     DecodeLayerSpec spec_;
     std::mutex mutex_;
+    bool profiling_ = false;
+    std::array<int64_t, kPhases> phase_ns_{};
+    int64_t steps_ = 0;
+    std::chrono::steady_clock::time_point clock_;
     std::vector<uint8_t> act_[3];  // prepared activations per ActFormat
     std::vector<Tile> tiles_;
     std::vector<float> h_, q_, k_, v_, attn_, o_, ffn_, g_, u_, d_, logits_, scores_;
