@@ -24,10 +24,31 @@ MIN_CAPACITY = 64
 class GrowingLayer(DynamicLayer):
     """A full-attention layer's keys and values [B, H, capacity, D]; `keys`/`values` view the filled part."""
 
+    _k: torch.Tensor | None = None
+    _v: torch.Tensor | None = None
+    length = 0
+
+    # The filled part, as views made on access: a decode step then only counts a position.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self.length]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:  # Hugging Face's own code assigns whole tensors
+        self._k = None if value is None else value.contiguous()
+        self.length = 0 if value is None else value.shape[-2]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self.length]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._v = None if value is None else value.contiguous()
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
+        self._k = self._v = None
         self.length = 0
         self.is_initialized = True
         self._reserve(0, key_states, value_states)
@@ -45,23 +66,18 @@ class GrowingLayer(DynamicLayer):
         )
         if fits and k.shape[2] >= end:
             return
+        if not fits and self.length:
+            raise ValueError(
+                f"KV cache: keys {tuple(like_k.shape)} do not fit the cached {tuple(k.shape)} (batch, heads or size)"
+            )
         capacity = max(end, 2 * k.shape[2] if fits else 0, MIN_CAPACITY)
         b, h = like_k.shape[:2]
         new_k = like_k.new_empty(b, h, capacity, like_k.shape[3])
         new_v = like_v.new_empty(b, h, capacity, like_v.shape[3])
-        if fits and self.length:
+        if self.length:
             new_k[:, :, : self.length] = k[:, :, : self.length]
             new_v[:, :, : self.length] = v[:, :, : self.length]
-        elif not fits and self.length:
-            raise ValueError(
-                f"KV cache: keys {tuple(like_k.shape)} do not fit the cached {tuple(k.shape)} (batch, heads or size)"
-            )
         self._k, self._v = new_k, new_v
-        self._views()
-
-    def _views(self) -> None:
-        self.keys = self._k[:, :, : self.length]
-        self.values = self._v[:, :, : self.length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -71,7 +87,6 @@ class GrowingLayer(DynamicLayer):
         self._k[:, :, self.length : end] = key_states
         self._v[:, :, self.length : end] = value_states
         self.length = end
-        self._views()
         return self.keys, self.values
 
     def next_row(self, n_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -88,7 +103,6 @@ class GrowingLayer(DynamicLayer):
     def advance(self) -> None:
         """One more position was written at next_row()'s position."""
         self.length += 1
-        self._views()
 
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
@@ -98,7 +112,6 @@ class GrowingLayer(DynamicLayer):
             raise ValueError("crop takes a negative count of tokens to remove")
         if self.is_initialized and tokens_to_remove:
             self.length = max(0, self.length + tokens_to_remove)
-            self._views()
 
     def reset(self) -> None:
         self._k = self._v = None
@@ -106,9 +119,7 @@ class GrowingLayer(DynamicLayer):
         super().reset()
 
     def _replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self._k, self._v = keys.contiguous(), values.contiguous()
-        self.length = keys.shape[-2]
-        self._views()
+        self.keys, self.values = keys, values
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.get_seq_length() > 0:

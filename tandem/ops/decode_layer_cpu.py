@@ -25,6 +25,7 @@ from torch import nn
 
 from tandem.cpu.engine import CPUEngine, decode_layer_spec, default_engine
 from tandem.engine.kv_cache import GrowingLayer
+from tandem.ops.decode_step_cpu import install_fast_decode
 from tandem.ops.experts_cpu import ExpertsCPU
 from tandem.ops.linear_cpu import QuantLinearCPU
 from tandem.ops.norm import RMSNorm
@@ -232,11 +233,13 @@ def decoder_layers(model: nn.Module):
 
 
 def fuse_decoder_layers(model: nn.Module, engine: CPUEngine | None = None) -> dict[int, str]:
-    """Give every fusable decoder layer the fused decode forward.
+    """Give every fusable decoder layer the fused decode forward, and when all are, the model
+    the fast decode step (tandem.ops.decode_step_cpu).
 
     Returns, per layer index, "fused" or the reason it kept its modules.
     """
     report: dict[int, str] = {}
+    fused_layers = []
     if not fused_decode_enabled():
         return {i: f"{FUSED_ENV} is off" for i, _ in enumerate(decoder_layers(model))}
     engine = engine or default_engine()
@@ -249,4 +252,7 @@ def fuse_decoder_layers(model: nn.Module, engine: CPUEngine | None = None) -> di
             continue
         layer.forward = _Forward(fused, layer.forward)
         report[i] = "fused"
+        fused_layers.append(fused)
+    if fused_layers and len(fused_layers) == len(report):
+        install_fast_decode(model, fused_layers)
     return report

@@ -26,6 +26,7 @@ from tandem.engine.kv_cache import GrowingLayer, new_cache
 from tandem.engine.model_io import cache_kwarg
 from tandem.inject.model import load_model
 from tandem.ops.decode_layer_cpu import FUSED_ENV, decoder_layers
+from tandem.ops.decode_step_cpu import FastDecode
 from tandem.synth.tiny import TINY_ARCHS, write_tiny
 
 FUSABLE = [a for a in TINY_ARCHS if a != "deepseek2"]
@@ -77,7 +78,8 @@ def test_a_fused_step_equals_the_layer_modules(tiny_dir, arch, quant):
         model(input_ids=PROMPT, **{cache_kwarg(model): cache}, use_cache=True)
         before = copy.deepcopy(cache)
         calls = [layer.forward.calls for layer in layers if hasattr(layer.forward, "calls")]
-        model(input_ids=torch.tensor([[17]]), **{cache_kwarg(model): cache}, use_cache=True)
+        through_layers = model.forward.original  # Hugging Face's model forward, not the fast step
+        through_layers(input_ids=torch.tensor([[17]]), **{cache_kwarg(model): cache}, use_cache=True)
         after = [layer.forward.calls for layer in layers if hasattr(layer.forward, "calls")]
         assert [b - a for a, b in zip(calls, after, strict=True)] == [1] * len(fused)
         for i in sorted(fused):
@@ -102,8 +104,30 @@ def test_greedy_generation_is_the_same_fused_or_not(tiny_dir, arch, monkeypatch)
     prompt = PROMPT[0].tolist()
     runs = [prefill_and_generate(m.model, m.tokenizer, prompt, 24) for m in (fused, plain)]
     assert runs[0].token_ids == runs[1].token_ids
-    layer = next(layer for layer in decoder_layers(fused.model) if hasattr(layer.forward, "calls"))
-    assert layer.forward.calls == 23  # every decode step after the prompt took the fused path
+    assert fused.model.forward.calls == 23  # every decode step after the prompt took the fast step
+
+
+@pytest.mark.parametrize("quant", ["F16", "Q8_0"])
+@pytest.mark.parametrize("arch", FUSABLE)
+def test_the_fast_step_equals_the_model_forward(tiny_dir, arch, quant):
+    model = load(tiny_dir, arch, quant).model
+    assert isinstance(model.forward, FastDecode)
+    with torch.inference_mode():
+        cache = new_cache(model)
+        model(input_ids=PROMPT, **{cache_kwarg(model): cache}, use_cache=True)
+        for token in (17, 3, 250):  # past the tiny Gemma's 8-position window
+            before = copy.deepcopy(cache)
+            calls = model.forward.calls
+            got = model(input_ids=torch.tensor([[token]]), **{cache_kwarg(model): cache}, use_cache=True)
+            want = model.forward.original(
+                input_ids=torch.tensor([[token]]), **{cache_kwarg(model): before}, use_cache=True
+            )
+            assert model.forward.calls == calls + 1
+            assert got.logits.shape == want.logits.shape == (1, 1, model.config.vocab_size)
+            assert rel(got.logits, want.logits) < 1e-6  # the same native steps, called from elsewhere
+            for a, b in zip(cache.layers, before.layers, strict=True):
+                assert a.get_seq_length() == b.get_seq_length()
+                assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
 def test_other_calls_take_the_layer_modules(tiny_dir):
