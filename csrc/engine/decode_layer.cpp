@@ -125,7 +125,12 @@ void DecodeLayer::gemv(const float* x, std::initializer_list<Job> jobs) {
         }
         total_rows += job[j].w->rows;
     }
-    const int64_t tile = choose_tiles(total_rows, 1, pool_->size()).rows;
+    // At least two tiles per thread where rows allow (a router's 128 rows would
+    // otherwise leave half of 16 threads idle), at least 4 rows per tile.
+    const int64_t threads = pool_->size();
+    const int64_t even = (total_rows + 2 * threads - 1) / (2 * threads);
+    const int64_t tile = std::min(choose_tiles(total_rows, 1, static_cast<int>(threads)).rows,
+                                  std::max<int64_t>(4, (even + 3) / 4 * 4));
     tiles_.clear();
     for (int j = 0; j < n_jobs; ++j)
         for (int64_t r0 = 0; r0 < job[j].w->rows; r0 += tile)

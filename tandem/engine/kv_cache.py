@@ -116,7 +116,7 @@ class GrowingLayer(DynamicLayer):
     def reset(self) -> None:
         self._k = self._v = None
         self.length = 0
-        super().reset()
+        self.is_initialized = False
 
     def _replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.keys, self.values = keys, values
