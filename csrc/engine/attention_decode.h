@@ -1,7 +1,7 @@
 // Attention of one new position against the cached keys and values of one
 // sequence (a decode step), grouped-query: query head h reads kv head
 // h / (n_q_heads / n_kv_heads). One pool task per query head, each on the
-// variant's attend_head kernel.
+// variant's attend_chunk kernel; long caches are split over positions.
 #pragma once
 
 #include <cstdint>

@@ -82,10 +82,12 @@ using SiluMulFn = void (*)(float* g, const float* u, int64_t n);
 // out[r] = x[r] / sqrt(mean(x[r]²) + eps) * w for rows of n floats (out may be x).
 using RmsNormFn = void (*)(const float* x, const float* w, int64_t rows, int64_t n, float eps, float* out);
 
-// out[dv] = Σ_i softmax_i(scale · q·k_i) v_i over t keys (k_i at k + i * k_stride,
-// v_i at v + i * v_stride); scores: t floats of scratch.
-using AttendHeadFn = void (*)(const float* q, const float* k, int64_t k_stride, int64_t t, int64_t d, float scale,
-                              const float* v, int64_t v_stride, int64_t dv, float* scores, float* out);
+// A chunk of one query head's decode attention over t keys (k_i at k + i * k_stride,
+// v_i at v + i * v_stride): *max = max_i scale·q·k_i, *sum = Σ_i exp(scale·q·k_i - *max),
+// out[dv] = Σ_i exp(scale·q·k_i - *max) v_i, not divided by *sum; scores: t floats of scratch.
+using AttendChunkFn = void (*)(const float* q, const float* k, int64_t k_stride, int64_t t, int64_t d, float scale,
+                               const float* v, int64_t v_stride, int64_t dv, float* scores, float* out, float* max,
+                               float* sum);
 
 struct VariantKernels {
     const char* name;
@@ -93,7 +95,7 @@ struct VariantKernels {
     QuantizeRowFn quantize_q8_256;
     SiluMulFn silu_mul;
     RmsNormFn rms_norm;
-    AttendHeadFn attend_head;
+    AttendChunkFn attend_chunk;
     const TypeKernel* types;
     int n_types;
 
