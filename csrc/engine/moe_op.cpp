@@ -51,6 +51,8 @@ void MoEOp::forward(const MoECall& call) {
     const int64_t n_tok = call.n_tok, k = call.top_k, E = gate_.n_experts;
     const int64_t H = gate_.cols, I = gate_.rows;
     if (n_tok <= 0) return;
+    if (n_tok == 1 && k > 0 && !(gemm_.takes(gate_, 1) && gemm_.takes(up_, 1) && gemm_.takes(down_, 1)))
+        return forward_one(call);
     std::memset(call.out, 0, sizeof(float) * static_cast<size_t>(n_tok * H));
     if (k <= 0) return;
     ThreadPool& pool = *pool_;
@@ -223,6 +225,68 @@ void MoEOp::forward(const MoECall& call) {
         }
     });
     if (n_tok > 1) pool.rest();  // decode (one token) keeps its workers spinning for the next op
+}
+
+// One token (decode): two parallel loops. The first computes h_j = silu(gate_j x) * up_j x
+// for every slot j in row tiles; the second gives each task a tile of output rows and
+// sums w_j down_j h_j over the slots in slot order, so no reduction loop follows and the
+// result equals the many-token path's bit for bit.
+void MoEOp::forward_one(const MoECall& call) {
+    const int64_t k = call.top_k, E = gate_.n_experts;
+    const int64_t H = gate_.cols, I = gate_.rows;
+    ThreadPool& pool = *pool_;
+    const int64_t threads = pool.size();
+    slots_.clear();
+    for (int64_t j = 0; j < k; ++j)
+        if (call.ids[j] >= 0 && call.ids[j] < E) slots_.push_back(j);
+    const int64_t n = static_cast<int64_t>(slots_.size());
+    if (n == 0) {
+        std::memset(call.out, 0, sizeof(float) * static_cast<size_t>(H));
+        return;
+    }
+    const ActFormat fg = gate_.kernel->act, fu = up_.kernel->act, fd = down_.kernel->act;
+    const size_t arb_g = act_row_bytes(fg, H), arb_u = act_row_bytes(fu, H), arb_d = act_row_bytes(fd, I);
+    uint8_t* xg = scratch(x_act_, arb_g);
+    prepare_activation_row(kernels_, fg, call.x, H, xg);
+    uint8_t* xu = xg;
+    if (fu != fg) {
+        xu = scratch(x_act_up_, arb_u);
+        prepare_activation_row(kernels_, fu, call.x, H, xu);
+    }
+    gate_out_.resize(std::max<size_t>(gate_out_.size(), static_cast<size_t>(n * I)));
+    up_out_.resize(std::max<size_t>(up_out_.size(), static_cast<size_t>(n * I)));
+    float* g = gate_out_.data();
+    float* u = up_out_.data();
+    const int64_t tile_i = choose_tiles(I * n, 1, static_cast<int>(threads)).rows;
+    const int64_t tiles_i = (I + tile_i - 1) / tile_i;
+    pool.parallel_for(n * tiles_i, [&](int64_t task, int) {
+        const int64_t s = task / tiles_i, r0 = (task % tiles_i) * tile_i, nr = std::min(tile_i, I - r0);
+        const int64_t e = call.ids[slots_[s]];
+        gate_.kernel->dot_rows(gate_.matrix(e) + r0 * gate_.row_bytes, gate_.row_bytes, nr, H, xg, arb_g, 1,
+                               g + s * I + r0, I);
+        up_.kernel->dot_rows(up_.matrix(e) + r0 * up_.row_bytes, up_.row_bytes, nr, H, xu, arb_u, 1, u + s * I + r0, I);
+        kernels_.silu_mul(g + s * I + r0, u + s * I + r0, nr);
+    });
+    uint8_t* h = scratch(h_act_, arb_d * n);
+    for (int64_t s = 0; s < n; ++s) prepare_activation_row(kernels_, fd, g + s * I, I, h + s * arb_d);
+    // Output rows: at least two tiles per thread, at most 256 rows, a multiple of 4.
+    const int64_t even = (H + 2 * threads - 1) / (2 * threads);
+    const int64_t tile_h = std::clamp<int64_t>((even + 3) / 4 * 4, 4, 256);
+    const int64_t tiles_h = (H + tile_h - 1) / tile_h;
+    y_.resize(std::max<size_t>(y_.size(), static_cast<size_t>(threads * tile_h)));
+    pool.parallel_for(tiles_h, [&](int64_t task, int thread) {
+        const int64_t r0 = task * tile_h, nr = std::min(tile_h, H - r0);
+        float* o = call.out + r0;
+        float* tmp = y_.data() + thread * tile_h;
+        std::fill(o, o + nr, 0.0f);
+        for (int64_t s = 0; s < n; ++s) {
+            const int64_t j = slots_[s], e = call.ids[j];
+            down_.kernel->dot_rows(down_.matrix(e) + r0 * down_.row_bytes, down_.row_bytes, nr, I, h + s * arb_d,
+                                   arb_d, 1, tmp, nr);
+            const float wt = call.weights[j];
+            for (int64_t r = 0; r < nr; ++r) o[r] += wt * tmp[r];
+        }
+    });
 }
 
 void MoEOp::append_gemm_tasks(int64_t rows, std::vector<Task>& tasks) const {

@@ -70,6 +70,8 @@ private:
     std::vector<float> gate_out_, up_out_, y_;
 
     void append_gemm_tasks(int64_t rows, std::vector<MoETask>& tasks) const;
+    void forward_one(const MoECall& call);
+    std::vector<int64_t> slots_;  // forward_one: the slots with a valid expert id
 };
 
 }  // namespace tandem

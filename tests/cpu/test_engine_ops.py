@@ -156,6 +156,19 @@ def test_experts_give_identical_results_for_every_thread_count(n):
     assert rel(outs[0], experts_exact(engine(1).kernels, gate, up, down, x, ids, weights)) < 5e-4
 
 
+@pytest.mark.parametrize("types", EXPERT_TYPES, ids=lambda t: f"{t[0].name}-{t[1].name}")
+def test_a_token_alone_gets_the_same_bits_as_in_a_batch(types):
+    # One token takes the decode loop (forward_one), many the grouped one: same sums, same order.
+    gate, up, down = expert_set(types, seed=11)
+    x, ids, weights = routing(6, 4, seed=12)
+    ids[2, 1] = E  # a dropped slot
+    ids[4, 3] = ids[4, 0]  # one expert in two slots
+    op = engine(3).experts(gate, up, down)
+    batch = op(x, ids, weights)
+    for t in range(6):
+        assert torch.equal(op(x[t : t + 1], ids[t : t + 1], weights[t : t + 1])[0], batch[t])
+
+
 def test_dropped_slots_are_skipped_and_bad_ids_refused():
     gate, up, down = expert_set((T.Q8_0, T.Q8_0))
     experts = engine(2).experts(gate, up, down)
