@@ -17,6 +17,7 @@
 #include "engine/activations.h"
 #include "engine/attention_decode.h"
 #include "engine/bandwidth.h"
+#include "engine/dequant_rows.h"
 #include "engine/gemm_path.h"
 #include "engine/linear_op.h"
 #include "engine/moe_op.h"
@@ -214,6 +215,16 @@ void bind_engine(nb::module_& m) {
             attention_decode(pool, kernels, a, scratch);
         },
         "One query position against cached keys/values, grouped-query, one pool task per query head.");
+    m.def("dequant_rows_supported", &dequant_rows_supported, "Whether dequantize_rows knows a ggml type.");
+    m.def(
+        "dequantize_rows",
+        [](int ggml_type, uintptr_t data, size_t row_bytes, uintptr_t ids, int64_t n, int64_t k, uintptr_t out) {
+            if (!dequant_rows_supported(ggml_type))
+                throw std::invalid_argument("no dequantization for ggml type " + std::to_string(ggml_type));
+            dequantize_rows(ggml_type, ptr<const uint8_t>(data), row_bytes, ptr<const int64_t>(ids), n, k,
+                            ptr<float>(out));
+        },
+        "out[i] = row ids[i] of a GGUF matrix as float32, on the calling thread (ids checked by the caller).");
     m.def("gemm_built", &gemm_built, "Prefill (bf16 tile) kernels compiled into this extension.");
     m.def("gemm_matmul", &gemm_matmul, "out[t, r] = W[r] . x[t] through the prefill kernels, on the calling thread.");
 

@@ -334,6 +334,30 @@ class HostCall:
         self.address = int(record.address)
 
 
+def dequantize_rows(weight: QuantTensor, ids: torch.Tensor) -> torch.Tensor | None:
+    """Rows `ids` (int64, checked by the caller) of a 2-D QuantTensor as float32 [n, cols], by the
+    engine's scalar dequantization; None when the type has none or the extension is missing."""
+    try:
+        native = _native()
+    except TandemError:
+        return None
+    if len(weight.shape) != 2 or not native.dequant_rows_supported(int(weight.ggml_type)):
+        return None
+    ids = ids.to(torch.int64).contiguous()
+    data = weight.data.contiguous()
+    out = torch.empty(ids.numel(), weight.shape[1], dtype=torch.float32)
+    native.dequantize_rows(
+        int(weight.ggml_type),
+        data.data_ptr(),
+        weight.row_bytes,
+        ids.data_ptr(),
+        ids.numel(),
+        weight.shape[1],
+        out.data_ptr(),
+    )
+    return out
+
+
 def decode_layer_spec():
     """An empty tandem._cpu.DecodeLayerSpec to fill (tandem.ops.decode_layer_cpu)."""
     return _native().DecodeLayerSpec()

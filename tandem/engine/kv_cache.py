@@ -19,6 +19,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 MIN_CAPACITY = 64
+HEADROOM = 256  # positions allocated past the ones a growth needs
 
 
 class GrowingLayer(DynamicLayer):
@@ -70,7 +71,9 @@ class GrowingLayer(DynamicLayer):
             raise ValueError(
                 f"KV cache: keys {tuple(like_k.shape)} do not fit the cached {tuple(k.shape)} (batch, heads or size)"
             )
-        capacity = max(end, 2 * k.shape[2] if fits else 0, MIN_CAPACITY)
+        # Doubling, and room for a reply past a prompt: the first decode step after a
+        # 512-token prompt would otherwise copy every layer's cache.
+        capacity = max(end + HEADROOM, 2 * k.shape[2] if fits else 0, MIN_CAPACITY)
         b, h = like_k.shape[:2]
         new_k = like_k.new_empty(b, h, capacity, like_k.shape[3])
         new_v = like_v.new_empty(b, h, capacity, like_v.shape[3])

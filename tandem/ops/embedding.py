@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from tandem.cpu.engine import dequantize_rows
+from tandem.cpu.engine import enabled as engine_enabled
 from tandem.errors import RuleError
 from tandem.ops.base import TandemModule
 from tandem.ops.linear import DEQUANT_MODES, parse_dtype
@@ -66,8 +68,17 @@ class QuantEmbedding(TandemModule):
         else:
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
                 raise IndexError(f"token id outside [0, {self.num_embeddings})")
-            rows = self.qweight.select_rows(ids.reshape(-1).cpu())
-            out = rows.dequantize(self.dtype).to(self.generate_device).view(*ids.shape, self.embedding_dim)
+            flat = ids.reshape(-1).cpu()
+            # The engine's dequantization when it has one (a decode step looks up one row: the
+            # torch reference's block arithmetic is a dozen small ops); the reference otherwise.
+            dense = (
+                dequantize_rows(self.qweight, flat)
+                if self.dtype == torch.float32 and engine_enabled()
+                else None
+            )
+            if dense is None:
+                dense = self.qweight.select_rows(flat).dequantize(self.dtype)
+            out = dense.to(self.generate_device).view(*ids.shape, self.embedding_dim)
         if self.embed_scale is not None:
             # Hugging Face casts the scale to the table's dtype first (it matters for bf16).
             out = out * self.embed_scale.to(out.dtype)
