@@ -43,6 +43,7 @@ def test_json_moe(tiny_moe, capsys):
     assert report["expert_bytes_per_token"] > 0 and report["read_bandwidth_gb_s"] > 0
     # A tiny model fits in cache, so its decode may beat the DRAM floor: only positivity must hold.
     assert report["decode_floor_tok_s"] > 0 and report["decode_fraction_of_floor"] > 0
+    assert report["decode_layers_fused"] == report["decode_layers"] == 2  # both layers ran fused
 
 
 def test_json_dense_has_no_floor(tiny_dense, capsys):
@@ -58,6 +59,7 @@ def test_table(tiny_moe, capsys):
     assert status == 0
     lines = out.splitlines()
     assert any(" pp8 " in line and "±" in line for line in lines), out
+    assert "fused decode    2 of 2 decoder layers" in lines, out
     assert any(" tg4 " in line and "±" in line for line in lines), out
     assert any(line.startswith("read bandwidth") for line in lines), out
     assert any(line.startswith("decode floor") for line in lines), out

@@ -63,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
         "prefill_tok_s": statistics.median(prefill),
         "decode_tok_s": statistics.median(decode),
     }
+    layers = getattr(loaded.model, "_tandem_decode_layers", None)
+    if layers:  # how many decoder layers ran fused at decode (docs/cpu-engine.md)
+        report["decode_layers_fused"] = sum(why == "fused" for why in layers.values())
+        report["decode_layers"] = len(layers)
     # After the runs, so the gigabyte read buffer does not disturb them.
     report.update(memory_floor(loaded.gguf, report["decode_tok_s"]))
     if args.json:
@@ -152,6 +156,8 @@ def print_report(r: dict) -> None:
         speed = f"{r[key]:.2f} ± {spread(r[key + '_runs']):.2f}"
         print(f"{name:<{width}}  {r['threads']:>7}  {test:<8} {speed:>18}")
     print(f"median of {r['repeats']} runs after a warm-up, on {r['device']}; ± is half the range")
+    if "decode_layers" in r:
+        print(f"fused decode    {r['decode_layers_fused']} of {r['decode_layers']} decoder layers")
     if "read_bandwidth_gb_s" not in r:
         return
     print(
