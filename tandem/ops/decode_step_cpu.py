@@ -11,6 +11,7 @@ state, the final norm and the LM head. Any other call goes to the model's forwar
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
@@ -20,6 +21,15 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from tandem.engine.kv_cache import GrowingLayer
 
 # Keyword arguments a decode step may carry; any other one that is not None takes the model's forward.
+# transformers renamed the output's cache field during 5.x.
+CACHE_FIELD = next(
+    (
+        n
+        for n in ("cache", "past_key_values")
+        if n in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    ),
+    "past_key_values",
+)
 STEP_KWARGS = {"input_ids", "cache", "past_key_values", "use_cache", "logits_to_keep", "return_dict"}
 
 
@@ -94,7 +104,7 @@ class FastDecode:
         logits = self.model.lm_head(self.inner.norm(h))
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
 
 
 def install_fast_decode(model: nn.Module, fused: list) -> bool:
