@@ -10,7 +10,7 @@
 # decode layers off).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-THREADS=${THREADS:-16}; LAYERS=${LAYERS:-48}; NP=${NP:-512}; NG=${NG:-32}
+THREADS=${THREADS:-16}; LAYERS=${LAYERS:-48}; NP=${NP:-512}; NG=${NG:-32}; R=${R:-2}
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/steps.log"; }
 
 python -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
@@ -37,11 +37,11 @@ log "synth"
 python -m tandem synth --shape qwen3-30b-a3b --layers "$LAYERS" --quant Q4_K_M --tokenizer-from .whl/qwen25-tokenizer.gguf -o /tmp/q3.gguf > "$OUT/synth.log" 2>&1
 log "synth rc=$? $(ls -la /tmp/q3.gguf)"
 log "tandem bench"
-timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r 2 --json > "$OUT/tandem_bench.txt" 2>&1
+timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" --json > "$OUT/tandem_bench.txt" 2>&1
 log "tandem bench rc=$?"; tail -8 "$OUT/tandem_bench.txt" | tee -a "$OUT/steps.log"
 AB=${AB:-TANDEM_CPU_FUSED_DECODE=0}
 log "tandem bench, $AB"
-env "$AB" timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r 2 --json \
+env "$AB" timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" --json \
   2>&1 | tail -1 | tee -a "$OUT/steps.log"
 if [ -n "${PROFILE:-}" ]; then
 log "prefill kernels against the dot kernels, one linear layer"
@@ -57,6 +57,6 @@ log "profile"
 timeout 200 python benchmarks/profile_decode.py /tmp/q3.gguf "$THREADS" 8 2>&1 | grep -v Warn | tail -14 >> "$OUT/steps.log"
 fi
 if [ -x /tmp/l/b/bin/llama-bench ]; then
-  timeout 240 /tmp/l/b/bin/llama-bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r 2 -o md > "$OUT/llama_bench.txt" 2>&1
+  timeout 240 /tmp/l/b/bin/llama-bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" -o md > "$OUT/llama_bench.txt" 2>&1
   log "llama-bench rc=$?"; cat "$OUT/llama_bench.txt" | tee -a "$OUT/steps.log"
 fi
