@@ -5,6 +5,7 @@ use_cache=True).logits`, or `cache=` where the model's forward names it so), whe
 modules are Hugging Face's or tandem's.
 """
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from tandem.engine.model_io import (
 from tandem.engine.sampling import Sampler, SamplingParams
 from tandem.engine.stops import TextStream
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass
@@ -137,6 +138,7 @@ def prefill_and_generate(
     on_text: Callable[[str], None] | None = None,
     prefill_chunk: int | None = None,
     prompt_cache: PromptCache | None = None,
+    cancel: threading.Event | None = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after the prompt `input_ids` (a list, [T] or [1, T]).
 
@@ -145,6 +147,8 @@ def prefill_and_generate(
     text as it becomes safe to show (never half a character, never what might yet
     be a stop string). `prefill_chunk` bounds the tokens per prefill forward pass.
     `prompt_cache` keeps the KV cache for the next call (see PromptCache).
+    `cancel`: when set (from another thread), generation ends before the next decode step
+    with finish_reason "cancelled" (a client that went away).
     """
     prompt = as_token_list(input_ids, "input_ids")
     if not prompt:
@@ -180,7 +184,7 @@ def prefill_and_generate(
             kwargs["logits_to_keep"] = 1
         t0 = time.perf_counter()
         logits = _prefill(model, prompt[cached:], chunk, device, kwargs)
-        token = sampler.sample(logits, seen)  # .item() inside waits for the device
+        token = sampler.sample(logits, seen, out_ids)  # .item() inside waits for the device
         _sync(device)
         t1 = time.perf_counter()
         while True:
@@ -195,9 +199,12 @@ def prefill_and_generate(
                 break
             if len(out_ids) >= max_new_tokens:
                 break
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
             step = torch.tensor([[token]], dtype=torch.long, device=device)  # [1, 1]
             logits = _forward_last_logits(model, step, kwargs)
-            token = sampler.sample(logits, seen)
+            token = sampler.sample(logits, seen, out_ids)
         emit(stream.flush())
         _sync(device)
         t2 = time.perf_counter()

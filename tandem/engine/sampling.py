@@ -29,6 +29,8 @@ class SamplingParams:
     top_p: keep the smallest set of most likely tokens whose mass reaches top_p; 1 turns it off.
     min_p: drop tokens less likely than min_p times the most likely one; 0 turns it off.
     repetition_penalty: divide positive / multiply negative logits of already seen tokens; 1 is off.
+    presence_penalty: subtracted from the logit of every token generated so far (OpenAI's); 0 is off.
+    frequency_penalty: subtracted once per time a token was generated so far (OpenAI's); 0 is off.
     seed: seeds the sampler's own generator; None draws a fresh seed.
     """
 
@@ -38,9 +40,18 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        ):
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value):
                 raise EngineError(f"sampling {name} must be a finite number, got {value!r}")
@@ -58,6 +69,9 @@ class SamplingParams:
             raise EngineError(
                 f"sampling repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"
             )
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise EngineError(f"sampling {name} must be in [-2, 2] (0 = off), got {getattr(self, name)}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise EngineError(f"sampling seed must be an integer or None, got {self.seed!r}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
@@ -86,6 +100,21 @@ def apply_repetition_penalty(
     return out
 
 
+def apply_presence_frequency(
+    logits: torch.Tensor, generated_ids: Sequence[int], presence: float, frequency: float
+) -> torch.Tensor:
+    """logits [V] minus presence for every generated token and frequency per time it was generated."""
+    if (presence == 0.0 and frequency == 0.0) or len(generated_ids) == 0:
+        return logits
+    ids = torch.as_tensor(generated_ids, dtype=torch.long).reshape(-1)
+    if int(ids.min()) < 0 or int(ids.max()) >= logits.shape[0]:
+        raise EngineError(
+            f"generated token ids must be in [0, {logits.shape[0]}), got {ids.min()}..{ids.max()}"
+        )
+    counts = torch.bincount(ids, minlength=logits.shape[0]).to(logits.device, logits.dtype)  # [V]
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
 class Sampler:
     """Picks tokens under one SamplingParams with its own random generator.
 
@@ -103,10 +132,14 @@ class Sampler:
         else:
             self._generator.manual_seed(self.params.seed)
 
-    def _prepare(self, logits: torch.Tensor, seen_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    def _prepare(
+        self, logits: torch.Tensor, seen_ids: Sequence[int] | torch.Tensor, generated_ids: Sequence[int] = ()
+    ) -> torch.Tensor:
         if logits.dim() != 1 or logits.shape[0] == 0:
             raise EngineError(f"sampler expects logits of shape [vocab], got {tuple(logits.shape)}")
-        return apply_repetition_penalty(logits.float(), seen_ids, self.params.repetition_penalty)
+        p = self.params
+        logits = apply_repetition_penalty(logits.float(), seen_ids, p.repetition_penalty)
+        return apply_presence_frequency(logits, generated_ids, p.presence_penalty, p.frequency_penalty)
 
     def _candidates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept token ids and their renormalised probabilities, most likely first: ([K], [K])."""
@@ -131,9 +164,14 @@ class Sampler:
         probs = probs[:n_keep]
         return ids[:n_keep], probs / probs.sum()
 
-    def distribution(self, logits: torch.Tensor, seen_ids: Sequence[int] | torch.Tensor = ()) -> torch.Tensor:
+    def distribution(
+        self,
+        logits: torch.Tensor,
+        seen_ids: Sequence[int] | torch.Tensor = (),
+        generated_ids: Sequence[int] = (),
+    ) -> torch.Tensor:
         """The probabilities [V] that `sample` draws from; masked tokens are exactly 0."""
-        logits = self._prepare(logits, seen_ids)
+        logits = self._prepare(logits, seen_ids, generated_ids)
         out = torch.zeros_like(logits)
         if self.params.greedy:
             out[torch.argmax(logits)] = 1.0
@@ -142,9 +180,15 @@ class Sampler:
         out[ids] = probs
         return out
 
-    def sample(self, logits: torch.Tensor, seen_ids: Sequence[int] | torch.Tensor = ()) -> int:
-        """Pick one token id from `logits` [V] given the ids seen so far (prompt and output)."""
-        logits = self._prepare(logits, seen_ids)
+    def sample(
+        self,
+        logits: torch.Tensor,
+        seen_ids: Sequence[int] | torch.Tensor = (),
+        generated_ids: Sequence[int] = (),
+    ) -> int:
+        """Pick one token id from `logits` [V] given the ids seen so far (prompt and output) and
+        those generated so far (output only: the presence and frequency penalties)."""
+        logits = self._prepare(logits, seen_ids, generated_ids)
         if self.params.greedy:
             return int(torch.argmax(logits))
         ids, probs = self._candidates(logits)

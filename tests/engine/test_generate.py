@@ -176,3 +176,20 @@ def test_prompt_cache_reuses_a_conversation_prefix(tiny_model, byte_tokenizer, p
     other = prefill_and_generate(tiny_model, byte_tokenizer, prompt[1:], 6, prompt_cache=cache)
     assert other.n_cached == 0
     assert other.token_ids == prefill_and_generate(tiny_model, byte_tokenizer, prompt[1:], 6).token_ids
+
+
+def test_a_cancel_event_ends_generation_before_the_next_step(tiny_model, byte_tokenizer, prompt, greedy32):
+    import threading
+
+    cancel = threading.Event()
+    pieces: list[str] = []
+
+    def on_text(piece: str) -> None:  # the consumer goes away after the first few tokens
+        pieces.append(piece)
+        if len(pieces) == 3:
+            cancel.set()
+
+    got = prefill_and_generate(tiny_model, byte_tokenizer, prompt, 32, on_text=on_text, cancel=cancel)
+    assert got.finish_reason == "cancelled"
+    assert 3 <= got.n_generated < 32
+    assert got.token_ids == greedy32.token_ids[: got.n_generated]

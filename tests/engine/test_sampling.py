@@ -126,3 +126,22 @@ def test_bad_logits_and_seen_ids_raise():
         sampler.sample(torch.zeros(2, 3))
     with pytest.raises(EngineError):
         sampler.sample(torch.zeros(3), seen_ids=[5])
+
+
+def test_presence_and_frequency_penalties_follow_openai():
+    # OpenAI's rule: logit[t] - frequency * count[t] - presence * (count[t] > 0), over the output.
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
+    generated = [1, 1, 3]
+    p = SamplingParams(temperature=1.0, presence_penalty=0.5, frequency_penalty=0.25)
+    want = torch.softmax(torch.tensor([2.0, 1.0 - 0.5 - 0.5, 0.5, -1.0 - 0.25 - 0.5]), 0)
+    got = Sampler(p).distribution(logits, seen_ids=[0, 2], generated_ids=generated)
+    torch.testing.assert_close(got, want)
+    # The prompt alone (seen, not generated) is not penalised.
+    plain = Sampler(p).distribution(logits, seen_ids=[0, 1, 2, 3])
+    torch.testing.assert_close(plain, torch.softmax(logits, 0))
+
+
+@pytest.mark.parametrize("name", ["presence_penalty", "frequency_penalty"])
+def test_penalties_outside_openais_range_are_refused(name):
+    with pytest.raises(EngineError, match=name):
+        SamplingParams(**{name: 2.5})
