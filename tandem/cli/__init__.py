@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-VERBS = ("chat", "generate", "perplexity", "bench", "inspect", "synth", "doctor")
+VERBS = ("chat", "generate", "serve", "perplexity", "bench", "inspect", "synth", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:

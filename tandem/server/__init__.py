@@ -1,0 +1,1 @@
+"""tandem's HTTP server: OpenAI's API over one model (docs/server.md)."""

@@ -1,0 +1,148 @@
+"""The FastAPI application: routes, API key, health, metrics, and the model host behind them."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tandem.server import errors
+from tandem.server.errors import APIError, bad_request
+from tandem.server.host import Job, ModelHost, QueueFull
+from tandem.server.metrics import CONTENT_TYPE
+from tandem.server.openai_routes import router as openai_router
+
+OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/redoc")
+
+
+class Server:
+    """What the routes need: the host, the served name, the context and the key."""
+
+    def __init__(
+        self, host: ModelHost, model_id: str, aliases: tuple[str, ...], ctx: int | None, api_key: str | None
+    ):
+        self.host = host
+        self.model_id = model_id
+        self.aliases = {model_id, *aliases}
+        self.ctx_override = ctx
+        self.api_key = api_key
+        self.created = int(time.time())
+
+    @property
+    def ctx(self) -> int:
+        limit = getattr(self.host.loaded.config, "max_position_embeddings", None) or 4096
+        return min(self.ctx_override, limit) if self.ctx_override else limit
+
+    def check_model(self, name: str) -> None:
+        if name not in self.aliases:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server has {self.model_id!r}",
+                code="model_not_found",
+                param="model",
+            )
+
+    def require_ready(self):
+        if self.host.state == "failed":
+            raise APIError(503, f"the model failed to load: {self.host.error}", code="model_load_failed")
+        if not self.host.ready:
+            raise APIError(503, "the model is still loading", code="model_loading")
+        return self.host.loaded
+
+    def make_job(self, body, ids: list[int], endpoint: str, loop) -> Job:
+        """Check the token budget against the context and queue the job."""
+        limit, ctx = body.token_limit(), self.ctx
+        if limit is None:
+            limit = ctx - len(ids)
+        if len(ids) + limit > ctx or limit < 1:
+            raise bad_request(
+                f"this model's context is {ctx} tokens; the prompt has {len(ids)} and {limit} more were requested",
+                param="messages" if endpoint == "chat" else "prompt",
+                code="context_length_exceeded",
+            )
+        job = Job(ids, limit, body.sampling(), body.stop_strings(), endpoint, loop)
+        try:
+            self.host.submit(job)
+        except QueueFull:
+            raise APIError(
+                503, "the server is busy: too many requests are waiting", code="server_overloaded"
+            ) from None
+        return job
+
+
+def create_app(server: Server) -> KeyAndCount:
+    app = FastAPI(title="tandem", version="0.1.0", description="OpenAI-compatible API over one local model")
+    app.state.server = server
+    app.add_exception_handler(APIError, errors.api_error_handler)
+    app.add_exception_handler(RequestValidationError, errors.validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, errors.http_error_handler)
+    app.add_exception_handler(Exception, errors.unexpected_error_handler)
+    app.include_router(openai_router)
+    metrics = server.host.metrics
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        host = server.host
+        body = {"status": host.state, "model": server.model_id}
+        if host.error:
+            body["error"] = host.error
+        return JSONResponse(body, status_code=200 if host.ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return KeyAndCount(app, server)
+
+
+class KeyAndCount:
+    """ASGI middleware: the API key on every path but the open ones, and requests counted by
+    route and status. Plain ASGI, so streamed responses and disconnects pass straight through."""
+
+    def __init__(self, app: FastAPI, server: Server):
+        self.app, self.server = app, server
+        self.state = app.state  # what tests and the CLI reach through the returned app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        metrics = self.server.host.metrics
+        key = self.server.api_key
+        if key and not scope["path"].startswith(OPEN_PATHS) and not _key_ok(Request(scope), key):
+            response = APIError(401, "missing or wrong API key", code="invalid_api_key").response()
+            await response(scope, receive, send)
+            metrics.requests.labels(endpoint="unauthorized", status="401").inc()
+            return
+        status = [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "other"
+            metrics.requests.labels(endpoint=endpoint, status=str(status[0])).inc()
+
+
+def _key_ok(request: Request, key: str) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer":
+        given = request.headers.get("x-api-key", "")
+    return hmac.compare_digest(given.strip().encode(), key.encode())
+
+
+def model_names(path: Path | str | None, loaded_name: str | None = None) -> tuple[str, tuple[str, ...]]:
+    """The id the API shows (the file's stem) and the other names it answers to."""
+    stem = Path(str(path)).stem if path else "tandem"
+    aliases = tuple(n for n in (Path(str(path)).name if path else None, loaded_name) if n)
+    return stem, aliases
