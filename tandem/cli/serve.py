@@ -1,4 +1,4 @@
-"""`tandem serve`: the model behind OpenAI's HTTP API (docs/server.md)."""
+"""`tandem serve`: the model behind OpenAI's and Ollama's HTTP APIs (docs/server.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from tandem.cli.common import add_model_arguments, positive_int, resolve_model_path
 from tandem.errors import TandemError
 
-HELP = "serve a model over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models)"
+HELP = "serve a model over OpenAI's and Ollama's HTTP APIs (/v1/..., /api/...)"
 KEY_ENV = "TANDEM_API_KEY"
 
 
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     sock = _bind(args.host, args.port)  # a taken port is an error before anything loads
     model_id, aliases = model_names(path)
     host = ModelHost(lambda: load_from_args(args), max_queue=args.max_queue)
-    app = create_app(Server(host, model_id, aliases, args.ctx, api_key))
+    app = create_app(Server(host, model_id, aliases, args.ctx, api_key, str(path)))
     host.start()  # loads in the background: /health answers 503 until the model is ready
     where = f"http://{args.host}:{args.port}"
     print(

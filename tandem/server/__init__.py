@@ -1,1 +1,1 @@
-"""tandem's HTTP server: OpenAI's API over one model (docs/server.md)."""
+"""tandem's HTTP server: OpenAI's and Ollama's APIs over one model (docs/server.md)."""

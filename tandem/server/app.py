@@ -15,18 +15,27 @@ from tandem.server import errors
 from tandem.server.errors import APIError, bad_request
 from tandem.server.host import Job, ModelHost, QueueFull
 from tandem.server.metrics import CONTENT_TYPE
+from tandem.server.ollama_routes import router as ollama_router
 from tandem.server.openai_routes import router as openai_router
 
 OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/redoc")
+OPEN_EXACT = ("/",)
 
 
 class Server:
     """What the routes need: the host, the served name, the context and the key."""
 
     def __init__(
-        self, host: ModelHost, model_id: str, aliases: tuple[str, ...], ctx: int | None, api_key: str | None
+        self,
+        host: ModelHost,
+        model_id: str,
+        aliases: tuple[str, ...],
+        ctx: int | None,
+        api_key: str | None,
+        model_path: str = "",
     ):
         self.host = host
+        self.model_path = model_path
         self.model_id = model_id
         self.aliases = {model_id, *aliases}
         self.ctx_override = ctx
@@ -39,7 +48,7 @@ class Server:
         return min(self.ctx_override, limit) if self.ctx_override else limit
 
     def check_model(self, name: str) -> None:
-        if name not in self.aliases:
+        if name not in self.aliases and name.removesuffix(":latest") not in self.aliases:  # Ollama's tag
             raise APIError(
                 404,
                 f"the model {name!r} does not exist; this server has {self.model_id!r}",
@@ -83,6 +92,7 @@ def create_app(server: Server) -> KeyAndCount:
     app.add_exception_handler(StarletteHTTPException, errors.http_error_handler)
     app.add_exception_handler(Exception, errors.unexpected_error_handler)
     app.include_router(openai_router)
+    app.include_router(ollama_router)
     metrics = server.host.metrics
 
     @app.get("/health")
@@ -92,6 +102,10 @@ def create_app(server: Server) -> KeyAndCount:
         if host.error:
             body["error"] = host.error
         return JSONResponse(body, status_code=200 if host.ready else 503)
+
+    @app.get("/")
+    async def root() -> Response:  # what Ollama answers there; clients probe it
+        return Response("tandem is running", media_type="text/plain")
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -113,8 +127,12 @@ class KeyAndCount:
             return await self.app(scope, receive, send)
         metrics = self.server.host.metrics
         key = self.server.api_key
-        if key and not scope["path"].startswith(OPEN_PATHS) and not _key_ok(Request(scope), key):
-            response = APIError(401, "missing or wrong API key", code="invalid_api_key").response()
+        path = scope["path"]
+        open_path = path.startswith(OPEN_PATHS) or path in OPEN_EXACT
+        if key and not open_path and not _key_ok(Request(scope), key):
+            response = APIError(401, "missing or wrong API key", code="invalid_api_key").response(
+                path.startswith("/api/")
+            )
             await response(scope, receive, send)
             metrics.requests.labels(endpoint="unauthorized", status="401").inc()
             return

@@ -19,8 +19,14 @@ class APIError(Exception):
         kind = TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def response(self, ollama: bool = False) -> JSONResponse:
+        """OpenAI's error object, or Ollama's {"error": message} for its /api paths."""
+        body = {"error": self.message} if ollama else self.body()
+        return JSONResponse(body, status_code=self.status)
+
+
+def _ollama(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -28,7 +34,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 async def api_error_handler(request: Request, error: APIError) -> JSONResponse:
-    return error.response()
+    return error.response(_ollama(request))
 
 
 async def validation_error_handler(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -36,17 +42,17 @@ async def validation_error_handler(request: Request, error: RequestValidationErr
     problems = error.errors()
     first = problems[0] if problems else {}
     if first.get("type") == "json_invalid":
-        return APIError(400, "the request body is not valid JSON").response()
+        return APIError(400, "the request body is not valid JSON").response(_ollama(request))
     where = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(where) or None
     message = first.get("msg", "invalid request")
     text = f"{param}: {message}" if param else message
-    return APIError(400, text, param=param).response()
+    return APIError(400, text, param=param).response(_ollama(request))
 
 
 async def http_error_handler(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    return APIError(error.status_code, str(error.detail)).response()
+    return APIError(error.status_code, str(error.detail)).response(_ollama(request))
 
 
 async def unexpected_error_handler(request: Request, error: Exception) -> JSONResponse:
-    return APIError(500, f"internal error: {type(error).__name__}: {error}").response()
+    return APIError(500, f"internal error: {type(error).__name__}: {error}").response(_ollama(request))
