@@ -8,7 +8,8 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tandem.server import errors
@@ -18,7 +19,8 @@ from tandem.server.metrics import CONTENT_TYPE
 from tandem.server.ollama_routes import router as ollama_router
 from tandem.server.openai_routes import router as openai_router
 
-OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/redoc")
+OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/redoc", "/web")
+WEB_DIR = Path(__file__).resolve().parent / "web"  # the chat page: static files, no build step
 OPEN_EXACT = ("/",)
 
 
@@ -93,6 +95,7 @@ def create_app(server: Server) -> KeyAndCount:
     app.add_exception_handler(Exception, errors.unexpected_error_handler)
     app.include_router(openai_router)
     app.include_router(ollama_router)
+    app.mount("/web", StaticFiles(directory=WEB_DIR, html=True), name="web")
     metrics = server.host.metrics
 
     @app.get("/health")
@@ -106,6 +109,10 @@ def create_app(server: Server) -> KeyAndCount:
     @app.get("/")
     async def root() -> Response:  # what Ollama answers there; clients probe it
         return Response("tandem is running", media_type="text/plain")
+
+    @app.get("/web", include_in_schema=False)
+    async def web() -> RedirectResponse:
+        return RedirectResponse("/web/")
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -9,8 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from tandem.engine.sampling import SamplingParams
 from tandem.server.errors import bad_request
 
-ROLES = {"system", "user", "assistant", "developer", "tool"}
-
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -19,7 +17,7 @@ class StreamOptions(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 
@@ -41,12 +39,10 @@ class CommonRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1)
-    logprobs: bool | int | None = None
+    n: int = Field(default=1, ge=1, le=1, description="one choice per request: other values are refused")
+    logprobs: bool | None = Field(default=None, description="not supported: true is refused")
 
     def check_common(self) -> None:
-        if self.n != 1:
-            raise bad_request("n > 1 is not supported: one choice per request", param="n")
         if self.logprobs:
             raise bad_request("logprobs are not supported", param="logprobs")
         if self.stream_options is not None and not self.stream:
@@ -101,10 +97,6 @@ class ChatRequest(CommonRequest):
         """Messages for the chat template: text content only, `developer` as `system`."""
         out = []
         for i, m in enumerate(self.messages):
-            if m.role not in ROLES:
-                raise bad_request(
-                    f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}", param="messages"
-                )
             out.append(
                 {"role": "system" if m.role == "developer" else m.role, "content": _text(m.content, i)}
             )
