@@ -1,6 +1,7 @@
 # Developer entry points. Each target first brings $(VENV) up to date:
 #   make demo     chat with the default model (installs tandem[models])
-#   make test     run the test suite (installs tandem[test,models])
+#   make test     run the test suite (installs tandem[test,models], and Debian's chromium for
+#                 the web page's browser test)
 #   make lint     ruff check and format check (installs tandem[dev])
 #   make format   ruff format, then the fixable lint rules
 #
@@ -47,6 +48,7 @@ demo: $(VENV)/.build-demo
 	$(VENV)/bin/tandem chat $(ARGS)
 
 test: $(VENV)/.build-test
+	scripts/install_chromium.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.deps-dev
