@@ -56,6 +56,12 @@ def test_a_message_gets_a_streamed_reply_with_its_speed(page, server):
     assert page.is_disabled("#stop") and not page.is_disabled("#send")
     reply = page.inner_text(".msg.assistant")
     assert len(reply.strip()) > 0 and "Error" not in reply
+    # A second turn: the page sends the whole conversation, and both replies stay.
+    page.fill("#input", "And of Italy?")
+    page.press("#input", "Enter")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant .stats').length === 2", timeout=120_000)
+    assert page.locator(".msg.user").all_inner_texts()[1] == "And of Italy?"
+    assert page.locator(".msg.assistant").count() == 2
 
 
 def test_the_stop_button_ends_a_reply(page):
