@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from tests.server.serve_process import API_KEY
+from tests.server.serve_process import API_KEY, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,17 @@ def browser():
         b.close()
 
 
+@pytest.fixture(scope="module")
+def web_server(gemma_gguf):
+    # A 1024-token context bounds every reply (the page asks for no max_tokens, as a chat does).
+    server = start_server(gemma_gguf, "--api-key", API_KEY, "--ctx", "1024", "--threads", "2")
+    yield server
+    stop_server(server)
+
+
 @pytest.fixture
-def page(browser, server):
+def page(browser, web_server):
+    server = web_server
     context = browser.new_context()
     page = context.new_page()
     page.goto(server.url + "/web")  # redirects to /web/
@@ -35,7 +44,8 @@ def page(browser, server):
     context.close()
 
 
-def test_a_message_gets_a_streamed_reply_with_its_speed(page, server):
+def test_a_message_gets_a_streamed_reply_with_its_speed(page, web_server):
+    server = web_server
     page.fill("#key", API_KEY)
     page.dispatch_event("#key", "change")
     page.wait_for_function("document.getElementById('status').textContent === 'ready'")
@@ -62,6 +72,7 @@ def test_a_message_gets_a_streamed_reply_with_its_speed(page, server):
     page.wait_for_function("document.querySelectorAll('.msg.assistant .stats').length === 2", timeout=120_000)
     assert page.locator(".msg.user").all_inner_texts()[1] == "And of Italy?"
     assert page.locator(".msg.assistant").count() == 2
+    assert page.locator(".msg.assistant.error").count() == 0
 
 
 def test_the_stop_button_ends_a_reply(page):
