@@ -48,6 +48,8 @@ def test_a_message_gets_a_streamed_reply_with_its_speed(page, web_server):
     server = web_server
     page.fill("#key", API_KEY)
     page.dispatch_event("#key", "change")
+    page.fill("#max-tokens", "48")  # sent as max_completion_tokens: two turns fit the context
+    page.dispatch_event("#max-tokens", "change")
     page.wait_for_function("document.getElementById('status').textContent === 'ready'")
     assert page.inner_text("#model") == server.model_id
     page.fill("#input", "What is the capital of France? Answer in one sentence.")
@@ -62,6 +64,7 @@ def test_a_message_gets_a_streamed_reply_with_its_speed(page, web_server):
     page.wait_for_selector(".msg.assistant .stats", timeout=120_000)
     stats = page.inner_text(".msg.assistant .stats")
     assert "tokens/s" in stats or stats == "", stats
+    assert int(stats.split()[0]) <= 48 if stats else True
     assert page.inner_text(".msg.user") == "What is the capital of France? Answer in one sentence."
     assert page.is_disabled("#stop") and not page.is_disabled("#send")
     reply = page.inner_text(".msg.assistant")

@@ -7,6 +7,8 @@ const state = { model: null, ready: false, messages: [], controller: null };
 
 $("key").value = localStorage.getItem("tandem-api-key") || "";
 $("key").addEventListener("change", () => localStorage.setItem("tandem-api-key", $("key").value));
+$("max-tokens").value = localStorage.getItem("tandem-max-tokens") || "";
+$("max-tokens").addEventListener("change", () => localStorage.setItem("tandem-max-tokens", $("max-tokens").value));
 
 function setStatus(text, isError) {
   $("status").textContent = text;
@@ -69,13 +71,13 @@ async function send(text) {
   $("send").disabled = true;
   $("stop").disabled = false;
   try {
+    const request = {
+      model: state.model, messages: state.messages, stream: true, stream_options: { include_usage: true },
+    };
+    const limit = parseInt($("max-tokens").value, 10);
+    if (limit > 0) request.max_completion_tokens = limit;
     const response = await fetch("/v1/chat/completions", {
-      method: "POST",
-      headers: headers(),
-      signal: state.controller.signal,
-      body: JSON.stringify({
-        model: state.model, messages: state.messages, stream: true, stream_options: { include_usage: true },
-      }),
+      method: "POST", headers: headers(), signal: state.controller.signal, body: JSON.stringify(request),
     });
     if (!response.ok) {
       let body = null;
