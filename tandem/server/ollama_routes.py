@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import tandem
 from tandem.engine.sampling import SamplingParams
 from tandem.server.errors import bad_request
-from tandem.server.openai_routes import _collect, _prompt
+from tandem.server.openai_routes import collect_text, tokenize_prompt
 
 router = APIRouter(prefix="/api")
 
@@ -137,7 +137,7 @@ async def chat(body: ChatBody, request: Request):
     conversation = body.conversation()
     from tandem.cli.common import chat_prompt_ids
 
-    ids = await _prompt(lambda: chat_prompt_ids(loaded, conversation))
+    ids = await tokenize_prompt(lambda: chat_prompt_ids(loaded, conversation))
 
     def piece(text: str) -> dict:
         return {"message": {"role": "assistant", "content": text}}
@@ -162,12 +162,12 @@ async def generate(body: GenerateBody, request: Request):
     from tandem.cli.common import chat_prompt_ids, encode_prompt
 
     if body.raw:
-        ids = await _prompt(lambda: encode_prompt(loaded.tokenizer, body.prompt))
+        ids = await tokenize_prompt(lambda: encode_prompt(loaded.tokenizer, body.prompt))
     else:  # the model's template around the prompt, as Ollama does
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
             {"role": "user", "content": body.prompt}
         ]
-        ids = await _prompt(lambda: chat_prompt_ids(loaded, messages))
+        ids = await tokenize_prompt(lambda: chat_prompt_ids(loaded, messages))
     return await _answer(server, body, ids, "ollama_generate", request, lambda text: {"response": text})
 
 
@@ -192,7 +192,7 @@ async def _answer(server, body: OllamaRequest, ids: list[int], endpoint: str, re
         }
 
     if not body.stream:
-        text, result = await _collect(job, request)
+        text, result = await collect_text(job, request)
         return {**final(result), **piece(text)}
 
     async def lines():

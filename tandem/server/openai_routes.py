@@ -42,7 +42,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     conversation = body.conversation()
     from tandem.cli.common import chat_prompt_ids
 
-    ids = await _prompt(lambda: chat_prompt_ids(loaded, conversation))
+    ids = await tokenize_prompt(lambda: chat_prompt_ids(loaded, conversation))
     job = server.make_job(body, ids, "chat", asyncio.get_running_loop())
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_id}
     if body.stream:
@@ -61,7 +61,7 @@ async def chat_completions(body: ChatRequest, request: Request):
             base,
             "chat.completion.chunk",
         )
-    text, result = await _collect(job, request)
+    text, result = await collect_text(job, request)
     message = {"role": "assistant", "content": text}
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(result)}
     return {**base, "object": "chat.completion", "choices": [choice], "usage": usage(result)}
@@ -77,7 +77,7 @@ async def completions(body: CompletionRequest, request: Request):
     from tandem.cli.common import encode_prompt
 
     if isinstance(prompt, str):
-        ids = await _prompt(lambda: encode_prompt(loaded.tokenizer, prompt))
+        ids = await tokenize_prompt(lambda: encode_prompt(loaded.tokenizer, prompt))
     else:
         vocab = loaded.config.vocab_size
         if not prompt or min(prompt) < 0 or max(prompt) >= vocab:
@@ -92,12 +92,12 @@ async def completions(body: CompletionRequest, request: Request):
             return {**base, "object": "text_completion", "choices": [choice]}
 
         return _stream(job, body.include_usage, None, chunk, lambda r: chunk("", r), base, "text_completion")
-    text, result = await _collect(job, request)
+    text, result = await collect_text(job, request)
     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(result)}
     return {**base, "object": "text_completion", "choices": [choice], "usage": usage(result)}
 
 
-async def _prompt(make: Callable[[], list[int]]) -> list[int]:
+async def tokenize_prompt(make: Callable[[], list[int]]) -> list[int]:
     """Render and tokenize off the event loop; a template's refusal is the client's error."""
     try:
         return await run_in_threadpool(make)
@@ -105,7 +105,7 @@ async def _prompt(make: Callable[[], list[int]]) -> list[int]:
         raise bad_request(str(error), param="messages") from None
 
 
-async def _collect(job: Job, request: Request) -> tuple[str, object]:
+async def collect_text(job: Job, request: Request) -> tuple[str, object]:
     """The whole text of a non-streamed request; a client that disconnects cancels its job."""
     pieces: list[str] = []
     try:
