@@ -16,6 +16,7 @@ from tandem.server import errors
 from tandem.server.errors import APIError, bad_request
 from tandem.server.host import Job, ModelHost, QueueFull
 from tandem.server.metrics import CONTENT_TYPE
+from tandem.server.ollama_models import router as ollama_models_router
 from tandem.server.ollama_routes import router as ollama_router
 from tandem.server.openai_routes import router as openai_router
 
@@ -95,6 +96,7 @@ def create_app(server: Server) -> KeyAndCount:
     app.add_exception_handler(Exception, errors.unexpected_error_handler)
     app.include_router(openai_router)
     app.include_router(ollama_router)
+    app.include_router(ollama_models_router)
     app.mount("/web", StaticFiles(directory=WEB_DIR, html=True), name="web")
     metrics = server.host.metrics
 
