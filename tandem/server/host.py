@@ -40,7 +40,10 @@ class Job:
 
     def emit(self, kind: str, value) -> None:
         """From the worker thread: ("text", str), ("done", GenerationResult) or ("error", str)."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the request's event loop is gone (server shutting down): stop
+            self.cancel.set()
 
 
 class ModelHost:
@@ -97,7 +100,10 @@ class ModelHost:
                 self.metrics.queue_depth.set(self._waiting)
             if job.cancel.is_set():  # its client left while it waited
                 continue
-            self._run(job)
+            try:
+                self._run(job)
+            except Exception as error:  # the worker outlives any one request
+                job.emit("error", f"internal error: {type(error).__name__}: {error}")
 
     def _run(self, job: Job) -> None:
         from tandem.engine.generate import prefill_and_generate
