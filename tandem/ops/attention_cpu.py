@@ -22,7 +22,7 @@ from tandem.cpu.engine import default_engine
 
 IMPLEMENTATION = "tandem_sdpa"
 # Set on a model's config when its CPU operators run on the engine: decode steps'
-# attention then runs there too (one pool task per query head) instead of torch's
+# attention then runs there too (split over heads and positions on the pool) instead of torch's
 # single decode thread.
 ENGINE_FLAG = "tandem_engine_attention"
 
