@@ -173,6 +173,12 @@ void bind_engine(nb::module_& m) {
         },
         "g[i] = silu(g[i]) * u[i], one kernel call (tests).");
     m.def(
+        "gelu_tanh_mul",
+        [](const std::string& variant, uintptr_t g, uintptr_t u, int64_t n) {
+            kernels_named(variant).gelu_tanh_mul(ptr<float>(g), ptr<const float>(u), n);
+        },
+        "g[i] = gelu_tanh(g[i]) * u[i], one kernel call (tests).");
+    m.def(
         "rms_norm",
         [](ThreadPool& pool, const std::string& variant, uintptr_t x, uintptr_t w, int64_t rows, int64_t n, float eps,
            uintptr_t out) {

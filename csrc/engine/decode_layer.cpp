@@ -46,14 +46,6 @@ void rope(float* x, int64_t heads, int64_t d, const float* cos, const float* sin
         }
 }
 
-void gelu_tanh_mul(float* g, const float* u, int64_t n) {
-    const float c = 0.7978845608028654f;  // sqrt(2 / pi)
-    for (int64_t i = 0; i < n; ++i) {
-        const float x = g[i];
-        g[i] = 0.5f * x * (1.0f + std::tanh(c * (x + 0.044715f * x * x * x))) * u[i];
-    }
-}
-
 }  // namespace
 
 void check_decode_layer_spec(const DecodeLayerSpec& s) {
@@ -197,7 +189,7 @@ void DecodeLayer::feed_forward(const float* h, float* out) {
         return;
     }
     if (s.act == GatedAct::Silu) kernels_.silu_mul(g_.data(), u_.data(), s.gate.rows);
-    else gelu_tanh_mul(g_.data(), u_.data(), s.gate.rows);
+    else kernels_.gelu_tanh_mul(g_.data(), u_.data(), s.gate.rows);
     gemv(g_.data(), {{&s.down, out}});
     mark(kMlp);
 }

@@ -78,6 +78,8 @@ struct TypeKernel {
 
 // g[i] = silu(g[i]) * u[i] for i < n (the MoE op's gated activation).
 using SiluMulFn = void (*)(float* g, const float* u, int64_t n);
+// g[i] = gelu_tanh(g[i]) * u[i] (the tanh-approximated GELU, Gemma's), same contract.
+using GeluMulFn = void (*)(float* g, const float* u, int64_t n);
 
 // out[r] = x[r] / sqrt(mean(x[r]²) + eps) * w for rows of n floats (out may be x).
 using RmsNormFn = void (*)(const float* x, const float* w, int64_t rows, int64_t n, float eps, float* out);
@@ -94,6 +96,7 @@ struct VariantKernels {
     QuantizeRowFn quantize_q8_32;
     QuantizeRowFn quantize_q8_256;
     SiluMulFn silu_mul;
+    GeluMulFn gelu_tanh_mul;
     RmsNormFn rms_norm;
     AttendChunkFn attend_chunk;
     const TypeKernel* types;

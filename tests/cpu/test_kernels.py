@@ -150,3 +150,26 @@ def test_rms_norm_matches_float64(variant, rows, n):
     xd = x.double()
     exact = xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
     assert ((out.double() - exact).abs() <= 1e-6 * exact.abs() + 1e-12).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gelu_tanh_mul_matches_torch(variant):
+    from tandem import _cpu
+
+    # The tanh-approximated GELU (Gemma's), through both tails, zeros and odd lengths.
+    g = torch.cat([torch.linspace(-30, 30, 20001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 50.0, -50.0])])
+    u = torch.randn(g.numel(), generator=torch.Generator().manual_seed(1))
+    x = g.double()
+    # 0.5 x (1 + tanh y) = x sigmoid(2y), exactly; the sigmoid form keeps the far negative
+    # tail (about 1e-30 at x = -9) that 1 + tanh y rounds to zero even in float64.
+    exact = x * torch.sigmoid(2 * 0.7978845608028654 * (x + 0.044715 * x**3)) * u.double()
+    torch_tanh_form = torch.nn.functional.gelu(x, approximate="tanh") * u.double()
+    middle = x.abs() < 4  # where torch's tanh form has not yet cancelled
+    assert ((exact - torch_tanh_form)[middle].abs() <= 1e-10 * exact[middle].abs()).all()
+    out = g.clone()
+    _cpu.gelu_tanh_mul(variant, out.data_ptr(), u.data_ptr(), g.numel())
+    # float32 throughout: within 2e-6 for |x| < 4, where the activations live; beyond, the
+    # negative tail (values below 1e-5) inherits the float32 rounding of the exponent's
+    # argument, which grows like x^3.
+    tol = torch.where(x.abs() < 4, 2e-6, 1e-4) * exact.abs() + 1e-35  # e^x is clamped near 2^127
+    assert ((out.double() - exact).abs() <= tol).all()
