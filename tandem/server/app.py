@@ -59,6 +59,13 @@ class Server:
                 param="model",
             )
 
+    def admit(self, body):
+        """A generation request's checks, in order: its own fields, the model's name, readiness.
+        Returns the loaded model."""
+        body.check()
+        self.check_model(body.model)
+        return self.require_ready()
+
     def require_ready(self):
         if self.host.state == "failed":
             raise APIError(503, f"the model failed to load: {self.host.error}", code="model_load_failed")

@@ -13,24 +13,21 @@ from fastapi import APIRouter, Request
 import tandem
 from tandem.server.errors import bad_request
 from tandem.server.ollama_routes import DEFAULTS
+from tandem.server.openai_routes import server_of
 
 router = APIRouter(prefix="/api")
 
 
-def _server(request: Request):
-    return request.app.state.server
-
-
 @router.get("/tags")
 async def tags(request: Request) -> dict:
-    server = _server(request)
+    server = server_of(request)
     entry = _model_entry(server)
     return {"models": [{"name": entry["model"], **entry}]}
 
 
 @router.get("/ps")
 async def ps(request: Request) -> dict:
-    server = _server(request)
+    server = server_of(request)
     if not server.host.ready:
         return {"models": []}
     entry = _model_entry(server)
@@ -51,7 +48,7 @@ async def show(request: Request) -> dict:
     name = body.get("model") or body.get("name") if isinstance(body, dict) else None
     if not isinstance(name, str):
         raise bad_request("model is required", param="model")
-    server = _server(request)
+    server = server_of(request)
     server.check_model(name)
     loaded = server.require_ready()
     entry = _model_entry(server)

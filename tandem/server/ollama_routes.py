@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tandem.engine.sampling import SamplingParams
 from tandem.server.errors import bad_request
-from tandem.server.openai_routes import collect_text, tokenize_prompt
+from tandem.server.openai_routes import collect_text, server_of, tokenize_prompt
 
 router = APIRouter(prefix="/api")
 
@@ -109,20 +109,14 @@ class GenerateBody(OllamaRequest):
             raise bad_request("suffix is not supported", param="suffix")
 
 
-def _server(request: Request):
-    return request.app.state.server
-
-
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 @router.post("/chat")
 async def chat(body: ChatBody, request: Request):
-    server = _server(request)
-    body.check()
-    server.check_model(body.model)
-    loaded = server.require_ready()
+    server = server_of(request)
+    loaded = server.admit(body)
     if not body.messages:  # Ollama's way to load a model: nothing to say
         return {
             "model": body.model,
@@ -144,10 +138,8 @@ async def chat(body: ChatBody, request: Request):
 
 @router.post("/generate")
 async def generate(body: GenerateBody, request: Request):
-    server = _server(request)
-    body.check()
-    server.check_model(body.model)
-    loaded = server.require_ready()
+    server = server_of(request)
+    loaded = server.admit(body)
     if not body.prompt:
         return {
             "model": body.model,

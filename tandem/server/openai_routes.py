@@ -20,13 +20,14 @@ from tandem.server.openai_protocol import ChatRequest, CompletionRequest, finish
 router = APIRouter(prefix="/v1")
 
 
-def _server(request: Request):
+def server_of(request: Request):
+    """The Server behind a route (tandem.server.app)."""
     return request.app.state.server
 
 
 @router.get("/models")
 async def list_models(request: Request) -> dict:
-    server = _server(request)
+    server = server_of(request)
     return {
         "object": "list",
         "data": [{"id": server.model_id, "object": "model", "created": server.created, "owned_by": "tandem"}],
@@ -35,10 +36,8 @@ async def list_models(request: Request) -> dict:
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request):
-    server = _server(request)
-    body.check()
-    server.check_model(body.model)
-    loaded = server.require_ready()
+    server = server_of(request)
+    loaded = server.admit(body)
     conversation = body.conversation()
     from tandem.cli.common import chat_prompt_ids
 
@@ -69,10 +68,8 @@ async def chat_completions(body: ChatRequest, request: Request):
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
-    server = _server(request)
-    body.check()
-    server.check_model(body.model)
-    loaded = server.require_ready()
+    server = server_of(request)
+    loaded = server.admit(body)
     prompt = body.prompt_text_or_ids()
     from tandem.cli.common import encode_prompt
 
