@@ -14,7 +14,7 @@ TileShape choose_tiles(int64_t total_rows, int64_t n_tok, int threads) {
     // prepared activations are at most 32 * 292 bytes per 256 columns.
     int64_t rows = total_rows / (8 * static_cast<int64_t>(threads));
     rows = std::clamp<int64_t>((rows + 15) / 16 * 16, 16, 256);
-    return TileShape{rows, std::min<int64_t>(std::max<int64_t>(n_tok, 1), 32)};
+    return TileShape{rows, std::min<int64_t>(std::max<int64_t>(n_tok, 1), 64)};
 }
 
 LinearOp::LinearOp(std::shared_ptr<ThreadPool> pool, const VariantKernels& kernels, WeightMatrix weight,

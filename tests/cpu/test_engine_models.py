@@ -107,6 +107,10 @@ LLAMA_CPP_GREEDY = {
 # and logits by tenths of a nat: Gemma's 12th token, 0.17 nats ahead of the runner-up in
 # one build, was 0.14 behind it in another. A wrong model misses by whole nats.
 NEAR_TIE_NATS = 0.25
+# Two exact kernels for the same prompt pass (the per-row and the 16-row tiled dots, whose
+# integer sums are equal and whose float sums differ in order) moved one of Gemma's top-two
+# margins by 0.26 nats; between a decode step and a prompt pass the paths differ more.
+SWING_NATS = 0.5
 
 
 @pytest.mark.parametrize("model", ["qwen", "gemma"])
@@ -122,10 +126,20 @@ def test_real_models_on_the_engine_follow_llama_cpp(model, request):
     assert (behind <= NEAR_TIE_NATS).all(), behind.tolist()
     assert (behind == 0).sum() >= len(cont) - 1  # at most one near tie goes the other way
     # Generation itself: greedy decoding through the engine's cache reproduces the prefix
-    # up to the first near tie.
-    first_tie = int((behind > 0).nonzero()[0]) if (behind > 0).any() else len(cont)
+    # up to the first position whose top two logits lie within SWING_NATS: decode steps take
+    # other kernels than this prompt-sized pass, and their roundings move such margins.
+    top2 = logits.topk(2, dim=-1).values
+    near = (behind > 0) | (top2[:, 0] - top2[:, 1] <= SWING_NATS)
+    first_tie = int(near.nonzero()[0]) if near.any() else len(cont)
     result = prefill_and_generate(loaded.model, loaded.tokenizer, prompt, 16)
     assert result.token_ids[:first_tie] == cont[:first_tie]
+    # And every generated token is one the whole sequence's prompt pass ranks first, or
+    # within SWING_NATS of first.
+    with torch.inference_mode():
+        full = loaded.model(input_ids=torch.tensor([prompt + result.token_ids])).logits[0, len(prompt) - 1 : -1]
+    gen = torch.tensor(result.token_ids)
+    gen_behind = full.max(-1).values - full[torch.arange(len(gen)), gen]
+    assert (gen_behind <= SWING_NATS).all(), gen_behind.tolist()
 
 
 def test_torch_takes_one_thread_for_decode_steps_and_all_for_prefill(tiny_dir):

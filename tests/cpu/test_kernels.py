@@ -26,7 +26,9 @@ from tests.random_quant import random_blocks
 VARIANTS = _testable_variants()
 TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 # (rows, blocks per row, tokens): single rows and tokens, odd counts, and a long row.
-SHAPES = [(1, 1, 1), (5, 3, 1), (7, 2, 33), (3, 8, 4)]
+# With 8 tokens or more, AVX-512 VNNI takes the 16-row tiled kernels (dot_tiled.inc):
+# a partial tile of rows, a token remainder, and rows longer than one 1024-column chunk.
+SHAPES = [(1, 1, 1), (5, 3, 1), (7, 2, 33), (3, 8, 4), (37, 5, 20), (18, 40, 9)]
 
 
 FLOAT_DTYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
