@@ -136,7 +136,9 @@ def test_real_models_on_the_engine_follow_llama_cpp(model, request):
     # And every generated token is one the whole sequence's prompt pass ranks first, or
     # within SWING_NATS of first.
     with torch.inference_mode():
-        full = loaded.model(input_ids=torch.tensor([prompt + result.token_ids])).logits[0, len(prompt) - 1 : -1]
+        full = loaded.model(input_ids=torch.tensor([prompt + result.token_ids])).logits[
+            0, len(prompt) - 1 : -1
+        ]
     gen = torch.tensor(result.token_ids)
     gen_behind = full.max(-1).values - full[torch.arange(len(gen)), gen]
     assert (gen_behind <= SWING_NATS).all(), gen_behind.tolist()
