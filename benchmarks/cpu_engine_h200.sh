@@ -7,7 +7,7 @@
 # (the embedded model's tokenizer alone) carried, $OUT set. SKIP_TESTS=1 skips the tests;
 # PROFILE=1 adds the prefill-kernel crossover, a prompt and a decode profile and the MoE
 # op alone. AB names an environment setting for a second tandem run (default: the fused
-# decode layers off).
+# decode layers off; AB=none: no second run).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 THREADS=${THREADS:-16}; LAYERS=${LAYERS:-48}; NP=${NP:-512}; NG=${NG:-32}; R=${R:-2}
@@ -40,9 +40,11 @@ log "tandem bench"
 timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" --json > "$OUT/tandem_bench.txt" 2>&1
 log "tandem bench rc=$?"; tail -8 "$OUT/tandem_bench.txt" | tee -a "$OUT/steps.log"
 AB=${AB:-TANDEM_CPU_FUSED_DECODE=0}
+if [ "$AB" != none ]; then
 log "tandem bench, $AB"
 env "$AB" timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" --json \
   2>&1 | tail -1 | tee -a "$OUT/steps.log"
+fi
 if [ -n "${PROFILE:-}" ]; then
 log "prefill kernels against the dot kernels, one linear layer"
 for shape in "2048 2048" "768 2048"; do

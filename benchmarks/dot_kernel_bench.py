@@ -1,10 +1,13 @@
-"""Weights per cycle of one dot kernel on one thread, weights in cache: is decode compute-bound?
+"""Weights per second of one dot kernel on one thread, weights in cache, for a range of token counts.
 
-python benchmarks/dot_kernel_bench.py [GHZ]
-Times the engine's dot_rows for one token against 512 rows × 2048 columns of each
-weight type (well inside L2), on the calling thread, and prints weights per second
-and per cycle at GHZ (default 3.0). A kernel that reads fewer bytes per second than
-one core's share of the machine's read bandwidth here cannot keep up at decode.
+python benchmarks/dot_kernel_bench.py [GHZ] [TOKENS,...] [VARIANT]
+Times the engine's dot_rows (activation preparation included) against 512 rows × 2048
+columns of Q4_K, Q6_K, Q5_0 and Q8_0 (well inside L2), on the calling thread, for each
+token count (default 1,8,16,32,64), and prints multiply-adds per second and per cycle at
+GHZ (default 3.0). At one token it shows whether decode can be compute-bound (a kernel
+reading fewer bytes per second than one core's share of the read bandwidth cannot keep
+up); at several, where the 16-row tiled kernels of AVX-512 VNNI take over from the
+per-row ones (dot_tiled.inc: each type's kMinTokens).
 """
 
 from __future__ import annotations
@@ -18,30 +21,55 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from tandem.cpu.engine import CPUEngine, _native
 
 ROWS, COLS = 512, 2048
+TYPES = (
+    GGMLQuantizationType.Q4_K,
+    GGMLQuantizationType.Q6_K,
+    GGMLQuantizationType.Q5_0,
+    GGMLQuantizationType.Q8_0,
+)
+
+
+def random_weights(t: GGMLQuantizationType) -> torch.Tensor:
+    block, size = GGML_QUANT_SIZES[t]
+    w = torch.randint(
+        0, 255, (ROWS * COLS // block * size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    scale_byte = {GGMLQuantizationType.Q6_K: size - 1, GGMLQuantizationType.Q4_K: 1}.get(t, 1)
+    w.view(-1, size)[:, scale_byte] = 0x3C  # keep the fp16 scales finite
+    if t == GGMLQuantizationType.Q4_K:
+        w.view(-1, size)[:, 3] = 0x3C
+    return w
+
+
+def seconds_per_call(args: tuple, n_tok: int) -> float:
+    for _ in range(3):
+        _native().dot_rows(*args)
+    best = float("inf")
+    for _ in range(7):
+        reps = max(3, 200 // n_tok)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            _native().dot_rows(*args)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
 
 
 def main() -> None:
     ghz = float(sys.argv[1]) if len(sys.argv) > 1 else 3.0
-    kernels = CPUEngine(threads=1).kernels
-    x = torch.randn(1, COLS)
-    out = torch.empty(1, ROWS)
-    for t in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K, GGMLQuantizationType.Q8_0):
-        block, size = GGML_QUANT_SIZES[t]
-        w = torch.randint(0, 255, (ROWS * COLS // block * size,), dtype=torch.uint8)
-        if t == GGMLQuantizationType.Q8_0:  # keep the f16 scales finite
-            w.view(-1, size)[:, 1] = 0x3C
-        args = (kernels, int(t), w.data_ptr(), ROWS, COLS, x.data_ptr(), 1, out.data_ptr())
-        for _ in range(50):
-            _native().dot_rows(*args)
-        n, t0 = 400, time.perf_counter()
-        for _ in range(n):
-            _native().dot_rows(*args)
-        seconds = (time.perf_counter() - t0) / n
-        rate = ROWS * COLS / seconds
-        print(
-            f"{t.name}: {seconds * 1e6:7.1f} us per call, {rate / 1e9:5.2f} G weights/s, "
-            f"{rate / (ghz * 1e9):4.2f} weights/cycle at {ghz} GHz, {w.numel() / seconds / 1e9:5.2f} GB/s"
-        )
+    tokens = [int(n) for n in sys.argv[2].split(",")] if len(sys.argv) > 2 else [1, 8, 16, 32, 64]
+    variant = sys.argv[3] if len(sys.argv) > 3 else CPUEngine(threads=1).kernels
+    print(f"variant {variant}, {ROWS} x {COLS}, one thread; G multiply-adds/s (per cycle at {ghz} GHz)")
+    for t in TYPES:
+        w = random_weights(t)
+        cells = []
+        for n in tokens:
+            x, out = torch.randn(n, COLS), torch.empty(n, ROWS)
+            seconds = seconds_per_call(
+                (variant, int(t), w.data_ptr(), ROWS, COLS, x.data_ptr(), n, out.data_ptr()), n
+            )
+            rate = ROWS * COLS * n / seconds
+            cells.append(f"{n}: {rate / 1e9:6.1f} ({rate / (ghz * 1e9):4.1f})")
+        print(f"{t.name:5s} " + "  ".join(cells))
 
 
 if __name__ == "__main__":
