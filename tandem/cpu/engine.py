@@ -28,6 +28,10 @@ _KERNEL_TABLE = {"amx": "avx512", "avx512": "avx512", "avx2": "avx2", "generic":
 # serves enough tokens to pay for itself (benchmarks/gemm_crossover.py).
 GEMM_MIN_TOKENS_ENV = "TANDEM_CPU_GEMM_MIN_TOKENS"
 DEFAULT_GEMM_MIN_TOKENS = 32
+# With the avx512 kernels the dot path takes 16-row tiled VNNI kernels for prompt-sized
+# calls; on the 16-core Sapphire Rapids machine they beat the AMX-BF16 path up to 64 tokens
+# on a 2048 × 2048 Q4_K/Q6_K matrix and up to 512 on a 768 × 2048 one (BENCHMARKS.md).
+DEFAULT_GEMM_MIN_TOKENS_TILED = 128
 
 # How long the pool's idle workers spin before parking, microseconds. Between
 # two engine calls of a decode step torch runs on the calling thread alone, so
@@ -72,7 +76,8 @@ class CPUEngine:
         if self.prefill and self.prefill not in _native().gemm_built():
             raise TandemError(f"prefill kernels {self.prefill!r} are not built into tandem._cpu")
         if gemm_min_tokens is None:
-            gemm_min_tokens = _int_env(GEMM_MIN_TOKENS_ENV, DEFAULT_GEMM_MIN_TOKENS, 1, 1 << 30)
+            default = DEFAULT_GEMM_MIN_TOKENS_TILED if self.kernels == "avx512" else DEFAULT_GEMM_MIN_TOKENS
+            gemm_min_tokens = _int_env(GEMM_MIN_TOKENS_ENV, default, 1, 1 << 30)
         if gemm_min_tokens < 1:
             raise TandemError(f"gemm_min_tokens must be at least 1, got {gemm_min_tokens}")
         self.gemm_min_tokens = gemm_min_tokens
