@@ -4,7 +4,8 @@ python benchmarks/profile_decode.py MODEL.gguf THREADS [TOKENS [PROMPT_TOKENS]]
 Times every module's forward with perf_counter (hooks, so nested modules count
 inside their parents) over TOKENS decode steps after a prompt of PROMPT_TOKENS
 (default 5) and prints milliseconds per token. TOKENS 0 profiles the prompt
-pass itself instead (a second one, on a fresh cache, after one that warms up).
+pass itself instead (a second one, on a fresh cache, after one that warms up);
+PROFILE_OPS=1 then adds torch's own operators in a third.
 Decoder layers that run fused (tandem.ops.decode_layer_cpu) are timed by the engine
 instead, phase by phase, without hooks; PROFILE_HOOKS=1 hooks them too.
 """
@@ -67,6 +68,12 @@ def main() -> None:
         )
         for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1])[:14]:
             print(f"  {name:32} {seconds * 1e3:8.1f} ms")
+        if os.environ.get("PROFILE_OPS"):  # torch's own operators in one more prompt pass
+            from torch.profiler import ProfilerActivity, profile
+
+            with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+                model(input_ids=token, past_key_values=new_cache(model), use_cache=True, logits_to_keep=1)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
         return
     cache = new_cache(model)
     with torch.inference_mode():

@@ -21,6 +21,7 @@
 #include "engine/gemm_path.h"
 #include "engine/linear_op.h"
 #include "engine/moe_op.h"
+#include "engine/rope.h"
 #include "engine/thread_pool.h"
 #include "engine/weight_matrix.h"
 
@@ -193,6 +194,33 @@ void bind_engine(nb::module_& m) {
             pool.rest();  // many rows: prefill, torch runs next
         },
         "out = x / sqrt(mean(x^2) + eps) * w per row of n floats (out may be x); the pool takes many rows.");
+    m.def(
+        "rope_half",
+        [](ThreadPool& pool, uintptr_t x, uintptr_t out, uintptr_t cos, uintptr_t sin, int64_t batch, int64_t heads,
+           int64_t tokens, int64_t d, int64_t x_b, int64_t x_h, int64_t x_t, int64_t out_b, int64_t out_h,
+           int64_t out_t, int64_t cs_b) {
+            if (batch < 1 || heads < 1 || tokens < 1 || d < 2 || d % 2 != 0)
+                throw std::invalid_argument("rope_half: bad shape");
+            RopeArgs a;
+            a.x = ptr<const float>(x);
+            a.out = ptr<float>(out);
+            a.cos = ptr<const float>(cos);
+            a.sin = ptr<const float>(sin);
+            a.batch = batch;
+            a.heads = heads;
+            a.tokens = tokens;
+            a.d = d;
+            a.x_b = x_b;
+            a.x_h = x_h;
+            a.x_t = x_t;
+            a.out_b = out_b;
+            a.out_h = out_h;
+            a.out_t = out_t;
+            a.cs_b = cs_b;
+            nb::gil_scoped_release release;
+            rope_half(pool, a);
+        },
+        "out = x cos + rotate_half(x) sin for x [B, H, T, D] (element strides, D contiguous), cos/sin [B|1, T, D].");
     m.def(
         "attention_decode",
         [](ThreadPool& pool, const std::string& variant, uintptr_t q, int64_t n_q_heads, int64_t d, uintptr_t k,

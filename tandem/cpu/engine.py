@@ -116,6 +116,47 @@ class CPUEngine:
         )
         return out
 
+    def rope_half(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+        """x · cos + rotate_half(x) · sin for x [B, H, T, D] float32 CPU (D contiguous, any other
+        strides) and cos, sin [B or 1, T, D] contiguous float32; None outside that form."""
+        if (
+            x.dim() != 4
+            or cos.dim() != 3
+            or cos.shape != sin.shape
+            or cos.shape[0] not in (1, x.shape[0])
+            or cos.shape[1:] != (x.shape[2], x.shape[3])
+            or x.shape[3] % 2
+            or x.numel() == 0
+            or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (x, cos, sin))
+            or x.stride(3) != 1
+            or not cos.is_contiguous()
+            or not sin.is_contiguous()
+        ):
+            return None
+        out = torch.empty_like(x)  # same strides as x where x is dense
+        if out.stride(3) != 1:
+            return None
+        b, h, t, d = x.shape
+        _native().rope_half(
+            self.pool,
+            x.data_ptr(),
+            out.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            b,
+            h,
+            t,
+            d,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            t * d if cos.shape[0] > 1 else 0,
+        )
+        return out
+
     def attention_decode(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor | None:

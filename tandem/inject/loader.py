@@ -19,6 +19,7 @@ from tandem.ops.attention_cpu import ENGINE_FLAG
 from tandem.ops.attention_cpu import IMPLEMENTATION as CPU_ATTENTION
 from tandem.ops.base import TandemModule
 from tandem.ops.decode_layer_cpu import fuse_decoder_layers
+from tandem.ops.rope_cpu import install as install_engine_rope
 from tandem.weights.arch import get_architecture
 from tandem.weights.gguf_file import GGUFFile
 from tandem.weights.safetensors_source import SafetensorsWeights
@@ -122,6 +123,7 @@ def optimize_and_load(
     if any(getattr(m, "backend", None) == "engine" for m in model.modules()):
         install_decode_threads(model)
         setattr(model.config, ENGINE_FLAG, True)  # decode attention on the engine too
+        install_engine_rope(model)  # a prompt's RoPE too
         model._tandem_decode_layers = fuse_decoder_layers(model)  # each decode layer in one native call
     return placements
 
