@@ -5,8 +5,8 @@
 # one Qwen3-30B-A3B-shaped Q4_K_M file from tandem synth, same threads.
 # Expects .whl/gguf-*.whl, .whl/llamacpp-cpu-src.tar.xz and .whl/qwen25-tokenizer.gguf
 # (the embedded model's tokenizer alone) carried, $OUT set. SKIP_TESTS=1 skips the tests;
-# PROFILE=1 adds the prefill-kernel crossover, a prompt and a decode profile and the MoE
-# op alone. AB names an environment setting for a second tandem run (default: the fused
+# PROFILE=1 adds a prompt and a decode profile and the MoE op alone; CROSSOVER=1 the
+# prefill kernels against the dot kernels on one matrix. AB names an environment setting for a second tandem run (default: the fused
 # decode layers off; AB=none: no second run).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -27,7 +27,8 @@ python -m tandem doctor | head -3 >> "$OUT/steps.log" 2>&1
 if [ -z "${SKIP_TESTS:-}" ]; then
 log "tests"
 timeout 240 python -m pytest -v -p no:cacheprovider tests/cpu/test_kernels.py tests/cpu/test_engine_ops.py \
-  tests/cpu/test_gemm.py tests/cpu/test_decode_layer.py tests/engine/test_kv_cache.py > "$OUT/tests.log" 2>&1; log "tests rc=$?"; grep -v PASSED "$OUT/tests.log" | tail -40 >> "$OUT/steps.log"
+  tests/cpu/test_gemm.py tests/cpu/test_decode_layer.py tests/engine/test_kv_cache.py tests/cpu/test_rope.py \
+  tests/cpu/test_dequant_rows.py > "$OUT/tests.log" 2>&1; log "tests rc=$?"; grep -v PASSED "$OUT/tests.log" | tail -40 >> "$OUT/steps.log"
 grep -c "amx\] PASSED" "$OUT/tests.log" | sed 's/^/amx prefill tests passed: /' >> "$OUT/steps.log"
 fi
 # Nothing else may run while either tool is timed: a compile beside the engine's pinned
@@ -45,14 +46,16 @@ log "tandem bench, $AB"
 env "$AB" timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" --json \
   2>&1 | tail -1 | tee -a "$OUT/steps.log"
 fi
-if [ -n "${PROFILE:-}" ]; then
+if [ -n "${CROSSOVER:-}" ]; then
 log "prefill kernels against the dot kernels, one linear layer"
 for shape in "2048 2048" "768 2048"; do
   timeout 120 python benchmarks/gemm_crossover.py "$THREADS" $shape >> "$OUT/steps.log" 2>&1
 done
+fi
+if [ -n "${PROFILE:-}" ]; then
 log "prompt profile"
-timeout 120 python -c "import tandem, runpy, sys; sys.argv = ['p', '/tmp/q3.gguf', '$THREADS', '0', '$NP']; runpy.run_path('benchmarks/profile_decode.py', run_name='__main__')" \
-  2>&1 | grep -v Warn | tail -12 >> "$OUT/steps.log"
+PROFILE_OPS=1 timeout 150 python benchmarks/profile_decode.py /tmp/q3.gguf "$THREADS" 0 "$NP" \
+  2>&1 | grep -v -i warn | tail -26 >> "$OUT/steps.log"
 log "moe op alone"
 timeout 120 python benchmarks/moe_op_bench.py /tmp/q3.gguf "$THREADS" 20 >> "$OUT/steps.log" 2>&1
 log "profile"
