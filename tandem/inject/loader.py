@@ -11,6 +11,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from tandem.cpu.heap import retain_freed_memory
 from tandem.cpu.torch_threads import install_decode_threads
 from tandem.errors import UnsupportedError, WeightError
 from tandem.inject.injector import Placement, inject
@@ -122,6 +123,7 @@ def optimize_and_load(
     load_weights(model, weights, devices, progress)
     if any(getattr(m, "backend", None) == "engine" for m in model.modules()):
         install_decode_threads(model)
+        retain_freed_memory()  # a prompt's torch ops reuse freed buffers instead of faulting in new ones
         setattr(model.config, ENGINE_FLAG, True)  # decode attention on the engine too
         install_engine_rope(model)  # a prompt's RoPE too
         model._tandem_decode_layers = fuse_decoder_layers(model)  # each decode layer in one native call
