@@ -22,6 +22,7 @@
 #include "engine/linear_op.h"
 #include "engine/moe_op.h"
 #include "engine/rope.h"
+#include "engine/router.h"
 #include "engine/thread_pool.h"
 #include "engine/weight_matrix.h"
 
@@ -194,6 +195,17 @@ void bind_engine(nb::module_& m) {
             pool.rest();  // many rows: prefill, torch runs next
         },
         "out = x / sqrt(mean(x^2) + eps) * w per row of n floats (out may be x); the pool takes many rows.");
+    m.def(
+        "softmax_top_k",
+        [](ThreadPool& pool, uintptr_t logits, int64_t n, int64_t n_experts, int64_t k, bool renormalize,
+           uintptr_t ids, uintptr_t weights) {
+            if (n < 0 || n_experts < 1 || k < 1 || k > n_experts)
+                throw std::invalid_argument("softmax_top_k: need 1 <= k <= n_experts");
+            nb::gil_scoped_release release;
+            softmax_top_k_rows(pool, ptr<const float>(logits), n, n_experts, k, renormalize, ptr<int64_t>(ids),
+                               ptr<float>(weights));
+        },
+        "Per row of logits [n, E]: softmax, the top k (ties to the lower id), optionally renormalised.");
     m.def(
         "rope_half",
         [](ThreadPool& pool, uintptr_t x, uintptr_t out, uintptr_t cos, uintptr_t sin, int64_t batch, int64_t heads,

@@ -8,6 +8,7 @@
 #include "engine/activations.h"
 #include "engine/attention_decode.h"
 #include "engine/linear_op.h"
+#include "engine/router.h"
 
 namespace tandem {
 namespace {
@@ -143,28 +144,9 @@ void DecodeLayer::feed_forward(const float* h, float* out) {
         gemv(h, {{&s.gate, g_.data()}, {&s.up, u_.data()}});
     } else {
         // Router: softmax over all experts, the top k (ties to the lower id), renormalised.
-        const int64_t E = s.experts->n_experts();
         gemv(h, {{&s.router, logits_.data()}});  // (the ffn norm before it counts here too)
-        const float top = *std::max_element(logits_.begin(), logits_.end());
-        float sum = 0.0f;
-        for (int64_t e = 0; e < E; ++e) sum += (logits_[e] = std::exp(logits_[e] - top));
-        float picked = 0.0f;
-        for (int64_t j = 0; j < s.top_k; ++j) {
-            int64_t best = -1;
-            for (int64_t e = 0; e < E; ++e)
-                if (logits_[e] >= 0.0f && (best < 0 || logits_[e] > logits_[best])) best = e;
-            if (best < 0) {  // NaN logits: the slot stays empty (the MoE op skips id -1)
-                ids_[j] = -1;
-                weights_[j] = 0.0f;
-                continue;
-            }
-            ids_[j] = best;
-            weights_[j] = logits_[best] / sum;
-            picked += weights_[j];
-            logits_[best] = -1.0f;  // taken
-        }
-        if (s.renormalize && picked > 0.0f)
-            for (int64_t j = 0; j < s.top_k; ++j) weights_[j] /= picked;
+        softmax_top_k(logits_.data(), s.experts->n_experts(), s.top_k, s.renormalize, logits_.data(), ids_.data(),
+                      weights_.data());
         MoECall call;
         call.n_tok = 1;
         call.top_k = s.top_k;

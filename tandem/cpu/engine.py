@@ -116,6 +116,28 @@ class CPUEngine:
         )
         return out
 
+    def softmax_top_k(
+        self, logits: torch.Tensor, k: int, renormalize: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per row of logits [n, E] (contiguous float32 CPU): softmax, the k most probable experts
+        (ties to the lower id, falling order), optionally renormalised -> weights [n, k] float32,
+        ids [n, k] int64 (-1 where a NaN row left nothing to pick); None outside that form."""
+        if (
+            logits.dim() != 2
+            or logits.dtype != torch.float32
+            or logits.device.type != "cpu"
+            or not logits.is_contiguous()
+            or not 1 <= k <= logits.shape[1]
+        ):
+            return None
+        n, experts = logits.shape
+        weights = torch.empty(n, k, dtype=torch.float32)
+        ids = torch.empty(n, k, dtype=torch.int64)
+        _native().softmax_top_k(
+            self.pool, logits.data_ptr(), n, experts, k, renormalize, ids.data_ptr(), weights.data_ptr()
+        )
+        return weights, ids
+
     def rope_half(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
         """x · cos + rotate_half(x) · sin for x [B, H, T, D] float32 CPU (D contiguous, any other
         strides) and cos, sin [B or 1, T, D] contiguous float32; None outside that form."""
@@ -240,6 +262,7 @@ class EngineLinear:
         if len(weight.shape) != 2:
             raise ValueError(f"tensor {weight.name!r}: a linear weight is 2-D, got {list(weight.shape)}")
         _check_type(engine, weight)
+        self.engine = engine
         self.weight = weight  # keeps the blocks alive for the native op
         self.out_features, self.in_features = weight.shape
         data = weight.data.contiguous()

@@ -90,13 +90,24 @@ class SoftmaxTopKRouter(_Router):
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.logits(hidden)  # [T, E]
-        probs = torch.softmax(logits, dim=-1)
-        top_w, top_i = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
-        if self.renormalize:
-            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        picked = self._engine_top_k(logits)
+        if picked is not None:
+            top_w, top_i = picked
+        else:
+            probs = torch.softmax(logits, dim=-1)
+            top_w, top_i = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+            if self.renormalize:
+                top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         if self.cast_back:
             top_w = top_w.to(hidden.dtype)
         return _back(hidden, logits, top_w, top_i)
+
+    def _engine_top_k(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A prompt's routing on the engine, where its logits come from (the same arithmetic as
+        torch's softmax and topk, in one pass per token; ties go to the lower expert id)."""
+        if self._engine_linear is None or logits.shape[0] < 2:
+            return None
+        return self._engine_linear.engine.softmax_top_k(logits, self.top_k, self.renormalize)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, renormalize={self.renormalize}"
