@@ -57,11 +57,15 @@ void LinearOp::forward_gemm(const float* x, int64_t n_tok, int64_t x_stride, flo
     const GemmKernels& g = *gemm_.kernels;
     if (packed_.size() < gemm_act_elems(n_tok, w.cols)) packed_.resize(gemm_act_elems(n_tok, w.cols));
     pack_for_gemm(*pool_, g, x, x_stride, nullptr, n_tok, w.cols, packed_.data());
-    gemm_scratch_.reserve(pool_->size(), w.cols);
-    pool_->parallel_for((w.rows + kGemmRows - 1) / kGemmRows, [&](int64_t i, int thread) {
-        const int64_t r0 = i * kGemmRows;
-        gemm_rows(g, gemm_scratch_, thread, w, w.data, r0, std::min(kGemmRows, w.rows - r0), packed_.data(), n_tok,
-                  out, w.rows);
+    // Row blocks of several tiles, but at least two blocks per thread.
+    const int64_t tiles = (w.rows + kGemmRows - 1) / kGemmRows;
+    const int64_t per_block = std::clamp<int64_t>(tiles / (2 * pool_->size()), 1, gemm_block_tiles(w.cols));
+    const int64_t block_rows = per_block * kGemmRows;
+    gemm_scratch_.reserve(pool_->size(), w.cols, static_cast<int>(per_block));
+    pool_->parallel_for((w.rows + block_rows - 1) / block_rows, [&](int64_t i, int thread) {
+        const int64_t r0 = i * block_rows;
+        gemm_row_block(g, gemm_scratch_, thread, w, w.data, r0, std::min(block_rows, w.rows - r0), packed_.data(),
+                       n_tok, out, w.rows);
     });
 }
 

@@ -88,13 +88,15 @@ def prefill_engine(name: str, threads: int, min_tokens: int) -> CPUEngine:
 @pytest.mark.parametrize("name", PREFILL)
 @pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q6_K, T.Q8_0, T.F16], ids=lambda t: t.name)
 @pytest.mark.parametrize("n", [40, 130])
-def test_linear_op_takes_the_prefill_path_from_its_threshold(name, ggml_type, n):
+# (rows, cols, threads): one tile per task; and row blocks of two tiles (the last one partial)
+# against token blocks of 32 (cols 4096), the last one of 2 tokens.
+@pytest.mark.parametrize("rows,cols,threads", [(100, 512, 3), (300, 4096, 1)])
+def test_linear_op_takes_the_prefill_path_from_its_threshold(name, ggml_type, n, rows, cols, threads):
     from tandem.quant.quant_tensor import QuantTensor
 
-    rows, cols = 100, 512
     blocks = weights(ggml_type, rows, cols, seed=n)
     x = activations(n, cols, seed=n + 1)
-    engine = prefill_engine(name, threads=3, min_tokens=32)
+    engine = prefill_engine(name, threads=threads, min_tokens=32)
     linear = engine.linear(QuantTensor(blocks, ggml_type, (rows, cols), "blk.0.w"))
     assert_within_bf16_bounds(linear(x), blocks, ggml_type, rows, x)
     # Below the threshold the same op takes the 8-bit dot kernels: their exact reference holds.
