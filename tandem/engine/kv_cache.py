@@ -6,10 +6,12 @@ them in buffers with spare room that double when full, so an append copies only
 the new rows, and the fused CPU decode layers (tandem.ops.decode_layer_cpu) write
 a step's key and value straight into the buffer.
 
-Sliding-window layers become growable layers too and keep every position: the
-attention mask Hugging Face builds for them (and the fused layers' own window)
-limits what attention reads, and the fused layers can write into them. The cost
-is memory: such a layer holds the whole context, not the last window.
+Sliding-window layers become WindowLayers: they keep the last window - 1 positions
+(what the next query can see) plus a margin, as Hugging Face's DynamicSlidingWindowLayer
+does, and hand attention the same keys and values and mask sizes. When the margin is
+used up, the last window - 1 positions move to the front of the buffer: one copy of a
+window per HEADROOM tokens, where DynamicSlidingWindowLayer concatenates every step.
+The fused layers write into them too, at a buffer index that is no longer the position.
 """
 
 from __future__ import annotations
@@ -92,6 +94,10 @@ class GrowingLayer(DynamicLayer):
         self.length = end
         return self.keys, self.values
 
+    def attended(self) -> int:
+        """Cached positions the next query's attention reads (all of them here)."""
+        return self.length
+
     def next_row(self, n_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Buffers (float32, batch 1) with room for one more position, and that position.
 
@@ -140,9 +146,135 @@ class GrowingLayer(DynamicLayer):
             self._replace(self.keys.index_select(0, beam_idx), self.values.index_select(0, beam_idx))
 
 
+class WindowLayer(GrowingLayer):
+    """A sliding-window layer: DynamicSlidingWindowLayer's contract over a GrowingLayer's buffer.
+
+    `length` counts the positions in the buffer (its last ones are the newest),
+    `cumulative_length` every position seen. Attention gets the last
+    min(cumulative, window - 1) cached positions and the new ones, as Hugging Face's
+    layer returns and its mask sizes say.
+    """
+
+    is_sliding = True
+
+    def __init__(self, sliding_window: int):
+        super().__init__()
+        if sliding_window < 2:
+            raise ValueError(f"sliding window of {sliding_window} positions: at least 2 expected")
+        self.sliding_window = sliding_window
+        self.cumulative_length = 0
+
+    def _kept(self) -> int:
+        return min(self.length, self.sliding_window - 1)
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, self.length - self._kept() : self.length]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        GrowingLayer.keys.fset(self, value)
+        self.cumulative_length = self.length
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, self.length - self._kept() : self.length]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        GrowingLayer.values.fset(self, value)
+
+    def _make_room(self, n: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        """Room for n more positions: first by dropping positions no query will see again."""
+        if (
+            self._k is not None
+            and self.length + n > self._k.shape[2]
+            and self.length > self.sliding_window - 1
+        ):
+            keep = self.sliding_window - 1
+            self._k[:, :, :keep] = self._k[:, :, self.length - keep : self.length].clone()
+            self._v[:, :, :keep] = self._v[:, :, self.length - keep : self.length].clone()
+            self.length = keep
+        self._reserve(self.length + n, like_k, like_v)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        visible = self._kept() + n
+        self._make_room(n, key_states, value_states)
+        end = self.length + n
+        self._k[:, :, self.length : end] = key_states
+        self._v[:, :, self.length : end] = value_states
+        self.length = end
+        self.cumulative_length += n
+        return self._k[:, :, end - visible : end], self._v[:, :, end - visible : end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Hugging Face's rule: the keys a query sees and the position of the first."""
+        window = self.sliding_window
+        offset = max(self.cumulative_length - window + 1, 0)
+        if self.cumulative_length >= window:
+            return window - 1 + query_length, offset
+        return self.cumulative_length + query_length, offset
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
+
+    def attended(self) -> int:
+        return self._kept()
+
+    def next_row(self, n_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        like = torch.empty(1, n_kv_heads, 0, head_dim, dtype=torch.float32)
+        if not self.is_initialized:
+            self.lazy_initialization(like, like)
+        self._make_room(1, like, like)
+        return self._k, self._v, self.length
+
+    def advance(self) -> None:
+        self.length += 1
+        self.cumulative_length += 1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of tokens to remove")
+        if (
+            tokens_to_remove
+            and self.cumulative_length + tokens_to_remove < self.cumulative_length - self._kept()
+        ):
+            raise ValueError("a sliding-window layer cannot go back past the positions it kept")
+        if self.is_initialized and tokens_to_remove:
+            self.length += tokens_to_remove
+            self.cumulative_length += tokens_to_remove
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = 0
+
+    def _replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        seen = self.cumulative_length  # (the batch operations keep the positions)
+        super()._replace(keys, values)
+        self.cumulative_length = seen
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.cumulative_length = 0
+
+
 def new_cache(model: torch.nn.Module) -> DynamicCache:
-    """An empty cache for `model`: layer kinds from its config, attention layers growable."""
+    """An empty cache for `model`: layer kinds from its config, attention layers growable,
+    sliding-window layers kept to their window."""
     cache = DynamicCache(config=model.config)
-    growable = (DynamicLayer, DynamicSlidingWindowLayer)
-    cache.layers = [GrowingLayer() if type(layer) in growable else layer for layer in cache.layers]
+    layers = []
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            layers.append(GrowingLayer())
+        elif type(layer) is DynamicSlidingWindowLayer:
+            layers.append(WindowLayer(layer.sliding_window))
+        else:
+            layers.append(layer)
+    cache.layers = layers
     return cache

@@ -192,7 +192,7 @@ class _Forward:
         window = self.fused.window
         if not window or not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             return False
-        t = layer.get_seq_length() + 1
+        t = layer.attended() + 1  # a WindowLayer hands attention its kept positions only
         if mask.shape != (1, 1, 1, t):
             return False
         first = max(0, t - window)

@@ -71,7 +71,7 @@ class FastDecode:
         ):
             return False
         pos = layers[0].get_seq_length() if isinstance(layers[0], GrowingLayer) else -1
-        return pos >= 0 and all(isinstance(c, GrowingLayer) and c.length == pos for c in layers)
+        return pos >= 0 and all(isinstance(c, GrowingLayer) and c.get_seq_length() == pos for c in layers)
 
     def __call__(self, *args, **kwargs):
         if args or not self._fits(kwargs):
@@ -79,7 +79,7 @@ class FastDecode:
         self.calls += 1
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         layers = cache.layers
-        pos = layers[0].length
+        pos = layers[0].get_seq_length()  # the new token's position (a WindowLayer's buffer index is not)
         h = self.inner.embed_tokens(kwargs["input_ids"]).to(torch.float32).contiguous()  # [1, 1, H]
         position_ids = torch.tensor([[pos]])
         kinds = set(self.layer_types)
@@ -94,13 +94,13 @@ class FastDecode:
         addresses = {t: (cos.data_ptr(), sin.data_ptr()) for t, (cos, sin) in factors.items()}
         x = h.data_ptr()
         for fused, layer, kind in zip(self.fused, layers, self.layer_types, strict=True):
-            k = layer._k
-            if k is None or k.shape[2] <= pos:
-                k, _, _ = layer.next_row(fused.n_kv, fused.head_dim)
+            k, row = layer._k, layer.length
+            if k is None or k.shape[2] <= row:  # full: grow, or (WindowLayer) drop what no query sees
+                k, _, row = layer.next_row(fused.n_kv, fused.head_dim)
             cos, sin = addresses[kind]
-            fused.native.step(x, x, cos, sin, k.data_ptr(), layer._v.data_ptr(), k.shape[2], pos)
+            fused.native.step(x, x, cos, sin, k.data_ptr(), layer._v.data_ptr(), k.shape[2], row)
         for layer in layers:
-            layer.length += 1
+            layer.advance()
         logits = self.model.lm_head(self.inner.norm(h))
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap

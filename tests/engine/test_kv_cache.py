@@ -1,12 +1,14 @@
-"""GrowingLayer against Hugging Face's DynamicLayer: same keys and values, appends without re-copying."""
+"""GrowingLayer against Hugging Face's DynamicLayer and WindowLayer against its DynamicSlidingWindowLayer:
+same keys and values, appends without re-copying, sliding layers bounded by their window."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from tandem.engine.kv_cache import HEADROOM, GrowingLayer, new_cache
+from tandem.engine import kv_cache
+from tandem.engine.kv_cache import HEADROOM, GrowingLayer, WindowLayer, new_cache
 from tandem.engine.model_io import cache_kwarg
 from tandem.inject.model import load_model
 from tandem.synth.tiny import write_tiny
@@ -69,18 +71,77 @@ def test_a_different_shape_is_an_error_not_lost_data():
         layer.update(*kv(1, 1, heads=3))
 
 
-def test_sliding_window_layers_grow_too_and_give_the_same_logits(tmp_path, monkeypatch):
-    monkeypatch.setenv("TANDEM_CPU_FUSED_DECODE", "0")  # Hugging Face's masks and modules alone
+@pytest.fixture
+def small_margin(monkeypatch):
+    """Buffers with 3 positions to spare: windows move to the front every few tokens."""
+    monkeypatch.setattr(kv_cache, "HEADROOM", 3)
+    monkeypatch.setattr(kv_cache, "MIN_CAPACITY", 4)
+
+
+def test_window_layer_equals_dynamic_sliding_window_layer(small_margin):
+    window = 6
+    layer, ref = WindowLayer(window), DynamicSlidingWindowLayer(window)
+    moves = 0
+    for step, n in enumerate([3, 1, 1, 1, 1, 9, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1]):
+        for q in (1, n):
+            assert layer.get_mask_sizes(q) == ref.get_mask_sizes(q)
+        k, v = kv(n, step)
+        before = layer._k.data_ptr() if layer._k is not None else None
+        got, want = layer.update(k, v), ref.update(k, v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert torch.equal(layer.keys, ref.keys) and torch.equal(layer.values, ref.values)
+        assert layer.get_seq_length() == ref.get_seq_length()
+        moves += before == layer._k.data_ptr() and layer.length < got[0].shape[2] + 3
+        # The buffer holds the window and the margin (or a prompt chunk that came at once).
+        assert layer._k.shape[2] <= max(window - 1 + n, 2 * (window - 1)) + 3 + window
+    assert moves > 0  # the window moved to the front of its buffer at least once
+
+
+def test_window_layer_rows_for_the_fused_layers_keep_the_window_in_order(small_margin):
+    window = 5
+    layer = WindowLayer(window)
+    written = []
+    for i in range(20):
+        k, v, row = layer.next_row(1, 2)
+        k[:, :, row] = float(i)
+        v[:, :, row] = -float(i)
+        layer.advance()
+        written.append(float(i))
+        kept = written[-(window - 1) :]
+        assert layer.get_seq_length() == i + 1 and layer.attended() == len(kept)
+        assert layer.keys[0, 0, :, 0].tolist() == kept and layer.values[0, 0, :, 1].tolist() == [
+            -x for x in kept
+        ]
+        assert layer._k.shape[2] <= window - 1 + 1 + 3 + window
+
+
+def test_window_layer_crop_within_what_it_kept():
+    layer = WindowLayer(4)
+    layer.update(*kv(10, 0))
+    layer.crop(-2)
+    assert layer.get_seq_length() == 8
+    with pytest.raises(ValueError, match="past the positions it kept"):
+        layer.crop(-5)
+
+
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_sliding_window_layers_keep_their_window_and_give_the_same_logits(
+    tmp_path, monkeypatch, small_margin, fused
+):
+    monkeypatch.setenv("TANDEM_CPU_FUSED_DECODE", fused)  # "0": Hugging Face's masks and modules alone
     loaded = load_model(write_tiny("gemma3", tmp_path / "g.gguf", "F16"), progress=False)
     model = loaded.model
     assert model.config.sliding_window == 8 and "sliding_attention" in model.config.layer_types
     cache = new_cache(model)
-    assert all(type(layer) is GrowingLayer for layer in cache.layers)
-    ids = torch.randint(3, 200, (1, 20), generator=torch.Generator().manual_seed(1))
+    kinds = [type(layer) for layer in cache.layers]
+    assert kinds == [
+        WindowLayer if t == "sliding_attention" else GrowingLayer for t in model.config.layer_types
+    ]
+    ids = torch.randint(3, 200, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         whole = model(input_ids=ids).logits[0]  # prefill alone: the sliding mask over the whole prompt
         steps = [model(input_ids=ids[:, :6], **{cache_kwarg(model): cache}, use_cache=True).logits[0, -1]]
-        for t in range(6, 20):  # decode steps well past the window
+        for t in range(6, 40):  # decode steps well past the window, the windows moving often
             steps.append(
                 model(input_ids=ids[:, t : t + 1], **{cache_kwarg(model): cache}, use_cache=True).logits[
                     0, -1
@@ -88,3 +149,7 @@ def test_sliding_window_layers_grow_too_and_give_the_same_logits(tmp_path, monke
             )
     for got, want in zip(steps, whole[5:], strict=True):
         assert float((got - want).norm() / want.norm()) < 1e-5
+    assert getattr(model.forward, "calls", 0) == (34 if fused == "1" else 0)  # the fast one-token steps
+    for layer in cache.layers:
+        if isinstance(layer, WindowLayer):  # the window, not the 40 positions
+            assert layer.attended() == 7 and layer._k.shape[2] <= 7 + 1 + 3 + 8
