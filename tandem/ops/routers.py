@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -32,6 +33,10 @@ def _hyper(key: str, orig: nn.Module, name: str):
     return value
 
 
+FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+PROMPT_ROWS = 16  # tokens from which a float router's logits come from torch
+
+
 class _Router(TandemModule):
     """Holds the [E, H] router weight and computes float32 logits."""
 
@@ -46,6 +51,7 @@ class _Router(TandemModule):
             raise RuleError(f"{key}: top_k {self.top_k} is not in 1..{self.num_experts}")
         self.weight: nn.Parameter | None = None
         self._engine_linear = None
+        self._float_weight = False
 
     def load(self, weights: GGUFWeights) -> None:
         name, shape = f"{self.key}.weight", (self.num_experts, self.hidden_dim)
@@ -57,10 +63,13 @@ class _Router(TandemModule):
             part = weights.quant(name, shape)
             if default_engine().supports(part.ggml_type):
                 self._engine_linear = default_engine().linear(part)
+                self._float_weight = part.ggml_type in FLOAT_TYPES
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [T, E] float32
         h = hidden.reshape(-1, self.hidden_dim).to(device=self.weight.device, dtype=torch.float32)
-        if self._engine_linear is not None:
+        # A prompt's logits from float weights (most files keep the router F32): torch's
+        # matrix multiply, all threads, beats the engine's float dot kernel many times over.
+        if self._engine_linear is not None and not (self._float_weight and h.shape[0] >= PROMPT_ROWS):
             return self._engine_linear(h)
         return F.linear(h, self.weight)
 
