@@ -16,6 +16,7 @@
 #include "bind_common.h"
 #include "engine/activations.h"
 #include "engine/attention_decode.h"
+#include "engine/attention_prefill.h"
 #include "engine/bandwidth.h"
 #include "engine/dequant_rows.h"
 #include "engine/gemm_path.h"
@@ -195,6 +196,39 @@ void bind_engine(nb::module_& m) {
             pool.rest();  // many rows: prefill, torch runs next
         },
         "out = x / sqrt(mean(x^2) + eps) * w per row of n floats (out may be x); the pool takes many rows.");
+    m.def(
+        "attention_prefill",
+        [](ThreadPool& pool, const std::string& variant, uintptr_t q, int64_t q_head, int64_t q_row, uintptr_t k,
+           int64_t k_head, int64_t k_row, uintptr_t v, int64_t v_head, int64_t v_row, uintptr_t out, int64_t out_head,
+           int64_t out_row, int64_t n, int64_t n_q_heads, int64_t n_kv_heads, int64_t d, int64_t dv, int64_t window,
+           float scale) {
+            if (n < 1 || n_q_heads < 1 || n_kv_heads < 1 || n_q_heads % n_kv_heads != 0 || d < 1 || dv < 1 ||
+                window < 0)
+                throw std::invalid_argument("attention_prefill: bad head counts or sizes");
+            PrefillAttention a;
+            a.q = ptr<const float>(q);
+            a.q_head = q_head;
+            a.q_row = q_row;
+            a.k = ptr<const float>(k);
+            a.k_head = k_head;
+            a.k_row = k_row;
+            a.v = ptr<const float>(v);
+            a.v_head = v_head;
+            a.v_row = v_row;
+            a.out = ptr<float>(out);
+            a.out_head = out_head;
+            a.out_row = out_row;
+            a.group = n_q_heads / n_kv_heads;
+            a.d = d;
+            a.dv = dv;
+            a.window = window;
+            a.scale = scale;
+            const VariantKernels& kernels = kernels_named(variant);
+            nb::gil_scoped_release release;
+            thread_local std::vector<float> scratch;
+            attention_prefill(pool, kernels, a, n, n_kv_heads, scratch);
+        },
+        "A prompt's causal grouped-query attention (element strides; see kernels/kernel_api.h).");
     m.def(
         "softmax_top_k",
         [](ThreadPool& pool, uintptr_t logits, int64_t n, int64_t n_experts, int64_t k, bool renormalize,

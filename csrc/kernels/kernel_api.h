@@ -91,6 +91,36 @@ using AttendChunkFn = void (*)(const float* q, const float* k, int64_t k_stride,
                                const float* v, int64_t v_stride, int64_t dv, float* scores, float* out, float* max,
                                float* sum);
 
+// A prompt's causal attention (batch 1): query head h, position i at q + h * q_head + i * q_row
+// (d floats); kv head g's key and value of position j at k + g * k_head + j * k_row and
+// v + g * v_head + j * v_row (dv floats); query head h reads kv head h / group. Query i
+// sees keys j <= i, and with window > 0 only j > i - window. out like q, dv floats.
+// kt: the keys transposed, element c of kv head g's key j at kt + g * kt_head + c * kt_ld + j,
+// zero from the last key up to kt_ld, a multiple of 32 (the vector kernels read these).
+struct PrefillAttention {
+    const float* q = nullptr;
+    int64_t q_head = 0, q_row = 0;
+    const float* k = nullptr;
+    const float* v = nullptr;
+    int64_t k_head = 0, k_row = 0, v_head = 0, v_row = 0;
+    const float* kt = nullptr;
+    int64_t kt_head = 0, kt_ld = 0;
+    float* out = nullptr;
+    int64_t out_head = 0, out_row = 0;
+    int64_t group = 1, d = 0, dv = 0, window = 0;
+    float scale = 1.0f;
+};
+
+// Query positions [i0, i0 + nq) of every query head reading kv head kv_head. scratch:
+// prefill_scratch_floats(group * nq, d, dv) floats.
+using AttendPrefillFn = void (*)(const PrefillAttention& a, int64_t kv_head, int64_t i0, int64_t nq, float* scratch);
+inline int64_t prefill_scratch_floats(int64_t rows, int64_t d, int64_t dv) {
+    // outputs, max and sum per row, a block of scores per row (at most 64 keys), a pointer
+    // per row, alignment
+    (void)d;
+    return rows * (dv + 2 + 64) + rows * static_cast<int64_t>(sizeof(void*) / sizeof(float)) + 16;
+}
+
 struct VariantKernels {
     const char* name;
     QuantizeRowFn quantize_q8_32;
@@ -99,6 +129,7 @@ struct VariantKernels {
     GeluMulFn gelu_tanh_mul;
     RmsNormFn rms_norm;
     AttendChunkFn attend_chunk;
+    AttendPrefillFn attend_prefill;
     const TypeKernel* types;
     int n_types;
 

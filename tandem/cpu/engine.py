@@ -116,6 +116,58 @@ class CPUEngine:
         )
         return out
 
+    def attention_prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0
+    ) -> torch.Tensor | None:
+        """A prompt's causal grouped-query attention, the keys being the prompt's own: q [1, Hq, T, D],
+        k [1, Hkv, T, D], v [1, Hkv, T, Dv] float32 CPU (last dimension contiguous, any other
+        strides) -> [1, T, Hq, Dv]; window > 0 limits each query to its last `window` keys.
+        None outside that form."""
+        if (
+            q.dim() != 4
+            or k.dim() != 4
+            or v.dim() != 4
+            or q.shape[0] != 1
+            or k.shape[0] != 1
+            or v.shape[:3] != k.shape[:3]
+            or q.shape[2] != k.shape[2]
+            or q.shape[3] != k.shape[3]
+            or k.shape[1] == 0
+            or q.shape[1] % k.shape[1]
+            or q.shape[2] == 0
+            or window < 0
+            or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (q, k, v))
+            or any(t.stride(3) != 1 for t in (q, k, v))
+        ):
+            return None
+        n_q, t, d = q.shape[1], q.shape[2], q.shape[3]
+        n_kv, dv = k.shape[1], v.shape[3]
+        out = torch.empty(1, t, n_q, dv, dtype=torch.float32)
+        _native().attention_prefill(
+            self.pool,
+            self.kernels,
+            q.data_ptr(),
+            q.stride(1),
+            q.stride(2),
+            k.data_ptr(),
+            k.stride(1),
+            k.stride(2),
+            v.data_ptr(),
+            v.stride(1),
+            v.stride(2),
+            out.data_ptr(),
+            dv,
+            n_q * dv,
+            t,
+            n_q,
+            n_kv,
+            d,
+            dv,
+            window,
+            scale,
+        )
+        return out
+
     def softmax_top_k(
         self, logits: torch.Tensor, k: int, renormalize: bool
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
