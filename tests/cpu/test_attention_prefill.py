@@ -59,28 +59,13 @@ def test_refuses_what_is_not_a_prompt_against_itself():
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "llama"])
 def test_a_long_prompt_takes_it_and_gives_the_torch_logits(tmp_path, monkeypatch, arch):
-    from tandem.cpu import engine as engine_module
-    from tandem.inject.model import load_model
     from tandem.ops.attention_cpu import ENGINE_PROMPT_MIN
     from tandem.synth.tiny import write_tiny
+    from tests.cpu.engine_models import count_calls, load_both
 
     path = write_tiny(arch, tmp_path / f"{arch}.gguf", "F16")
-    calls = []
-    real = CPUEngine.attention_prefill
-
-    def counting(self, q, k, v, scale, window=0):
-        calls.append(q.shape)
-        return real(self, q, k, v, scale, window)
-
-    monkeypatch.setattr(CPUEngine, "attention_prefill", counting)
-    was = engine_module.enabled()
-    try:
-        engine_module.set_enabled(False)
-        ref = load_model(path, progress=False).model
-        engine_module.set_enabled(True)
-        fast = load_model(path, progress=False).model
-    finally:
-        engine_module.set_enabled(was)
+    calls = count_calls(monkeypatch, "attention_prefill")
+    fast, ref = (loaded.model for loaded in load_both(path))
     ids = torch.randint(3, 200, (1, ENGINE_PROMPT_MIN + 12), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         want = ref(input_ids=ids).logits

@@ -19,12 +19,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.cpu import engine
 from tandem.engine.generate import prefill_and_generate
 from tandem.inject.model import load_model
 from tandem.ops.experts_cpu import ExpertsCPU
 from tandem.ops.linear_cpu import QuantLinearCPU
 from tandem.synth.tiny import TINY_ARCHS, write_tiny
+from tests.cpu.engine_models import load_both
 
 QUANT_BOUND = {"deepseek2": 0.15}
 
@@ -32,18 +32,6 @@ QUANT_BOUND = {"deepseek2": 0.15}
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("engine_models")
-
-
-def load_both(path):
-    was = engine.enabled()
-    try:
-        engine.set_enabled(True)
-        fast = load_model(path, progress=False)
-        engine.set_enabled(False)
-        ref = load_model(path, progress=False)
-    finally:
-        engine.set_enabled(was)
-    return fast, ref
 
 
 def rel(a, b) -> float:

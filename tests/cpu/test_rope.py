@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.cpu import engine as engine_module
 from tandem.cpu.engine import CPUEngine
-from tandem.inject.model import load_model
 from tandem.ops import rope_cpu
 from tandem.synth.tiny import write_tiny
+from tests.cpu.engine_models import count_calls, load_both
 
 
 def cos_sin(batch: int, t: int, d: int, seed: int):
@@ -51,22 +50,8 @@ def test_rope_refuses_tensors_outside_its_form():
 
 def test_only_engine_models_take_the_engine_rope(tmp_path, monkeypatch):
     path = write_tiny("qwen3moe", tmp_path / "rope.gguf", "Q8_0")
-    calls = []
-    real = CPUEngine.rope_half
-
-    def counting(self, x, cos, sin):
-        calls.append(x.shape)
-        return real(self, x, cos, sin)
-
-    monkeypatch.setattr(CPUEngine, "rope_half", counting)
-    was = engine_module.enabled()
-    try:
-        engine_module.set_enabled(False)
-        ref = load_model(path, progress=False).model
-        engine_module.set_enabled(True)
-        fast = load_model(path, progress=False).model
-    finally:
-        engine_module.set_enabled(was)
+    calls = count_calls(monkeypatch, "rope_half")
+    fast, ref = (loaded.model for loaded in load_both(path))
     ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = ref(input_ids=ids).logits

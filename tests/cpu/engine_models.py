@@ -1,0 +1,33 @@
+"""Helpers for tests that run one file both on the engine and on the torch path."""
+
+from __future__ import annotations
+
+from tandem.cpu import engine
+from tandem.cpu.engine import CPUEngine
+from tandem.inject.model import load_model
+
+
+def load_both(path):
+    """(on the engine, on torch): the same file loaded twice, the engine switched on, then off."""
+    was = engine.enabled()
+    try:
+        engine.set_enabled(True)
+        fast = load_model(path, progress=False)
+        engine.set_enabled(False)
+        ref = load_model(path, progress=False)
+    finally:
+        engine.set_enabled(was)
+    return fast, ref
+
+
+def count_calls(monkeypatch, method: str) -> list:
+    """Records the first argument's shape of every CPUEngine.<method> call from now on."""
+    calls = []
+    real = getattr(CPUEngine, method)
+
+    def counting(self, first, *args, **kwargs):
+        calls.append(first.shape)
+        return real(self, first, *args, **kwargs)
+
+    monkeypatch.setattr(CPUEngine, method, counting)
+    return calls
