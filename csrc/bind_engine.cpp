@@ -201,9 +201,9 @@ void bind_engine(nb::module_& m) {
         [](ThreadPool& pool, const std::string& variant, uintptr_t q, int64_t q_head, int64_t q_row, uintptr_t k,
            int64_t k_head, int64_t k_row, uintptr_t v, int64_t v_head, int64_t v_row, uintptr_t out, int64_t out_head,
            int64_t out_row, int64_t n, int64_t n_q_heads, int64_t n_kv_heads, int64_t d, int64_t dv, int64_t window,
-           float scale) {
+           float scale, int64_t q_offset) {
             if (n < 1 || n_q_heads < 1 || n_kv_heads < 1 || n_q_heads % n_kv_heads != 0 || d < 1 || dv < 1 ||
-                window < 0)
+                window < 0 || q_offset < 0)
                 throw std::invalid_argument("attention_prefill: bad head counts or sizes");
             PrefillAttention a;
             a.q = ptr<const float>(q);
@@ -222,6 +222,7 @@ void bind_engine(nb::module_& m) {
             a.d = d;
             a.dv = dv;
             a.window = window;
+            a.q_offset = q_offset;
             a.scale = scale;
             const VariantKernels& kernels = kernels_named(variant);
             nb::gil_scoped_release release;

@@ -14,7 +14,8 @@ void attention_prefill(ThreadPool& pool, const VariantKernels& kernels, const Pr
     const int64_t per_thread = prefill_scratch_floats(a.group * block, a.d, a.dv);
     // The keys transposed once for every task (kernel_api.h: PrefillAttention::kt), then
     // each thread's own scratch.
-    const int64_t ld = (n + 31) / 32 * 32;
+    const int64_t n_keys = a.q_offset + n;
+    const int64_t ld = (n_keys + 31) / 32 * 32;
     const int64_t kt_floats = n_kv_heads * a.d * ld;
     const size_t need = static_cast<size_t>(kt_floats + per_thread * pool.size());
     if (scratch.size() < need) scratch.resize(need);
@@ -25,8 +26,8 @@ void attention_prefill(ThreadPool& pool, const VariantKernels& kernels, const Pr
         const float* k = a.k + g * a.k_head;
         float* dst = kt + g * a.d * ld;
         for (int64_t c = c0; c < std::min(a.d, c0 + 16); ++c) {
-            for (int64_t j = 0; j < n; ++j) dst[c * ld + j] = k[j * a.k_row + c];
-            std::fill(dst + c * ld + n, dst + (c + 1) * ld, 0.0f);
+            for (int64_t j = 0; j < n_keys; ++j) dst[c * ld + j] = k[j * a.k_row + c];
+            std::fill(dst + c * ld + n_keys, dst + (c + 1) * ld, 0.0f);
         }
     });
     a.kt = kt;

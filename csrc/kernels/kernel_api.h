@@ -92,9 +92,10 @@ using AttendChunkFn = void (*)(const float* q, const float* k, int64_t k_stride,
                                float* sum);
 
 // A prompt's causal attention (batch 1): query head h, position i at q + h * q_head + i * q_row
-// (d floats); kv head g's key and value of position j at k + g * k_head + j * k_row and
+// (d floats); kv head g's key and value j at k + g * k_head + j * k_row and
 // v + g * v_head + j * v_row (dv floats); query head h reads kv head h / group. Query i
-// sees keys j <= i, and with window > 0 only j > i - window. out like q, dv floats.
+// stands at key index q_offset + i (the keys before q_offset: a cached prefix) and sees
+// keys j <= q_offset + i, with window > 0 only j > q_offset + i - window. out like q, dv floats.
 // kt: the keys transposed, element c of kv head g's key j at kt + g * kt_head + c * kt_ld + j,
 // zero from the last key up to kt_ld, a multiple of 32 (the vector kernels read these).
 struct PrefillAttention {
@@ -107,7 +108,7 @@ struct PrefillAttention {
     int64_t kt_head = 0, kt_ld = 0;
     float* out = nullptr;
     int64_t out_head = 0, out_row = 0;
-    int64_t group = 1, d = 0, dv = 0, window = 0;
+    int64_t group = 1, d = 0, dv = 0, window = 0, q_offset = 0;
     float scale = 1.0f;
 };
 

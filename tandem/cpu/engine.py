@@ -119,10 +119,10 @@ class CPUEngine:
     def attention_prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0
     ) -> torch.Tensor | None:
-        """A prompt's causal grouped-query attention, the keys being the prompt's own: q [1, Hq, T, D],
-        k [1, Hkv, T, D], v [1, Hkv, T, Dv] float32 CPU (last dimension contiguous, any other
-        strides) -> [1, T, Hq, Dv]; window > 0 limits each query to its last `window` keys.
-        None outside that form."""
+        """A prompt's causal grouped-query attention: q [1, Hq, T, D], k [1, Hkv, K, D],
+        v [1, Hkv, K, Dv] float32 CPU (last dimension contiguous, any other strides), K >= T, the
+        last T keys being the prompt's own (the first K - T a cached prefix) -> [1, T, Hq, Dv];
+        window > 0 limits each query to its last `window` keys. None outside that form."""
         if (
             q.dim() != 4
             or k.dim() != 4
@@ -130,7 +130,7 @@ class CPUEngine:
             or q.shape[0] != 1
             or k.shape[0] != 1
             or v.shape[:3] != k.shape[:3]
-            or q.shape[2] != k.shape[2]
+            or q.shape[2] > k.shape[2]
             or q.shape[3] != k.shape[3]
             or k.shape[1] == 0
             or q.shape[1] % k.shape[1]
@@ -165,6 +165,7 @@ class CPUEngine:
             dv,
             window,
             scale,
+            k.shape[2] - t,
         )
         return out
 

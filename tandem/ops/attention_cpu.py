@@ -7,9 +7,9 @@ per layer per token: 5.7× slower than torch's own grouped-query path at a
 512-token context on one thread. This implementation passes the grouped heads
 to torch as they are (`enable_gqa`); on other devices it defers to Hugging
 Face's. A decode step (one query position, no mask) of a model on the CPU engine
-runs on the engine's pool instead of torch's single decode thread, and so does a whole
-prompt's causal attention against itself (no mask, no cached prefix) from
-ENGINE_PROMPT_MIN positions on. Models are built with it by name
+runs on the engine's pool instead of torch's single decode thread, and so does a
+prompt's causal attention from ENGINE_PROMPT_MIN positions on: against itself, after a
+cached prefix, within a sliding window, whenever the mask is exactly that. Models are built with it by name
 (`attn_implementation=IMPLEMENTATION`).
 """
 
@@ -31,6 +31,19 @@ ENGINE_FLAG = "tandem_engine_attention"
 # Prompt positions from which a causal prompt's attention runs on the engine (below, torch's
 # SDPA was as fast or faster on two cores: 64 positions of Gemma 3 270M's heads).
 ENGINE_PROMPT_MIN = 128
+
+
+def is_causal_mask(mask: torch.Tensor, q_len: int, k_len: int, window: int) -> bool:
+    """Whether a boolean mask [1, 1, q_len, k_len] lets query i (at key index k_len - q_len + i)
+    see exactly keys j <= that index, and with a window only j > index - window."""
+    if mask.dtype != torch.bool or mask.shape != (1, 1, q_len, k_len) or q_len > k_len:
+        return False
+    i = torch.arange(q_len, device=mask.device)[:, None] + (k_len - q_len)
+    j = torch.arange(k_len, device=mask.device)[None, :]
+    expected = j <= i
+    if window > 0:
+        expected &= j > i - window
+    return torch.equal(mask[0, 0], expected)
 
 
 def grouped_sdpa_attention(
@@ -76,17 +89,22 @@ def grouped_sdpa_attention(
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = query.shape[2] > 1 and attention_mask is None and causal
     if (
-        causal
-        and query.shape[2] >= ENGINE_PROMPT_MIN
-        and query.shape[2] == key.shape[2]
+        query.shape[2] >= ENGINE_PROMPT_MIN
         and not (module.training and dropout)
         and getattr(getattr(module, "config", None), ENGINE_FLAG, False)
     ):
-        # A whole prompt against itself, causal and unmasked: the engine's flash-style kernel.
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = default_engine().attention_prefill(query, key, value, scale)
-        if out is not None:
-            return out, None
+        # A prompt, causal (after a cached prefix, within a sliding window): the engine's
+        # flash-style kernel, when the mask is exactly that.
+        window = int(kwargs.get("sliding_window") or 0)
+        plain = causal and query.shape[2] == key.shape[2]
+        if plain or (
+            attention_mask is not None
+            and is_causal_mask(attention_mask, query.shape[2], key.shape[2], window)
+        ):
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            out = default_engine().attention_prefill(query, key, value, scale, 0 if plain else window)
+            if out is not None:
+                return out, None
     out = F.scaled_dot_product_attention(
         query,
         key,

@@ -13,11 +13,13 @@ VARIANTS = _testable_variants()
 
 
 def reference(q, k, v, scale, window):
-    t = q.shape[2]
-    i = torch.arange(t)
-    visible = i[None, :] <= i[:, None]
+    """SDPA in float64 with the mask spelled out: query i at key index K - T + i."""
+    t, n_keys = q.shape[2], k.shape[2]
+    i = torch.arange(t)[:, None] + (n_keys - t)
+    j = torch.arange(n_keys)[None, :]
+    visible = j <= i
     if window:
-        visible &= i[None, :] > i[:, None] - window
+        visible &= j > i - window
     group = q.shape[1] // k.shape[1]
     kk, vv = (x.double().repeat_interleave(group, dim=1) for x in (k, v))
     out = F.scaled_dot_product_attention(q.double(), kk, vv, attn_mask=visible, scale=scale)
@@ -26,21 +28,23 @@ def reference(q, k, v, scale, window):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(
-    "hq,hkv,t,d,dv,window",
+    "hq,hkv,t,prefix,d,dv,window",
     [
-        (8, 1, 37, 64, 64, 0),  # one kv head for eight query heads
-        (4, 4, 130, 128, 128, 0),  # more keys than a block, blocks of query positions
-        (6, 2, 300, 48, 80, 0),  # sizes off the vector width
-        (4, 1, 150, 256, 256, 40),  # a sliding window
-        (2, 2, 1, 32, 32, 0),  # a single position
+        (8, 1, 37, 0, 64, 64, 0),  # one kv head for eight query heads
+        (4, 4, 130, 0, 128, 128, 0),  # more keys than a block, blocks of query positions
+        (6, 2, 300, 0, 48, 80, 0),  # sizes off the vector width
+        (4, 1, 150, 0, 256, 256, 40),  # a sliding window
+        (2, 2, 1, 0, 32, 32, 0),  # a single position
+        (4, 2, 70, 45, 64, 64, 0),  # after a cached prefix
+        (4, 1, 90, 31, 128, 128, 50),  # after a prefix, with a window (a WindowLayer's kept keys)
     ],
 )
-def test_matches_sdpa(variant, hq, hkv, t, d, dv, window):
+def test_matches_sdpa(variant, hq, hkv, t, prefix, d, dv, window):
     g = torch.Generator().manual_seed(t + d)
     # The projections' layout, [1, T, H, D] viewed as [1, H, T, D]: strided rows.
     q = torch.randn(1, t, hq, d, generator=g).transpose(1, 2)
-    k = torch.randn(1, t, hkv, d, generator=g).transpose(1, 2)
-    v = torch.randn(1, t, hkv, dv, generator=g).transpose(1, 2)
+    k = torch.randn(1, prefix + t, hkv, d, generator=g).transpose(1, 2)
+    v = torch.randn(1, prefix + t, hkv, dv, generator=g).transpose(1, 2)
     scale = d**-0.5
     out = CPUEngine(threads=3, variant=variant).attention_prefill(q, k, v, scale, window)
     want = reference(q, k, v, scale, window)
@@ -48,10 +52,10 @@ def test_matches_sdpa(variant, hq, hkv, t, d, dv, window):
     assert float((out.double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
 
 
-def test_refuses_what_is_not_a_prompt_against_itself():
+def test_refuses_tensors_outside_its_form():
     engine = CPUEngine(threads=1)
     q = torch.randn(1, 4, 5, 16)
-    kv = torch.randn(1, 2, 7, 16)  # more keys than queries: a cached prefix
+    kv = torch.randn(1, 2, 3, 16)  # fewer keys than queries
     assert engine.attention_prefill(q, kv, kv, 0.25) is None
     assert engine.attention_prefill(q.double(), q[:, :2].double(), q[:, :2].double(), 0.25) is None
     assert engine.attention_prefill(q, q[:, :3], q[:, :3], 0.25) is None  # 4 heads over 3
@@ -73,3 +77,30 @@ def test_a_long_prompt_takes_it_and_gives_the_torch_logits(tmp_path, monkeypatch
         got = fast(input_ids=ids).logits
     assert len(calls) == fast.config.num_hidden_layers
     assert float((got - want).norm() / want.norm()) < 1e-5  # F16 weights: float rounding only
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3moe"])
+def test_prompts_after_a_cached_prefix_and_in_sliding_windows_take_it(tmp_path, monkeypatch, arch):
+    from tandem.engine.kv_cache import new_cache
+    from tandem.engine.model_io import cache_kwarg
+    from tandem.ops.attention_cpu import ENGINE_PROMPT_MIN
+    from tandem.synth.tiny import write_tiny
+    from tests.cpu.engine_models import count_calls, load_both
+
+    path = write_tiny(arch, tmp_path / f"{arch}.gguf", "F16")
+    calls = count_calls(monkeypatch, "attention_prefill")
+    fast, ref = (loaded.model for loaded in load_both(path))
+    layers = fast.config.num_hidden_layers
+    n = ENGINE_PROMPT_MIN + 10
+    ids = torch.randint(3, 200, (1, 20 + n), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        want = ref(input_ids=ids).logits[0]
+        whole = fast(input_ids=ids).logits[0]  # Gemma's sliding layers: a windowed mask
+        assert len(calls) == layers
+        cache = new_cache(fast)
+        fast(input_ids=ids[:, :20], **{cache_kwarg(fast): cache}, use_cache=True)  # a short prefix: SDPA
+        assert len(calls) == layers
+        rest = fast(input_ids=ids[:, 20:], **{cache_kwarg(fast): cache}, use_cache=True).logits[0]
+    assert len(calls) == 2 * layers  # the long rest after its cached prefix
+    assert float((whole - want).norm() / want.norm()) < 1e-5
+    assert float((rest - want[20:]).norm() / want[20:].norm()) < 1e-5
