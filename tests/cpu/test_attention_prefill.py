@@ -61,7 +61,7 @@ def test_refuses_tensors_outside_its_form():
     assert engine.attention_prefill(q, q[:, :3], q[:, :3], 0.25) is None  # 4 heads over 3
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "llama"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "llama", "deepseek2"])  # deepseek2: its MLA layers' plain form
 def test_a_long_prompt_takes_it_and_gives_the_torch_logits(tmp_path, monkeypatch, arch):
     from tandem.ops.attention_cpu import ENGINE_PROMPT_MIN
     from tandem.synth.tiny import write_tiny
