@@ -189,7 +189,10 @@ class MLAttention(TandemModule):
             and q.device.type == "cpu"
             and q.shape[0] == 1
             and t >= ENGINE_PROMPT_MIN
-            and ((mask is None and t == s) or (mask is not None and is_causal_mask(mask[..., -t:, :s], t, s, 0)))
+            and (
+                (mask is None and t == s)
+                or (mask is not None and is_causal_mask(mask[..., -t:, :s], t, s, 0))
+            )
         )
 
     def _absorbed(self, q_nope, q_rope, latent, k_rope, bias) -> torch.Tensor:
