@@ -46,6 +46,28 @@ def is_causal_mask(mask: torch.Tensor, q_len: int, k_len: int, window: int) -> b
     return torch.equal(mask[0, 0], expected)
 
 
+def engine_prompt_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    window: int = 0,
+    causal: bool = True,
+) -> torch.Tensor | None:
+    """A prompt of ENGINE_PROMPT_MIN positions or more on the engine's flash-style kernel:
+    without a mask when `causal` and the keys are the prompt's own, else when the boolean
+    mask [1, 1, T, K] is exactly causal (after a cached prefix, within `window`).
+    -> [1, T, Hq, Dv], or None where that does not apply (the caller computes it itself)."""
+    t, k_len = query.shape[2], key.shape[2]
+    if t < ENGINE_PROMPT_MIN:
+        return None
+    plain = mask is None and causal and t == k_len
+    if not plain and (mask is None or not is_causal_mask(mask, t, k_len, window)):
+        return None
+    return default_engine().attention_prefill(query, key, value, scale, 0 if plain else window)
+
+
 def grouped_sdpa_attention(
     module: torch.nn.Module,
     query: torch.Tensor,  # [B, Hq, Tq, D]
@@ -88,23 +110,12 @@ def grouped_sdpa_attention(
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = query.shape[2] > 1 and attention_mask is None and causal
-    if (
-        query.shape[2] >= ENGINE_PROMPT_MIN
-        and not (module.training and dropout)
-        and getattr(getattr(module, "config", None), ENGINE_FLAG, False)
-    ):
-        # A prompt, causal (after a cached prefix, within a sliding window): the engine's
-        # flash-style kernel, when the mask is exactly that.
+    if not (module.training and dropout) and getattr(getattr(module, "config", None), ENGINE_FLAG, False):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         window = int(kwargs.get("sliding_window") or 0)
-        plain = causal and query.shape[2] == key.shape[2]
-        if plain or (
-            attention_mask is not None
-            and is_causal_mask(attention_mask, query.shape[2], key.shape[2], window)
-        ):
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            out = default_engine().attention_prefill(query, key, value, scale, 0 if plain else window)
-            if out is not None:
-                return out, None
+        out = engine_prompt_attention(query, key, value, attention_mask, scale, window, causal)
+        if out is not None:
+            return out, None
     out = F.scaled_dot_product_attention(
         query,
         key,

@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from tandem.cpu.engine import default_engine
 from tandem.cpu.engine import enabled as engine_enabled
 from tandem.errors import RuleError
-from tandem.ops.attention_cpu import ENGINE_PROMPT_MIN, is_causal_mask
+from tandem.ops.attention_cpu import engine_prompt_attention
 from tandem.ops.base import TandemModule
 from tandem.ops.linear import parse_dtype
 from tandem.ops.mla_math import apply_rope, attend, mask_bias, softmax_scale
@@ -172,28 +171,13 @@ class MLAttention(TandemModule):
         k_nope, v = torch.split(kv, [self.nope_dim, self.v_dim], dim=-1)  # [B, H, S, *]
         k = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)  # [B, H, S, qk]
         q = torch.cat([q_nope, q_rope], dim=-1)  # [B, H, T, qk]
-        if self._engine_prompt(q, seq, mask):
-            out = default_engine().attention_prefill(q, k, v, self.scaling)
-            if out is not None:  # (without the [H, T, S] scores)
+        if getattr(self, "_engine_attention", False) and q.shape[0] == 1:
+            sliced = None if mask is None else mask[..., -q.shape[2] :, :seq]
+            out = engine_prompt_attention(q, k, v, sliced, self.scaling)  # (no [H, T, S] scores)
+            if out is not None:
                 return out
         p = attend(torch.matmul(q, k.transpose(2, 3)) * self.scaling, bias)  # [B, H, T, S]
         return torch.matmul(p, v).transpose(1, 2)
-
-    def _engine_prompt(self, q: torch.Tensor, s: int, mask) -> bool:
-        """A long prompt (q [1, H, t, qk] against s keys) of a model loaded onto the engine,
-        causal (its mask exactly that, or none): the engine's flash-style attention takes it
-        (tandem.ops.attention_cpu)."""
-        t = q.shape[2]
-        return (
-            getattr(self, "_engine_attention", False)
-            and q.device.type == "cpu"
-            and q.shape[0] == 1
-            and t >= ENGINE_PROMPT_MIN
-            and (
-                (mask is None and t == s)
-                or (mask is not None and is_causal_mask(mask[..., -t:, :s], t, s, 0))
-            )
-        )
 
     def _absorbed(self, q_nope, q_rope, latent, k_rope, bias) -> torch.Tensor:
         """Attention on the latent: W_UK folded into q, W_UV applied after. Returns [B, T, H, v]."""
