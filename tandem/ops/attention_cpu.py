@@ -33,17 +33,29 @@ ENGINE_FLAG = "tandem_engine_attention"
 ENGINE_PROMPT_MIN = 128
 
 
+# The last mask checked (held, so that its memory is not reused meanwhile), its place and
+# the answer: a forward hands the same mask to every layer of a kind (sliced into a new
+# view each time), so each is compared once, not once per layer.
+_last_checked: tuple[torch.Tensor, tuple, bool] | None = None
+
+
 def is_causal_mask(mask: torch.Tensor, q_len: int, k_len: int, window: int) -> bool:
     """Whether a boolean mask [1, 1, q_len, k_len] lets query i (at key index k_len - q_len + i)
     see exactly keys j <= that index, and with a window only j > index - window."""
+    global _last_checked
     if mask.dtype != torch.bool or mask.shape != (1, 1, q_len, k_len) or q_len > k_len:
         return False
+    place = (mask.data_ptr(), mask.stride(), window)
+    if _last_checked is not None and _last_checked[1] == place and _last_checked[0].shape == mask.shape:
+        return _last_checked[2]
     i = torch.arange(q_len, device=mask.device)[:, None] + (k_len - q_len)
     j = torch.arange(k_len, device=mask.device)[None, :]
     expected = j <= i
     if window > 0:
         expected &= j > i - window
-    return torch.equal(mask[0, 0], expected)
+    answer = torch.equal(mask[0, 0], expected)
+    _last_checked = (mask, place, answer)
+    return answer
 
 
 def engine_prompt_attention(

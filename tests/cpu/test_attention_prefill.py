@@ -104,3 +104,19 @@ def test_prompts_after_a_cached_prefix_and_in_sliding_windows_take_it(tmp_path, 
     assert len(calls) == 2 * layers  # the long rest after its cached prefix
     assert float((whole - want).norm() / want.norm()) < 1e-5
     assert float((rest - want[20:]).norm() / want[20:].norm()) < 1e-5
+
+
+def test_causal_masks_are_recognised_exactly():
+    from tandem.ops.attention_cpu import is_causal_mask
+
+    t, k = 6, 9  # 3 cached positions
+    i = torch.arange(t)[:, None] + (k - t)
+    j = torch.arange(k)[None, :]
+    causal = (j <= i)[None, None]
+    windowed = ((j <= i) & (j > i - 4))[None, None]
+    assert is_causal_mask(causal, t, k, 0) and is_causal_mask(causal[..., :k], t, k, 0)  # a fresh view
+    assert not is_causal_mask(causal, t, k, 4) and is_causal_mask(windowed, t, k, 4)
+    wrong = causal.clone()
+    wrong[0, 0, 2, 0] = False  # one key hidden that causality shows
+    assert not is_causal_mask(wrong, t, k, 0)
+    assert not is_causal_mask(causal.float(), t, k, 0) and not is_causal_mask(causal, t, k + 1, 0)
