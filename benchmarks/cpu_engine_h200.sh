@@ -6,7 +6,7 @@
 # Expects .whl/gguf-*.whl, .whl/llamacpp-cpu-src.tar.xz and .whl/qwen25-tokenizer.gguf
 # (the embedded model's tokenizer alone) carried, $OUT set. SKIP_TESTS=1 skips the tests;
 # PROFILE=1 adds a prompt and a decode profile and the MoE op alone; CROSSOVER=1 the
-# prefill kernels against the dot kernels on one matrix. AB names an environment setting for a second tandem run (default: the fused
+# prefill kernels against the dot kernels on one matrix; DOTS=1 the dot kernels of avx512 and amx on one thread. AB names an environment setting for a second tandem run (default: the fused
 # decode layers off; AB=none: no second run).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -50,6 +50,12 @@ if [ -n "${CROSSOVER:-}" ]; then
 log "prefill kernels against the dot kernels, one linear layer"
 for shape in "2048 2048" "768 2048"; do
   timeout 120 python benchmarks/gemm_crossover.py "$THREADS" $shape >> "$OUT/steps.log" 2>&1
+done
+fi
+if [ -n "${DOTS:-}" ]; then
+log "dot kernels, one thread, by variant"
+for v in avx512 amx; do
+  timeout 120 python benchmarks/dot_kernel_bench.py "${GHZ:-2.0}" 1,4,8,16,32,64,128 "$v" >> "$OUT/steps.log" 2>&1
 done
 fi
 if [ -n "${PROFILE:-}" ]; then

@@ -37,6 +37,7 @@ GemmPath gemm_path(const std::string& name, int64_t min_tokens) {
     if (name.empty()) return path;
     path.kernels = gemm_kernels(name.c_str());
     if (path.kernels == nullptr) throw std::invalid_argument("prefill kernels '" + name + "' are not built into tandem._cpu");
+    if (name == "amx") require_amx("the amx prefill kernels");
     if (min_tokens < 1) throw std::invalid_argument("gemm_min_tokens must be at least 1");
     path.min_tokens = min_tokens;
     return path;
@@ -54,6 +55,7 @@ void gemm_matmul(const std::string& name, int ggml_type, uintptr_t w, int64_t ro
                  int64_t n_tok, uintptr_t out) {
     const GemmKernels* g = gemm_kernels(name.c_str());
     if (g == nullptr) throw std::invalid_argument("prefill kernels '" + name + "' are not built into tandem._cpu");
+    if (name == "amx") require_amx("the amx prefill kernels");
     if (!g->supports(ggml_type)) throw std::invalid_argument("no prefill kernel for ggml type " + std::to_string(ggml_type));
     if (cols % 32 != 0) throw std::invalid_argument("columns must be a multiple of 32");
     // The generic table only supplies the block geometry here.
@@ -71,7 +73,7 @@ void gemm_matmul(const std::string& name, int ggml_type, uintptr_t w, int64_t ro
 
 std::vector<std::string> variants_built() {
     std::vector<std::string> out;
-    for (const char* name : {"generic", "avx2", "avx512"})
+    for (const char* name : {"generic", "avx2", "avx512", "amx"})
         if (variant_kernels(name) != nullptr) out.emplace_back(name);
     return out;
 }

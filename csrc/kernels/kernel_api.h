@@ -194,8 +194,9 @@ const GemmKernels* gemm_kernels(const char* name);
 namespace generic { const VariantKernels& kernels(); }
 namespace avx2 { const VariantKernels& kernels(); }
 namespace avx512 { const VariantKernels& kernels(); }
+namespace amx { const VariantKernels& kernels(); }
 
-// The table named `name` ("generic", "avx2", "avx512"), or nullptr if that
+// The table named `name` ("generic", "avx2", "avx512", "amx"), or nullptr if that
 // variant is not built into this extension.
 const VariantKernels* variant_kernels(const char* name);
 

@@ -75,4 +75,13 @@ inline void kq_scale_min(const uint8_t* s, int j, int* sc, int* m) {
     }
 }
 
+// AMX's tile configuration (palette 1): per tile register, bytes per row and rows.
+struct alignas(64) AmxTileConfig {
+    uint8_t palette = 1, start_row = 0;
+    uint8_t reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+static_assert(sizeof(AmxTileConfig) == 64, "AMX tile configuration layout");
+
 }  // namespace tandem::detail

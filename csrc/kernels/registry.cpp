@@ -13,6 +13,9 @@ const VariantKernels* variant_kernels(const char* name) {
 #if defined(TANDEM_HAVE_AVX512)
     if (std::strcmp(name, "avx512") == 0) return &avx512::kernels();
 #endif
+#if defined(TANDEM_HAVE_AMX)
+    if (std::strcmp(name, "amx") == 0) return &amx::kernels();
+#endif
     return nullptr;
 }
 

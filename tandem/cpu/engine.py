@@ -20,8 +20,6 @@ from tandem.cpu.system import physical_cores, usable_cores
 from tandem.errors import TandemError, UnsupportedError
 from tandem.quant.quant_tensor import QuantTensor
 
-# The amx variant runs the avx512 dot kernels (its tiles serve prefill).
-_KERNEL_TABLE = {"amx": "avx512", "avx512": "avx512", "avx2": "avx2", "generic": "generic"}
 
 # Below this many tokens per matrix a call takes the 8-bit dot kernels, from it
 # on the prefill kernels (when the CPU has them): the dequantized tile then
@@ -69,14 +67,18 @@ class CPUEngine:
         gemm_min_tokens: int | None = None,
     ):
         self.variant = select_variant(override=variant)
-        self.kernels = _KERNEL_TABLE[self.variant]
+        self.kernels = self.variant  # the dot kernels' table (the amx one adds AMX-INT8 tiles to avx512's)
         if self.kernels not in _native().variants_built():
             raise TandemError(f"CPU kernel variant {self.kernels!r} is not built into tandem._cpu")
         self.prefill = select_prefill(self.variant, override=prefill)
         if self.prefill and self.prefill not in _native().gemm_built():
             raise TandemError(f"prefill kernels {self.prefill!r} are not built into tandem._cpu")
         if gemm_min_tokens is None:
-            default = DEFAULT_GEMM_MIN_TOKENS_TILED if self.kernels == "avx512" else DEFAULT_GEMM_MIN_TOKENS
+            default = (
+                DEFAULT_GEMM_MIN_TOKENS_TILED
+                if self.kernels in ("avx512", "amx")
+                else DEFAULT_GEMM_MIN_TOKENS
+            )
             gemm_min_tokens = _int_env(GEMM_MIN_TOKENS_ENV, default, 1, 1 << 30)
         if gemm_min_tokens < 1:
             raise TandemError(f"gemm_min_tokens must be at least 1, got {gemm_min_tokens}")

@@ -65,8 +65,9 @@ def test_refuses_tensors_outside_its_form():
 def test_a_long_prompt_takes_it_and_gives_the_torch_logits(tmp_path, monkeypatch, arch):
     from tandem.ops.attention_cpu import ENGINE_PROMPT_MIN
     from tandem.synth.tiny import write_tiny
-    from tests.cpu.engine_models import count_calls, load_both
+    from tests.cpu.engine_models import count_calls, load_both, without_bf16_prefill
 
+    without_bf16_prefill(monkeypatch)
     path = write_tiny(arch, tmp_path / f"{arch}.gguf", "F16")
     calls = count_calls(monkeypatch, "attention_prefill")
     fast, ref = (loaded.model for loaded in load_both(path))
@@ -85,8 +86,9 @@ def test_prompts_after_a_cached_prefix_and_in_sliding_windows_take_it(tmp_path, 
     from tandem.engine.model_io import cache_kwarg
     from tandem.ops.attention_cpu import ENGINE_PROMPT_MIN
     from tandem.synth.tiny import write_tiny
-    from tests.cpu.engine_models import count_calls, load_both
+    from tests.cpu.engine_models import count_calls, load_both, without_bf16_prefill
 
+    without_bf16_prefill(monkeypatch)
     path = write_tiny(arch, tmp_path / f"{arch}.gguf", "F16")
     calls = count_calls(monkeypatch, "attention_prefill")
     fast, ref = (loaded.model for loaded in load_both(path))

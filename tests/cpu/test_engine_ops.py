@@ -166,7 +166,7 @@ def test_a_token_alone_gets_the_same_bits_as_in_a_batch(types):
     x, ids, weights = routing(6, 4, seed=12)
     ids[2, 1] = E  # a dropped slot
     ids[4, 3] = ids[4, 0]  # one expert in two slots
-    for variant in [v for v in _testable_variants() if v in ("avx2", "avx512")]:
+    for variant in [v for v in _testable_variants() if v in ("avx2", "avx512", "amx")]:
         op = CPUEngine(threads=3, variant=variant, prefill="off").experts(gate, up, down)
         batch = op(x, ids, weights)
         for t in range(6):

@@ -117,6 +117,32 @@ def test_variants_give_the_same_integer_results():
         torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
 
 
+TILED_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+@pytest.mark.skipif("amx" not in VARIANTS, reason="needs a CPU with AMX")
+@pytest.mark.parametrize("ggml_type", TILED_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n_tok", [14, 16, 33, 64])
+def test_amx_tiles_equal_the_vnni_tiles_bit_for_bit(ggml_type, n_tok):
+    # The amx variant makes the tiled kernels' integer sums on AMX-INT8 tiles, then takes the
+    # avx512 variant's steps in the same order. 37 rows: a partial row tile; 1280 and 1312
+    # columns: a second chunk, and for the legacy types a last pass of one block.
+    cols = 1280 if GGML_QUANT_SIZES[ggml_type][0] == 256 else 41 * 32
+    w = weights(ggml_type, 37, cols, seed=n_tok)
+    x = activations(n_tok, cols, seed=n_tok + 1)
+    amx = kernels.dot_rows("amx", w, ggml_type, 37, x)
+    assert torch.equal(amx, kernels.dot_rows("avx512", w, ggml_type, 37, x))
+    assert amx.abs().sum() > 0
+
+
+def test_the_amx_table_is_refused_where_amx_cannot_run():
+    if "amx" in VARIANTS or "amx" not in kernels.variants_built():
+        pytest.skip("AMX runs here, or the amx variant is not built")
+    w = weights(T.Q4_K, 1, 256, 0)
+    with pytest.raises(ValueError, match="needs AMX tiles"):
+        kernels.dot_rows("amx", w, T.Q4_K, 1, torch.zeros(16, 256))
+
+
 def test_unsupported_type_is_refused_before_any_work():
     w = torch.zeros(GGML_QUANT_SIZES[T.IQ4_XS][1], dtype=torch.uint8)
     with pytest.raises(ValueError, match="no kernel for ggml type"):

@@ -8,7 +8,4 @@ from tandem.cpu.kernels import variants_built
 
 def testable_variants() -> list[str]:
     runnable = set(runnable_variants())
-    # The amx variant reuses the avx512 kernels for everything but its tiles.
-    if "amx" in runnable:
-        runnable.add("avx512")
     return [v for v in variants_built() if v in runnable]
