@@ -43,7 +43,7 @@ log "tandem bench rc=$?"; tail -8 "$OUT/tandem_bench.txt" | tee -a "$OUT/steps.l
 AB=${AB:-TANDEM_CPU_FUSED_DECODE=0}
 if [ "$AB" != none ]; then
 log "tandem bench, $AB"
-env "$AB" timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" --json \
+env $AB timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" --json \
   2>&1 | tail -1 | tee -a "$OUT/steps.log"
 fi
 if [ -n "${CROSSOVER:-}" ]; then
