@@ -155,11 +155,17 @@ void bind_engine(nb::module_& m) {
         .def("wait_idle", &ThreadPool::wait_idle, nb::call_guard<nb::gil_scoped_release>());
     m.def(
         "read_bandwidth",
-        [](ThreadPool& pool, uintptr_t data, size_t bytes, int repeats) {
-            return read_bandwidth(pool, ptr<const unsigned char>(data), bytes, repeats);
+        [](ThreadPool& pool, const std::string& variant, uintptr_t data, size_t bytes, int repeats) {
+            return read_bandwidth(pool, kernels_named(variant), ptr<const unsigned char>(data), bytes, repeats);
         },
-        nb::arg("pool"), nb::arg("data"), nb::arg("bytes"), nb::arg("repeats") = 3,
+        nb::arg("pool"), nb::arg("variant"), nb::arg("data"), nb::arg("bytes"), nb::arg("repeats") = 3,
         nb::call_guard<nb::gil_scoped_release>(), "Best of `repeats` reads of the buffer, bytes per second.");
+    m.def(
+        "read_words",
+        [](const std::string& variant, uintptr_t data, size_t bytes) {
+            return kernels_named(variant).read_words(ptr<const uint8_t>(data), bytes);
+        },
+        nb::arg("variant"), nb::arg("data"), nb::arg("bytes"), "The bandwidth loop's sum of a buffer (tests).");
     m.def(
         "prefault",
         [](ThreadPool& pool, uintptr_t data, size_t bytes) { prefault(pool, ptr<const unsigned char>(data), bytes); },
@@ -168,6 +174,9 @@ void bind_engine(nb::module_& m) {
     m.def("cores_in_order", &cores_in_order, "Usable logical CPUs, first thread of each core first, by NUMA node.");
     m.def("variants_built", &variants_built, "Kernel variants compiled into this extension.");
     m.def("kernel_types", &kernel_types, "ggml type numbers a variant has kernels for.");
+    m.def("set_decode_prefetch", &set_decode_prefetch, nb::arg("bytes"),
+          "How far ahead the one-token kernels prefetch weights (0: off); process-wide.");
+    m.def("decode_prefetch", &decode_prefetch_bytes);
     m.def("act_format", &act_format, "0: float32, 1: Q8_32 blocks, 2: Q8_256 blocks.");
     m.def("dot_rows", &dot_rows, "out[t, r] = W[r] . x[t], one kernel on the calling thread (tests, benchmarks).");
     m.def("quantize_activations", &quantize_activations, "float32 rows to 8-bit activation blocks.");

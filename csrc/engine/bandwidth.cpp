@@ -8,27 +8,9 @@
 #include <vector>
 
 namespace tandem {
-namespace {
 
-// Four independent sums keep several loads in flight; the compiler vectorizes
-// the loop for the baseline ISA, which is enough to saturate memory.
-uint64_t sum_words(const unsigned char* p, size_t bytes) {
-    uint64_t a = 0, b = 0, c = 0, d = 0;
-    size_t i = 0;
-    for (; i + 32 <= bytes; i += 32) {
-        uint64_t w[4];
-        std::memcpy(w, p + i, sizeof w);
-        a += w[0];
-        b += w[1];
-        c += w[2];
-        d += w[3];
-    }
-    return a + b + c + d;
-}
-
-}  // namespace
-
-double read_bandwidth(ThreadPool& pool, const unsigned char* data, size_t bytes, int repeats) {
+double read_bandwidth(ThreadPool& pool, const VariantKernels& kernels, const unsigned char* data, size_t bytes,
+                      int repeats) {
     constexpr size_t kChunk = 1 << 20;  // 1 MiB tasks: large enough to stream, small enough to balance
     const int64_t chunks = static_cast<int64_t>(bytes / kChunk);
     if (chunks == 0) return 0.0;
@@ -37,7 +19,7 @@ double read_bandwidth(ThreadPool& pool, const unsigned char* data, size_t bytes,
     for (int r = 0; r < std::max(1, repeats); ++r) {
         const auto start = std::chrono::steady_clock::now();
         pool.parallel_for(chunks, [&](int64_t i, int) {
-            sink.fetch_add(sum_words(data + i * kChunk, kChunk), std::memory_order_relaxed);
+            sink.fetch_add(kernels.read_words(data + i * kChunk, kChunk), std::memory_order_relaxed);
         });
         const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         best = std::max(best, static_cast<double>(chunks * kChunk) / seconds);

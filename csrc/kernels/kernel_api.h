@@ -122,6 +122,10 @@ inline int64_t prefill_scratch_floats(int64_t rows, int64_t d, int64_t dv) {
     return rows * (dv + 2 + 64) + rows * static_cast<int64_t>(sizeof(void*) / sizeof(float)) + 16;
 }
 
+// The sum of n bytes read as 64-bit words (and single bytes at the end), at the
+// variant's widest loads: the read-bandwidth measure's loop.
+using ReadWordsFn = uint64_t (*)(const uint8_t* p, size_t n);
+
 struct VariantKernels {
     const char* name;
     QuantizeRowFn quantize_q8_32;
@@ -131,6 +135,7 @@ struct VariantKernels {
     RmsNormFn rms_norm;
     AttendChunkFn attend_chunk;
     AttendPrefillFn attend_prefill;
+    ReadWordsFn read_words;
     const TypeKernel* types;
     int n_types;
 
@@ -195,6 +200,11 @@ namespace generic { const VariantKernels& kernels(); }
 namespace avx2 { const VariantKernels& kernels(); }
 namespace avx512 { const VariantKernels& kernels(); }
 namespace amx { const VariantKernels& kernels(); }
+
+// How far ahead of their block the one-token kernels prefetch weights, bytes (0: off).
+// One setting per process; set it before kernels run, not while they do.
+void set_decode_prefetch(size_t bytes);
+size_t decode_prefetch_bytes();
 
 // The table named `name` ("generic", "avx2", "avx512", "amx"), or nullptr if that
 // variant is not built into this extension.

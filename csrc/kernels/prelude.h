@@ -76,16 +76,15 @@ inline void kq_scale_min(const uint8_t* s, int j, int* sc, int* m) {
 }
 
 // Decode streams every weight once: a one-token kernel asks for the bytes
-// kDecodePrefetch ahead of the block it works on (rows are contiguous, so that
+// decode_prefetch ahead of the block it works on (rows are contiguous, so that
 // is a later row of the same matrix) while it computes, which the out-of-order
-// window alone does not reach far enough ahead to do.
-#ifndef TANDEM_DECODE_PREFETCH
-#define TANDEM_DECODE_PREFETCH 2048  // measured best of 0, 1024, 2048, 4096 (BENCHMARKS.md)
-#endif
-constexpr size_t kDecodePrefetch = TANDEM_DECODE_PREFETCH;
+// window alone does not reach far enough ahead to do. 0 turns it off; the engine
+// sets it (tandem/cpu/engine.py, TANDEM_CPU_PREFETCH).
+inline size_t decode_prefetch = 2048;
 inline void prefetch_ahead(const uint8_t* block, size_t bytes) {
-    if constexpr (kDecodePrefetch > 0)
-        for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(block + kDecodePrefetch + o, 0, 3);
+    const size_t ahead = decode_prefetch;
+    if (ahead == 0) return;
+    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(block + ahead + o, 0, 3);
 }
 
 // AMX's tile configuration (palette 1): per tile register, bytes per row and rows.

@@ -2,8 +2,12 @@
 #include <cstring>
 
 #include "kernels/kernel_api.h"
+#include "kernels/prelude.h"
 
 namespace tandem {
+
+void set_decode_prefetch(size_t bytes) { detail::decode_prefetch = bytes; }
+size_t decode_prefetch_bytes() { return detail::decode_prefetch; }
 
 const VariantKernels* variant_kernels(const char* name) {
     if (std::strcmp(name, "generic") == 0) return &generic::kernels();

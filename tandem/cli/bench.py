@@ -116,6 +116,7 @@ def memory_floor(weights, decode_tok_s: float) -> dict:
         "cpu_variant": engine.variant,
         "cpu_kernels": engine.kernels,
         "engine_threads": engine.threads,
+        "decode_prefetch_bytes": engine.prefetch,
         "read_bandwidth_gb_s": bandwidth / 1e9,
     }
     moe = moe_of(weights)

@@ -20,7 +20,6 @@ from tandem.cpu.system import physical_cores, usable_cores
 from tandem.errors import TandemError, UnsupportedError
 from tandem.quant.quant_tensor import QuantTensor
 
-
 # Below this many tokens per matrix a call takes the 8-bit dot kernels, from it
 # on the prefill kernels (when the CPU has them): the dequantized tile then
 # serves enough tokens to pay for itself (benchmarks/gemm_crossover.py).
@@ -30,6 +29,15 @@ DEFAULT_GEMM_MIN_TOKENS = 32
 # calls; on the 16-core Sapphire Rapids machine they beat the AMX-BF16 path up to 64 tokens
 # on a 2048 × 2048 Q4_K/Q6_K matrix and up to 512 on a 768 × 2048 one (BENCHMARKS.md).
 DEFAULT_GEMM_MIN_TOKENS_TILED = 128
+
+# How far ahead of the block in hand the one-token kernels prefetch weights, bytes
+# (0: off). With 16 threads on the 16-core Sapphire Rapids machine 2048 took the
+# experts of a decode step from 51.6 to 97.6 GB/s (best of 0, 1024, 2048 and 4096);
+# with 2 threads on the 2-core Zen 4 machine it cost Gemma's decode 4-12% (the
+# hardware prefetchers keep up there). So it is on from PREFETCH_MIN_THREADS threads.
+PREFETCH_ENV = "TANDEM_CPU_PREFETCH"
+DEFAULT_PREFETCH_BYTES = 2048
+PREFETCH_MIN_THREADS = 8
 
 # How long the pool's idle workers spin before parking, microseconds. Between
 # two engine calls of a decode step torch runs on the calling thread alone, so
@@ -87,6 +95,9 @@ class CPUEngine:
         self.threads = threads or default_threads()
         if self.threads < 1:
             raise TandemError(f"threads must be at least 1, got {self.threads}")
+        default = DEFAULT_PREFETCH_BYTES if self.threads >= PREFETCH_MIN_THREADS else 0
+        self.prefetch = _int_env(PREFETCH_ENV, default, 0, 1 << 20)
+        _native().set_decode_prefetch(self.prefetch)  # process-wide: the last engine made sets it
         # Pinning more threads than cores would stack two on one core for good.
         self.pool = _native().ThreadPool(self.threads, pin and self.threads <= usable_cores(), self.spin_us)
 
@@ -287,7 +298,7 @@ class CPUEngine:
     def read_bandwidth(self, n_bytes: int = 1 << 30, repeats: int = 3) -> float:
         """Read bandwidth of this pool's threads, bytes per second (best of `repeats`)."""
         buffer = torch.ones(n_bytes, dtype=torch.uint8)  # written, so every page is mapped
-        return float(_native().read_bandwidth(self.pool, buffer.data_ptr(), n_bytes, repeats))
+        return float(_native().read_bandwidth(self.pool, self.kernels, buffer.data_ptr(), n_bytes, repeats))
 
     def __repr__(self) -> str:
         return (

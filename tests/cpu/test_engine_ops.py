@@ -267,3 +267,33 @@ def test_decode_attention_declines_other_forms():
     assert e.attention_decode(torch.randn(1, 4, 2, 16), k, k, 1.0) is None  # two query positions
     assert e.attention_decode(torch.randn(1, 3, 1, 16), k, k, 1.0) is None  # heads not a multiple
     assert e.attention_decode(q.double(), k.double(), k.double(), 1.0) is None
+
+
+def test_prefetch_distance_leaves_results_alone_and_follows_the_environment(monkeypatch):
+    from tandem import _cpu
+
+    gate, up, down = expert_set((T.Q4_K, T.Q6_K), seed=21)
+    x, ids, weights = routing(1, 4, seed=22)  # one token: the decode kernels, which prefetch
+    before = _cpu.decode_prefetch()
+    try:
+        _check_prefetch(monkeypatch, gate, up, down, x, ids, weights)
+    finally:
+        _cpu.set_decode_prefetch(before)
+
+
+def _check_prefetch(monkeypatch, gate, up, down, x, ids, weights):
+    from tandem import _cpu
+
+    monkeypatch.setenv("TANDEM_CPU_PREFETCH", "0")
+    off = CPUEngine(threads=2).experts(gate, up, down)(x, ids, weights)
+    assert _cpu.decode_prefetch() == 0
+    monkeypatch.setenv("TANDEM_CPU_PREFETCH", "4096")
+    on = CPUEngine(threads=2).experts(gate, up, down)(x, ids, weights)
+    assert _cpu.decode_prefetch() == 4096
+    assert torch.equal(on, off)
+    monkeypatch.delenv("TANDEM_CPU_PREFETCH")
+    assert CPUEngine(threads=2).prefetch == 0  # off below 8 threads
+    assert CPUEngine(threads=8, pin=False).prefetch == 2048
+    monkeypatch.setenv("TANDEM_CPU_PREFETCH", "-1")
+    with pytest.raises(TandemError, match="TANDEM_CPU_PREFETCH"):
+        CPUEngine(threads=1)
