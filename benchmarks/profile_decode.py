@@ -50,7 +50,9 @@ def main() -> None:
     for module in hooked:
         module.register_forward_pre_hook(before)
         module.register_forward_hook(after)
-    token = torch.tensor([[785, 6722, 315, 9625, 374] * (prompt // 5) + [785] * (prompt % 5)])
+    # Random ids: a prompt of a few repeated ids would route every token to the same experts.
+    vocab = min(int(model.config.vocab_size), 32000)
+    token = torch.randint(100, vocab, (1, prompt), generator=torch.Generator().manual_seed(0))
     if tokens == 0:
         with torch.inference_mode():
             for _ in range(2):  # the first warms up
