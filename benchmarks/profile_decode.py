@@ -54,9 +54,14 @@ def main() -> None:
     vocab = min(int(model.config.vocab_size), 32000)
     token = torch.randint(100, vocab, (1, prompt), generator=torch.Generator().manual_seed(0))
     if tokens == 0:
+        moe_ops = [
+            m.engine_experts._op for m in model.modules() if getattr(m, "engine_experts", None) is not None
+        ]
         with torch.inference_mode():
             for _ in range(2):  # the first warms up
                 spent.clear()
+                for op in moe_ops:
+                    op.set_profiling(True)
                 t0 = time.perf_counter()
                 model(
                     input_ids=token,
@@ -70,6 +75,15 @@ def main() -> None:
         )
         for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1])[:14]:
             print(f"  {name:32} {seconds * 1e3:8.1f} ms")
+        if moe_ops:  # inside the engine's MoE calls, summed over layers
+            phases = defaultdict(float)
+            for op in moe_ops:
+                for name, seconds in op.phase_seconds().items():
+                    phases[name] += seconds
+                op.set_profiling(False)
+            print("  routed experts, inside the engine:")
+            for name, seconds in phases.items():
+                print(f"    {name:30} {seconds * 1e3:8.1f} ms")
         if os.environ.get("PROFILE_OPS"):  # torch's own operators in one more prompt pass
             from torch.profiler import ProfilerActivity, profile
 

@@ -3,11 +3,13 @@
 // Tensors cross as raw addresses (torch's data_ptr()); the Python wrappers in
 // tandem/cpu/ check dtype, shape and contiguity before any address gets here.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/map.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -367,6 +369,16 @@ void bind_engine(nb::module_& m) {
             },
             nb::call_guard<nb::gil_scoped_release>())
         .def("sync", &MoEOp::sync, nb::call_guard<nb::gil_scoped_release>())
+        .def("set_profiling", &MoEOp::set_profiling, "Start (and zero) or stop the per-phase clocks of many-token calls.")
+        .def_prop_ro("profiled_calls", &MoEOp::profiled_calls)
+        .def(
+            "phase_seconds",
+            [](const MoEOp& op) {
+                std::map<std::string, double> out;
+                for (int p = 0; p < kMoEPhases; ++p) out[kMoEPhaseNames[p]] = op.phase_ns()[p] * 1e-9;
+                return out;
+            },
+            "Wall time per phase of many-token calls since profiling started, seconds.")
         .def(
             "host_call",
             [](MoEOp& op, int64_t n_tok, int64_t top_k, uintptr_t x, uintptr_t ids, uintptr_t w, uintptr_t out) {

@@ -182,10 +182,7 @@ void DecodeLayer::step(const float* x, float* out, const float* cos, const float
     const DecodeLayerSpec& s = spec_;
     const int64_t d = s.head_dim;
     if (pos < 0 || pos >= capacity) throw std::invalid_argument("decode layer: position outside the cache");
-    if (profiling_) {
-        clock_ = std::chrono::steady_clock::now();
-        ++steps_;
-    }
+    clock_.start();
 
     norm(kernels_, s.attn_norm, x, 1, s.hidden, h_.data());
     gemv(h_.data(), {{&s.q, q_.data()}, {&s.k, k_.data()}, {&s.v, v_.data()}});

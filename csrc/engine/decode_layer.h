@@ -10,13 +10,13 @@
 #pragma once
 
 #include <array>
-#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <vector>
 
 #include "engine/moe_op.h"
+#include "engine/phase_clock.h"
 #include "engine/thread_pool.h"
 #include "engine/weight_matrix.h"
 
@@ -69,13 +69,9 @@ public:
     const DecodeLayerSpec& spec() const { return spec_; }
 
     // Profiling: with it on, each step adds its phases' wall time (ns) to phase_ns().
-    void set_profiling(bool on) {
-        profiling_ = on;
-        phase_ns_.fill(0);
-        steps_ = 0;
-    }
-    const std::array<int64_t, kPhases>& phase_ns() const { return phase_ns_; }
-    int64_t profiled_steps() const { return steps_; }
+    void set_profiling(bool on) { clock_.set(on); }
+    const std::array<int64_t, kPhases>& phase_ns() const { return clock_.ns(); }
+    int64_t profiled_steps() const { return clock_.calls(); }
 
 private:
     struct Job {
@@ -90,21 +86,13 @@ private:
     void gemv(const float* x, std::initializer_list<Job> jobs);
     void feed_forward(const float* h, float* out);
 
-    void mark(DecodePhase phase) {
-        if (!profiling_) return;
-        const auto now = std::chrono::steady_clock::now();
-        phase_ns_[phase] += std::chrono::duration_cast<std::chrono::nanoseconds>(now - clock_).count();
-        clock_ = now;
-    }
+    void mark(DecodePhase phase) { clock_.mark(phase); }
 
     std::shared_ptr<ThreadPool> pool_;
     const VariantKernels& kernels_;
     DecodeLayerSpec spec_;
     std::mutex mutex_;
-    bool profiling_ = false;
-    std::array<int64_t, kPhases> phase_ns_{};
-    int64_t steps_ = 0;
-    std::chrono::steady_clock::time_point clock_;
+    PhaseClock<kPhases> clock_;
     std::vector<uint8_t> act_[3];  // prepared activations per ActFormat
     std::vector<Tile> tiles_;
     std::vector<float> h_, q_, k_, v_, attn_, o_, ffn_, g_, u_, d_, logits_, scores_;

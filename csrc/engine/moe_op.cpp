@@ -53,6 +53,7 @@ void MoEOp::forward(const MoECall& call) {
     if (n_tok <= 0) return;
     if (n_tok == 1 && k > 0 && !(gemm_.takes(gate_, 1) && gemm_.takes(up_, 1) && gemm_.takes(down_, 1)))
         return forward_one(call);
+    clock_.start();
     std::memset(call.out, 0, sizeof(float) * static_cast<size_t>(n_tok * H));
     if (k <= 0) return;
     ThreadPool& pool = *pool_;
@@ -127,6 +128,8 @@ void MoEOp::forward(const MoECall& call) {
         });
     };
 
+    clock_.mark(kMoEGroup);
+
     // 2. Activations of every token, prepared once, then gathered per assignment
     //    so an expert's tokens are contiguous rows for the kernel.
     auto gather = [&](const WeightMatrix& w, std::vector<uint8_t>& per_token, std::vector<uint8_t>& out) {
@@ -151,6 +154,7 @@ void MoEOp::forward(const MoECall& call) {
         act_up = up_.kernel->act == gate_.kernel->act ? act_gate : gather(up_, x_act_up_, gathered_up_);
     }
     if (any_gemm) pack(call.x, H, H, true, packed_x_.data(), packed_x_at_);
+    clock_.mark(kMoEActivations);
     const size_t arb_gate = act_row_bytes(gate_.kernel->act, H);
     const size_t arb_up = act_row_bytes(up_.kernel->act, H);
 
@@ -176,6 +180,7 @@ void MoEOp::forward(const MoECall& call) {
         }
         for (int64_t a = t.a0; a < t.a0 + t.na; ++a) kernels_.silu_mul(g + a * I + t.r0, u + a * I + t.r0, t.nr);
     });
+    clock_.mark(kMoEGateUp);
 
     // 4. down: h rows prepared for the down type (or packed), then the same kinds of tasks.
     const ActFormat down_format = down_.kernel->act;
@@ -193,6 +198,7 @@ void MoEOp::forward(const MoECall& call) {
         }
     }
     if (any_gemm) pack(g, I, I, false, packed_h_.data(), packed_h_at_);
+    clock_.mark(kMoEHidden);
     y_.resize(std::max<size_t>(y_.size(), static_cast<size_t>(n_assign * H)));
     float* y = y_.data();
     make_tasks(dot_count_, offset_, H, pool.size(), tasks_);
@@ -207,6 +213,7 @@ void MoEOp::forward(const MoECall& call) {
         down_.kernel->dot_rows(down_.matrix(t.expert) + t.r0 * down_.row_bytes, down_.row_bytes, t.nr, I,
                                h_act + t.a0 * arb_down, arb_down, t.na, y + t.a0 * H + t.r0, H);
     });
+    clock_.mark(kMoEDown);
 
     // 5. out[t] = Σ_j w[t, j] · y[assignment of (t, j)], slots in order, so the
     //    sum is the same whatever the thread count. Column chunks keep one
@@ -224,6 +231,7 @@ void MoEOp::forward(const MoECall& call) {
             for (int64_t c = c0; c < c1; ++c) o[c] += wt * ya[c];
         }
     });
+    clock_.mark(kMoESum);
     if (n_tok > 1) pool.rest();  // decode (one token) keeps its workers spinning for the next op
 }
 

@@ -8,11 +8,13 @@
 // (engine/gemm_path.h); the others take the 8-bit dot kernels.
 #pragma once
 
+#include <array>
 #include <memory>
 #include <mutex>
 #include <vector>
 
 #include "engine/gemm_path.h"
+#include "engine/phase_clock.h"
 #include "engine/thread_pool.h"
 #include "engine/weight_matrix.h"
 
@@ -33,6 +35,11 @@ struct MoETask {
     bool gemm = false;  // the bf16 tile path: nr <= kGemmRows, every assignment of the expert
 };
 
+// Where a many-token call spends its time, for profiling (off unless asked for).
+enum MoEPhase : int { kMoEGroup, kMoEActivations, kMoEGateUp, kMoEHidden, kMoEDown, kMoESum, kMoEPhases };
+inline const char* const kMoEPhaseNames[kMoEPhases] = {"group", "activations", "gate_up",
+                                                       "hidden_activations", "down", "weighted_sum"};
+
 class MoEOp {
 public:
     // gate, up: [E, inter, hidden]; down: [E, hidden, inter].
@@ -51,12 +58,18 @@ public:
     int64_t hidden() const { return gate_.cols; }
     int64_t inter() const { return gate_.rows; }
 
+    // Profiling of many-token calls (one-token calls are not timed).
+    void set_profiling(bool on) { clock_.set(on); }
+    const std::array<int64_t, kMoEPhases>& phase_ns() const { return clock_.ns(); }
+    int64_t profiled_calls() const { return clock_.calls(); }
+
 private:
     std::shared_ptr<ThreadPool> pool_;
     const VariantKernels& kernels_;
     WeightMatrix gate_, up_, down_;
     GemmPath gemm_;
     std::mutex mutex_;  // scratch below belongs to one call at a time
+    PhaseClock<kMoEPhases> clock_;
 
     // Per-call scratch, grown as needed and reused.
     std::vector<int64_t> count_, offset_, cursor_, slot_assignment_, assignment_token_, assignment_expert_;

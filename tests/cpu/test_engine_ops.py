@@ -297,3 +297,27 @@ def _check_prefetch(monkeypatch, gate, up, down, x, ids, weights):
     monkeypatch.setenv("TANDEM_CPU_PREFETCH", "-1")
     with pytest.raises(TandemError, match="TANDEM_CPU_PREFETCH"):
         CPUEngine(threads=1)
+
+
+def test_many_token_calls_time_their_phases_when_asked():
+    import time
+
+    gate, up, down = expert_set((T.Q4_K, T.Q6_K), seed=31)
+    experts = engine(2).experts(gate, up, down)
+    x, ids, weights = routing(24, 4, seed=32)
+    op = experts._op
+    experts(x, ids, weights)
+    assert op.profiled_calls == 0 and sum(op.phase_seconds().values()) == 0
+    op.set_profiling(True)
+    t0 = time.perf_counter()
+    experts(x, ids, weights)
+    wall = time.perf_counter() - t0
+    experts(x[:1], ids[:1], weights[:1])  # one token: not timed
+    phases = op.phase_seconds()
+    assert op.profiled_calls == 1
+    assert set(phases) == {"group", "activations", "gate_up", "hidden_activations", "down", "weighted_sum"}
+    assert phases["gate_up"] > 0 and phases["down"] > 0
+    assert sum(phases.values()) <= wall
+    op.set_profiling(False)
+    experts(x, ids, weights)
+    assert op.profiled_calls == 0
