@@ -1,0 +1,69 @@
+"""The Triton kernels that read GGUF blocks, against the `gguf` package and torch.
+
+On a GPU they run compiled; elsewhere under Triton's interpreter (set before the
+kernels are defined), so the same tests check them on CPU-only machines that have
+triton installed. Without triton they are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize as gguf_dequantize
+
+from tandem.errors import UnsupportedError
+from tandem.gpu import quant_triton
+from tests.random_quant import random_blocks
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TYPES = [T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+def weights(ggml_type: T, rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 blocks on DEVICE, float64 values from gguf's numpy dequantization)."""
+    block, _ = GGML_QUANT_SIZES[ggml_type]
+    raw = random_blocks(ggml_type, rows * cols // block, seed=seed, max_exponent=0)
+    dense = torch.from_numpy(gguf_dequantize(raw.reshape(-1), ggml_type).reshape(rows, cols).copy())
+    return torch.from_numpy(raw.reshape(-1).copy()).to(DEVICE), dense.double()
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,cols", [(1, 256), (19, 512), (40, 768)])
+def test_dequantize_equals_gguf_bit_for_bit(ggml_type, rows, cols):
+    blocks, want = weights(ggml_type, rows, cols, seed=rows + cols)
+    got = quant_triton.dequantize(blocks, ggml_type, rows, cols, dtype=torch.float32).cpu()
+    assert torch.equal(got, want.float())
+    bf16 = quant_triton.dequantize(blocks, ggml_type, rows, cols).cpu()
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, want.float().bfloat16())
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,cols,n", [(19, 512, 1), (33, 768, 3)])
+def test_matvec_equals_the_dense_product(ggml_type, rows, cols, n):
+    blocks, dense = weights(ggml_type, rows, cols, seed=7 * rows + n)
+    x = torch.randn(n, cols, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    got = quant_triton.matvec(blocks, ggml_type, rows, x.float().to(DEVICE)).cpu().double()
+    want = x.float().double() @ dense.T
+    magnitude = x.abs() @ dense.abs().T
+    assert ((got - want).abs() <= 1e-5 * magnitude + 1e-30).all()  # float32 sums of exact products
+
+
+def test_bad_input_is_refused_before_any_launch():
+    blocks, _ = weights(T.Q4_K, 2, 256, seed=1)
+    with pytest.raises(UnsupportedError, match="no GPU kernel for Q2_K"):
+        quant_triton.dequantize(blocks, T.Q2_K, 2, 256)
+    with pytest.raises(UnsupportedError, match="not a multiple of 256"):
+        quant_triton.matvec(blocks, T.Q4_K, 2, torch.zeros(1, 128, device=DEVICE))
+    with pytest.raises(ValueError, match="expected 3 rows"):
+        quant_triton.dequantize(blocks, T.Q4_K, 3, 256)
+    with pytest.raises(ValueError, match=r"\[tokens, columns\]"):
+        quant_triton.matvec(blocks, T.Q4_K, 2, torch.zeros(256, device=DEVICE))
