@@ -155,6 +155,12 @@ def _matvec_kernel(
     tl.store(out + token * out_stride + r, acc, mask=r < n_rows)
 
 
+def supports(ggml_type: GGMLQuantizationType, cols: int) -> bool:
+    """Whether these kernels take a matrix of this type with rows of `cols` values."""
+    ggml_type = GGMLQuantizationType(ggml_type)
+    return ggml_type in _CODE and cols % _CHUNK[ggml_type] == 0
+
+
 def _check(blocks: torch.Tensor, ggml_type: GGMLQuantizationType, rows: int, cols: int) -> int:
     """The row's bytes, after checking that `blocks` holds rows × cols values of the type."""
     ggml_type = GGMLQuantizationType(ggml_type)
