@@ -20,10 +20,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metadata", action="store_true", help="print every metadata key")
     parser.add_argument("--tensors", action="store_true", help="list every tensor")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    group = parser.add_argument_group("placement")
+    group.add_argument(
+        "--plan",
+        action="store_true",
+        help="print where each part goes for a GPU budget, and the rules that place it",
+    )
+    group.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GIB",
+        help="GPU memory the plan may use, GiB (default: the free memory of the first GPU; 0: no GPU)",
+    )
+    group.add_argument(
+        "--ctx", type=int, default=4096, metavar="N", help="KV cache tokens the plan holds (default: 4096)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from tandem.errors import TandemError
+    from tandem.inject.plan import kv_bytes_per_token
     from tandem.weights.arch import config_of
     from tandem.weights.gguf_file import GGUFFile
 
@@ -37,6 +53,11 @@ def run(args: argparse.Namespace) -> int:
             report["kv_cache_bytes_per_token"] = kv_bytes_per_token(config)
         except TandemError as error:  # an unsupported family is still worth inspecting
             report["config_error"] = str(error)
+            config = None
+        if args.plan:
+            if config is None:
+                raise TandemError(f"cannot plan a placement: {report['config_error']}")
+            report["plan"] = plan_report(gguf, config, args)
         if args.metadata:
             report["metadata"] = {k: summarise(v) for k, v in gguf.metadata.items()}
         if args.tensors:
@@ -137,12 +158,43 @@ def _numel(shape) -> int:
     return n
 
 
-def kv_bytes_per_token(config) -> int:
-    latent = getattr(config, "kv_lora_rank", None)
-    if latent:  # MLA caches the compressed latent and the rope key, shared by all heads
-        return config.num_hidden_layers * (latent + config.qk_rope_head_dim) * 4
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # K and V, float32
+def plan_report(gguf, config, args) -> dict:
+    from tandem.errors import TandemError
+    from tandem.inject.loader import default_rules
+    from tandem.inject.plan import GIB, plan_placement
+    from tandem.inject.rules import load_rules
+
+    if args.ctx < 1:
+        raise TandemError(f"--ctx must be at least 1, got {args.ctx}")
+    if args.gpu_memory is not None and args.gpu_memory < 0:
+        raise TandemError(f"--gpu-memory must be at least 0, got {args.gpu_memory}")
+    rules_path = default_rules(gguf.architecture, gguf.tensors)
+    budget = gpu_free_bytes() if args.gpu_memory is None else int(args.gpu_memory * GIB)
+    plan = plan_placement(gguf, config, load_rules(rules_path), budget, args.ctx)
+    return {
+        "device": plan.device,
+        "budget_bytes": plan.budget,
+        "ctx": plan.ctx,
+        "dense_mode": plan.dense_mode,
+        "dense_bytes": plan.dense_bytes,
+        "kv_cache_bytes": plan.kv_bytes,
+        "reserve_bytes": plan.reserve,
+        "gpu_bytes": plan.gpu_bytes,
+        "gpu_expert_layers": list(plan.gpu_expert_layers),
+        "cpu_expert_layers": list(plan.cpu_expert_layers),
+        "gpu_expert_bytes": sum(plan.layer_expert_bytes[i] for i in plan.gpu_expert_layers),
+        "cpu_expert_bytes": plan.cpu_expert_bytes,
+        "rules": plan.rules_yaml(rules_path.read_text(encoding="utf-8")) if plan.dense_mode else "",
+    }
+
+
+def gpu_free_bytes() -> int:
+    """Free memory of the first CUDA device, 0 where there is none."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    return int(torch.cuda.mem_get_info(0)[0])
 
 
 def summarise(value):
@@ -203,6 +255,8 @@ def print_report(r: dict) -> None:
         print(
             f"  {name:8} {v['tensors']:5} tensors  {v['bytes'] / (1 << 20):10.1f} MiB  {v['parameters'] / 1e6:10.1f} M params"
         )
+    if "plan" in r:
+        print_plan(r["plan"])
     if "metadata" in r:
         print("metadata:")
         for k, v in r["metadata"].items():
@@ -211,3 +265,49 @@ def print_report(r: dict) -> None:
         print("tensors:")
         for t in r["tensors"]:
             print(f"  {t['name']:40} {t['type']:6} {t['shape']!s:22} {t['bytes']:>12,} B")
+
+
+def _layers(layers: list[int]) -> str:
+    """[0, 1, 2, 5, 6] -> '0-2, 5-6'."""
+    spans, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            spans.append(f"{start}" if start == layer else f"{start}-{layer}")
+            start = None
+    return ", ".join(spans) or "none"
+
+
+def print_plan(p: dict) -> None:
+    gib = 1 << 30
+    print("placement:")
+    if not p["dense_mode"]:
+        print("  no GPU budget: everything runs on the CPU (routed experts and linear layers on the engine)")
+        return
+    kept = "dequantized at load" if p["dense_mode"] == "load" else "kept as GGUF blocks"
+    print(
+        f"  GPU {p['device']}, budget {p['budget_bytes'] / gib:.2f} GiB, planned {p['gpu_bytes'] / gib:.2f} GiB:"
+    )
+    rows = [
+        ("attention, dense and shared weights", p["dense_bytes"], kept),
+        (f"KV cache of {p['ctx']} tokens", p["kv_cache_bytes"], "float32"),
+        ("headroom", p["reserve_bytes"], "activations, workspaces"),
+    ]
+    if p["gpu_expert_layers"]:
+        rows.append(
+            (
+                f"routed experts, layers {_layers(p['gpu_expert_layers'])}",
+                p["gpu_expert_bytes"],
+                "GGUF blocks",
+            )
+        )
+    for label, size, note in rows:
+        print(f"    {label:40} {size / gib:8.2f} GiB  ({note})")
+    if p["cpu_expert_layers"]:
+        print(
+            f"  CPU RAM: routed experts of layers {_layers(p['cpu_expert_layers'])}, "
+            f"{p['cpu_expert_bytes'] / gib:.2f} GiB (GGUF blocks, on the C++ engine), and the token table"
+        )
+    print("rules (pass an edited copy with --rules):")
+    print(p["rules"].rstrip())
