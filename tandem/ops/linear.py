@@ -22,6 +22,20 @@ def parse_dtype(name: str, key: str) -> torch.dtype:
         raise RuleError(f"{key}: dtype {name!r} is not one of {', '.join(DTYPES)}") from None
 
 
+def take_linear(op: nn.Module, key: str, orig: nn.Module) -> None:
+    """Checks that the replaced module is an nn.Linear and gives the operator its shape."""
+    if not isinstance(orig, nn.Linear):
+        raise RuleError(f"{key}: {type(op).__name__} replaces nn.Linear modules, not {type(orig).__name__}")
+    op.in_features = orig.in_features
+    op.out_features = orig.out_features
+    op.has_bias = orig.bias is not None
+
+
+def check_mode(key: str, dequant: str, modes: tuple[str, ...]) -> None:
+    if dequant not in modes:
+        raise RuleError(f"{key}: dequant must be one of {', '.join(modes)}, got {dequant!r}")
+
+
 class QuantLinear(TandemModule):
     """y = x W^T + b with W from GGUF blocks.
 
@@ -41,13 +55,8 @@ class QuantLinear(TandemModule):
         **base,
     ):
         super().__init__(key, orig, config, **base)
-        if not isinstance(orig, nn.Linear):
-            raise RuleError(f"{key}: QuantLinear replaces nn.Linear modules, not {type(orig).__name__}")
-        if dequant not in DEQUANT_MODES:
-            raise RuleError(f"{key}: dequant must be one of {', '.join(DEQUANT_MODES)}, got {dequant!r}")
-        self.in_features = orig.in_features
-        self.out_features = orig.out_features
-        self.has_bias = orig.bias is not None
+        take_linear(self, key, orig)
+        check_mode(key, dequant, DEQUANT_MODES)
         self.dequant = dequant
         self.dtype = parse_dtype(dtype, key)
         self.qweight = None

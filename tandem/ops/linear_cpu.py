@@ -15,6 +15,7 @@ from tandem.cpu.engine import default_engine
 from tandem.cpu.engine import enabled as engine_enabled
 from tandem.errors import RuleError
 from tandem.ops.base import TandemModule
+from tandem.ops.linear import take_linear
 from tandem.weights.source import GGUFWeights
 
 OPS = (None, "engine", "torch")
@@ -30,17 +31,13 @@ class QuantLinearCPU(TandemModule):
 
     def __init__(self, key: str, orig: nn.Module, config: PretrainedConfig, **base):
         super().__init__(key, orig, config, **base)
-        if not isinstance(orig, nn.Linear):
-            raise RuleError(f"{key}: QuantLinearCPU replaces nn.Linear modules, not {type(orig).__name__}")
+        take_linear(self, key, orig)
         if self.generate_device.type != "cpu":
             raise RuleError(
                 f"{key}: QuantLinearCPU runs on the CPU, not {self.generate_device}; use QuantLinear"
             )
         if self.generate_op not in OPS or self.prefill_op not in OPS:
             raise RuleError(f"{key}: QuantLinearCPU's ops are 'engine' and 'torch'")
-        self.in_features = orig.in_features
-        self.out_features = orig.out_features
-        self.has_bias = orig.bias is not None
         self.backend = "engine" if self.generate_op != "torch" and engine_enabled() else "torch"
         self.parts: list = []  # engine linears, one per GGUF part of a fused weight
         self.weight: nn.Parameter | None = None

@@ -19,7 +19,7 @@ from transformers import PretrainedConfig
 
 from tandem.errors import RuleError
 from tandem.ops.base import TandemModule
-from tandem.ops.linear import parse_dtype
+from tandem.ops.linear import check_mode, parse_dtype, take_linear
 from tandem.quant.dequant import dequantize as reference_dequantize
 from tandem.quant.quant_tensor import QuantTensor
 from tandem.weights.source import GGUFWeights
@@ -78,17 +78,12 @@ class QuantLinearGPU(TandemModule):
         **base,
     ):
         super().__init__(key, orig, config, **base)
-        if not isinstance(orig, nn.Linear):
-            raise RuleError(f"{key}: QuantLinearGPU replaces nn.Linear modules, not {type(orig).__name__}")
+        take_linear(self, key, orig)
         if not runs_here(self.generate_device):
             raise RuleError(f"{key}: QuantLinearGPU runs on a CUDA device, not {self.generate_device}")
-        if dequant not in DEQUANT_MODES:
-            raise RuleError(f"{key}: dequant must be one of {', '.join(DEQUANT_MODES)}, got {dequant!r}")
+        check_mode(key, dequant, DEQUANT_MODES)
         if dtype not in DTYPES:
             raise RuleError(f"{key}: QuantLinearGPU computes in {' or '.join(DTYPES)}, not {dtype!r}")
-        self.in_features = orig.in_features
-        self.out_features = orig.out_features
-        self.has_bias = orig.bias is not None
         self.dequant = dequant
         self.dtype = parse_dtype(dtype, key)
         self.parts: list[_Part] = []
