@@ -33,6 +33,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--device", default="cpu", help="default device for modules no rule places (default: cpu)"
     )
+    group.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GIB",
+        help="plan the placement for this much GPU memory: dense parts and the KV cache on the GPU, "
+        "routed experts on the CPU engine but for whole layers that fit (docs/hybrid.md); "
+        "without a GPU everything runs on the CPU",
+    )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -114,8 +122,24 @@ def load_from_args(args: argparse.Namespace):
     path = resolve_model_path(args.model)
     if args.rules and not Path(args.rules).is_file():
         raise TandemError(f"rule file not found: {args.rules}")
+    gpu_memory = getattr(args, "gpu_memory", None)
+    if gpu_memory is not None and args.rules:
+        raise TandemError("--rules and --gpu-memory: give one of them (--gpu-memory writes the rules)")
+    if gpu_memory is not None and gpu_memory < 0:
+        raise TandemError(f"--gpu-memory must be at least 0, got {gpu_memory}")
+    if gpu_memory is not None and not torch.cuda.is_available():
+        print(
+            "tandem: no CUDA device here: --gpu-memory plans nothing, everything runs on the CPU",
+            file=sys.stderr,
+        )
     return load_model(
-        path, rules=args.rules, config_dir=args.config, device=args.device, progress=sys.stderr.isatty()
+        path,
+        rules=args.rules,
+        config_dir=args.config,
+        device=args.device,
+        progress=sys.stderr.isatty(),
+        gpu_memory=gpu_memory,
+        plan_ctx=getattr(args, "ctx", None) or 4096,
     )
 
 

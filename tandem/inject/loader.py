@@ -15,7 +15,7 @@ from tandem.cpu.heap import retain_freed_memory
 from tandem.cpu.torch_threads import install_decode_threads
 from tandem.errors import UnsupportedError, WeightError
 from tandem.inject.injector import Placement, inject
-from tandem.inject.rules import load_rules
+from tandem.inject.rules import Rule, load_rules
 from tandem.ops.attention_cpu import ENGINE_FLAG
 from tandem.ops.attention_cpu import IMPLEMENTATION as CPU_ATTENTION
 from tandem.ops.base import TandemModule
@@ -91,7 +91,7 @@ def build_meta_model(config: PretrainedConfig) -> PreTrainedModel:
 
 def optimize_and_load_gguf(
     model: nn.Module,
-    rule_path: str | Path,
+    rule_path: str | Path | list[Rule],
     gguf_path: str | Path | GGUFFile,
     config: PretrainedConfig,
     default_device: str = "cpu",
@@ -112,14 +112,15 @@ def optimize_and_load_gguf(
 
 def optimize_and_load(
     model: nn.Module,
-    rule_path: str | Path,
+    rule_path: str | Path | list[Rule],
     weights: GGUFWeights | SafetensorsWeights,
     config: PretrainedConfig,
     default_device: str = "cpu",
     progress: bool = False,
 ) -> list[Placement]:
     """optimize_and_load_gguf for any weights object (GGUFWeights, SafetensorsWeights)."""
-    placements, devices = inject(model, load_rules(rule_path), config, default_device)
+    rules = rule_path if isinstance(rule_path, list) else load_rules(rule_path)
+    placements, devices = inject(model, rules, config, default_device)
     load_weights(model, weights, devices, progress)
     if any(getattr(m, "backend", None) == "engine" for m in model.modules()):
         install_decode_threads(model)

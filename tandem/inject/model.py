@@ -49,8 +49,14 @@ def load_model(
     config_dir: str | Path | None = None,
     device: str = "cpu",
     progress: bool = False,
+    gpu_memory: float | None = None,
+    plan_ctx: int = 4096,
 ) -> LoadedModel:
     """Open a GGUF file (or split set), build its model on meta, inject the rules, load the weights.
+
+    gpu_memory: GiB of GPU memory to plan a placement for (tandem/inject/plan.py) instead of
+    running everything on `device`; the plan's KV cache holds plan_ctx tokens. Without a
+    CUDA device, or with 0, everything runs on the CPU.
 
     A Hugging Face directory (config.json and safetensors, no .gguf file) is loaded
     from its config.json, tokenizer and safetensors instead.
@@ -58,6 +64,10 @@ def load_model(
     of the GGUF metadata (the weights still come from the GGUF).
     """
     if is_hf_directory(Path(path)):
+        if gpu_memory is not None:
+            raise TandemError(
+                f"{path}: a GPU memory budget plans GGUF files; give a Hugging Face directory rules"
+            )
         if config_dir is not None:
             raise TandemError(
                 f"{path} is a Hugging Face directory: it brings its own config, drop config_dir"
@@ -74,14 +84,35 @@ def load_model(
         if config_dir is not None and getattr(tokenizer, "chat_template", None):
             template, is_fallback = tokenizer.chat_template, False
         model = build_meta_model(config)
-        placements = optimize_and_load_gguf(
-            model, rules or default_rules(gguf.architecture, gguf.tensors), gguf, config, device, progress
-        )
+        chosen: str | Path | list = rules or default_rules(gguf.architecture, gguf.tensors)
+        if gpu_memory is not None:
+            if rules is not None:
+                raise TandemError("give either rules or a GPU memory budget to plan them, not both")
+            chosen, device = _planned_rules(gguf, config, Path(chosen), gpu_memory, plan_ctx, device)
+        placements = optimize_and_load_gguf(model, chosen, gguf, config, device, progress)
     except BaseException:
         gguf.close()
         raise
     stops = eos_token_ids(gguf.metadata, tokenizer)
     return LoadedModel(model, tokenizer, config, gguf, template, is_fallback, stops, placements)
+
+
+def _planned_rules(gguf: GGUFFile, config, default: Path, gpu_memory: float, ctx: int, device: str):
+    """(rules, device) of the placement planned for `gpu_memory` GiB on `device` if it is a
+    GPU, else on the first one."""
+    import torch
+
+    from tandem.inject.plan import GIB, plan_placement
+    from tandem.inject.rules import load_rules, parse_rules
+
+    if gpu_memory < 0:
+        raise TandemError(f"the GPU memory budget must be at least 0 GiB, got {gpu_memory}")
+    budget = int(gpu_memory * GIB) if torch.cuda.is_available() else 0
+    gpu = device if torch.device(device).type == "cuda" else "cuda:0"
+    plan = plan_placement(gguf, config, load_rules(default), budget, ctx, gpu)
+    if not plan.dense_mode:
+        return default, "cpu"
+    return parse_rules(plan.rules_yaml(default.read_text(encoding="utf-8")), "placement plan"), plan.device
 
 
 def _load_hf_directory(directory: Path, rules: str | Path | None, device: str, progress: bool) -> LoadedModel:

@@ -121,3 +121,16 @@ def test_inspect_prints_the_plan(tiny_moe):
     assert text.returncode == 0 and "everything runs on the CPU" in text.stdout
     assert_user_error(tandem("inspect", path, "--plan", "--gpu-memory", "0.001"), "cannot hold")
     assert_user_error(tandem("inspect", path, "--plan", "--ctx", "0"), "--ctx must be at least 1")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only behaviour")
+def test_gpu_memory_without_a_gpu_runs_everything_on_the_cpu(tiny_moe):
+    path = str(tiny_moe[0])
+    args = ("--model", path, "--prompt", "hi", "-n", "3", "--temperature", "0")
+    planned = tandem("generate", *args, "--gpu-memory", "24")
+    assert planned.returncode == 0, planned.stderr
+    assert "no CUDA device here" in planned.stderr
+    assert planned.stdout == tandem("generate", *args).stdout  # the same CPU run
+    rules = str(default_rules("qwen3moe"))
+    assert_user_error(tandem("generate", *args, "--gpu-memory", "24", "--rules", rules), "give one of them")
+    assert_user_error(tandem("generate", *args, "--gpu-memory", "-1"), "at least 0")
