@@ -122,7 +122,10 @@ def optimize_and_load(
     rules = rule_path if isinstance(rule_path, list) else load_rules(rule_path)
     placements, devices = inject(model, rules, config, default_device)
     load_weights(model, weights, devices, progress)
-    if any(getattr(m, "backend", None) == "engine" for m in model.modules()):
+    # A model run on the CPU whose operators took the engine gets the engine's CPU-side
+    # helpers too; a GPU model with its experts on the engine (a hybrid plan) keeps torch's.
+    on_cpu = torch.device(default_device).type == "cpu"
+    if on_cpu and any(getattr(m, "backend", None) == "engine" for m in model.modules()):
         install_decode_threads(model)
         retain_freed_memory()  # a prompt's torch ops reuse freed buffers instead of faulting in new ones
         setattr(model.config, ENGINE_FLAG, True)  # decode attention on the engine too
