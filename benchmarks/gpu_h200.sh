@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU operators on the GPU machine: build, the GPU tests (compiled Triton kernels,
+# the planned hybrid placement, the GPU paths of the shipped rules), then the linear
+# kernels' timings. Expects .whl/gguf-*.whl carried and $OUT set.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+log() { echo "[$(date +%T)] $*" | tee -a "$OUT/steps.log"; }
+python -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
+log "build tandem"
+python -m pip install --no-build-isolation --no-deps -e . > "$OUT/tandem_build.log" 2>&1 || { log "build failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >> "$OUT/steps.log" 2>&1
+log "gpu tests"
+timeout 300 python -m pytest -q -p no:cacheprovider tests/gpu tests/test_gpu.py tests/ops/test_deepseek_gpu.py \
+  > "$OUT/gpu_tests.log" 2>&1
+log "gpu tests rc=$?"; tail -25 "$OUT/gpu_tests.log" >> "$OUT/steps.log"
+log "linear kernels"
+timeout 200 python benchmarks/gpu_linear_bench.py 4096 4096 1,4,8 >> "$OUT/steps.log" 2>&1
+timeout 200 python benchmarks/gpu_linear_bench.py 2048 7168 1,8 >> "$OUT/steps.log" 2>&1
+log done
