@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+from functools import partial
 
 import torch
 from gguf import GGML_QUANT_SIZES
@@ -45,13 +46,13 @@ def main() -> None:
         raw = random_blocks(ggml_type, rows * cols // block, seed=0, max_exponent=0).reshape(-1)
         blocks = torch.from_numpy(raw.copy()).cuda()
         dense = quant_triton.dequantize(blocks, ggml_type, rows, cols)
-        ms = median_ms(lambda: quant_triton.dequantize(blocks, ggml_type, rows, cols))
+        ms = median_ms(partial(quant_triton.dequantize, blocks, ggml_type, rows, cols))
         line = [f"{ggml_type.name}: dequantize {ms:.3f} ({blocks.numel() / ms / 1e6:.0f})"]
         for n in tokens:
             x = torch.randn(n, cols, device="cuda")
             xb = x.bfloat16()
-            mv = median_ms(lambda: quant_triton.matvec(blocks, ggml_type, rows, x))
-            mm = median_ms(lambda: torch.nn.functional.linear(xb, dense))
+            mv = median_ms(partial(quant_triton.matvec, blocks, ggml_type, rows, x))
+            mm = median_ms(partial(torch.nn.functional.linear, xb, dense))
             line.append(
                 f"n={n}: matvec {mv:.3f} ({blocks.numel() / mv / 1e6:.0f}), bf16 {mm:.3f} ({dense.numel() * 2 / mm / 1e6:.0f})"
             )
