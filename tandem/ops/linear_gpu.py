@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from tandem.errors import RuleError
+from tandem.errors import RuleError, TandemError
 from tandem.ops.base import TandemModule
 from tandem.ops.linear import check_mode, parse_dtype, take_linear
 from tandem.quant.dequant import dequantize as reference_dequantize
@@ -34,12 +34,22 @@ def runs_here(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def _kernels():
+    """tandem.gpu.quant_triton, or a clear error where triton is missing."""
+    try:
+        from tandem.gpu import quant_triton
+    except ImportError as error:
+        raise TandemError(
+            f"QuantLinearGPU needs the triton package (CUDA builds of torch ship it): {error}"
+        ) from None
+    return quant_triton
+
+
 class _Part:
     """One GGUF tensor of the weight (a fused weight has several, stacked along the outputs)."""
 
     def __init__(self, qt: QuantTensor, device: torch.device, dequant: str, dtype: torch.dtype):
-        from tandem.gpu import quant_triton
-
+        quant_triton = _kernels()
         self.rows, self.cols = qt.shape
         self.ggml_type = qt.ggml_type
         self.blocks: torch.Tensor | None = None
@@ -54,8 +64,7 @@ class _Part:
             self.dense = quant_triton.dequantize(blocks, qt.ggml_type, self.rows, self.cols, dtype)
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # x [n, cols] -> [n, rows]
-        from tandem.gpu import quant_triton
-
+        quant_triton = _kernels()
         if self.dense is not None:
             return nn.functional.linear(x.to(self.dense.dtype), self.dense).float()
         if x.shape[0] <= MATVEC_MAX_TOKENS:
