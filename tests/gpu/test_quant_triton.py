@@ -7,14 +7,10 @@ triton installed. Without triton they are skipped.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+pytest.importorskip("triton")  # without a GPU, under its interpreter (tests/conftest.py)
 
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
