@@ -90,3 +90,28 @@ def test_refuses_bad_settings():
         QuantLinearGPU("k", orig, None, generate_device=DEVICE, dtype="float16")
     with pytest.raises(RuleError, match=r"replaces nn\.Linear"):
         QuantLinearGPU("k", nn.LayerNorm(4, device="meta"), None, generate_device=DEVICE)
+
+
+@pytest.mark.parametrize("n", [6, 20])  # the matvec, and a per-call dequantization
+def test_a_model_on_the_kernels_gives_the_reference_logits(tmp_path, n):
+    from tandem.cpu.engine import torch_reference
+    from tandem.inject.loader import default_rules
+    from tandem.inject.model import load_model
+    from tandem.synth.tiny import write_tiny
+
+    path = write_tiny("qwen2", tmp_path / "qwen2.gguf", "Q8_0")  # q/k/v biases, a tied LM head
+    rules = tmp_path / "gpu.yaml"
+    rules.write_text(
+        "- match: {class: torch.nn.Linear}\n"
+        "  replace: {class: tandem.ops.linear_gpu.QuantLinearGPU, kwargs: {dequant: none, dtype: float32}}\n"
+        + default_rules("qwen2").read_text(encoding="utf-8")
+    )
+    ours = load_model(path, rules=rules, device=DEVICE)
+    assert sum(isinstance(m, QuantLinearGPU) for m in ours.model.modules()) > 0
+    with torch_reference():
+        ref = load_model(path)
+    ids = torch.randint(3, 200, (1, n), generator=torch.Generator().manual_seed(n))
+    with torch.inference_mode():
+        got = ours.model(input_ids=ids.to(DEVICE)).logits.cpu()
+        want = ref.model(input_ids=ids).logits
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
