@@ -21,7 +21,7 @@ from tandem.cpu import system
 
 HELP = "Report the CPU, memory, GPUs, native extension and package versions that tandem sees."
 
-PACKAGES = ("transformers", "gguf", "tokenizers", "numpy")
+PACKAGES = ("transformers", "gguf", "tokenizers", "numpy", "triton")  # triton: the GPU operators
 DEFAULT_MODEL_MODULE = "tandem.weights.default_model"
 OS_LABELS = {
     "os_avx": "AVX state saved by the OS (XMM, YMM)",
