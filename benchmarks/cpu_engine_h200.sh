@@ -61,7 +61,7 @@ fi
 if [ -n "${PROFILE:-}" ]; then
 log "prompt profile"
 PROFILE_OPS=1 timeout 150 python benchmarks/profile_decode.py /tmp/q3.gguf "$THREADS" 0 "$NP" \
-  2>&1 | grep -v -i warn | tail -26 >> "$OUT/steps.log"
+  2>&1 | grep -v -i warn | tail -45 >> "$OUT/steps.log"
 log "moe op alone"
 timeout 120 python benchmarks/moe_op_bench.py /tmp/q3.gguf "$THREADS" 20 >> "$OUT/steps.log" 2>&1
 log "profile"
