@@ -12,6 +12,12 @@ instead, phase by phase, without hooks; PROFILE_HOOKS=1 hooks them too.
 
 from __future__ import annotations
 
+# tandem first: importing it sets OMP_WAIT_POLICY=PASSIVE, which OpenMP reads when torch
+# loads it; with torch first, its idle threads spin beside the engine's and every
+# torch operator in the profile runs slower than in `tandem bench`.
+import tandem  # noqa: F401
+
+# isort: split
 import os
 import sys
 import time
