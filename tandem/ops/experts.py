@@ -20,6 +20,7 @@ from transformers.activations import ACT2FN
 from tandem.errors import RuleError
 from tandem.ops.base import TandemModule
 from tandem.ops.linear import parse_dtype
+from tandem.quant.quant_tensor import QuantTensor
 from tandem.weights.source import GGUFWeights
 
 OPS = (None, "torch")
@@ -29,14 +30,29 @@ class QuantExperts(TandemModule):
     """out[t] = Σ_j w[t, j] · down_e(act(gate_e(x[t])) · up_e(x[t])), e = top_k_index[t, j].
 
     dtype: the compute dtype of the dequantized expert weights and the activations.
+    blocks_on_device: copy the GGUF blocks to generate_device at load and dequantize the
+    experts a call needs there, with the Triton kernels (Q8_0, Q4_K, Q5_K, Q6_K; other
+    types stay in the mapped file). Default: on a CUDA device, so experts a placement
+    puts on the GPU live in its memory.
     """
 
     OPS = OPS  # the generate_op / prefill_op names this class accepts
 
     def __init__(
-        self, key: str, orig: nn.Module, config: PretrainedConfig, *, dtype: str = "float32", **base
+        self,
+        key: str,
+        orig: nn.Module,
+        config: PretrainedConfig,
+        *,
+        dtype: str = "float32",
+        blocks_on_device: bool | None = None,
+        **base,
     ):
         super().__init__(key, orig, config, **base)
+        if blocks_on_device is None:
+            blocks_on_device = self.generate_device.type == "cuda"
+        self.blocks_on_device = bool(blocks_on_device)
+        self.on_device: set[str] = set()  # the tensors whose blocks were copied to the device
         gate_up = getattr(orig, "gate_up_proj", None)
         down = getattr(orig, "down_proj", None)
         if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)):
@@ -69,6 +85,16 @@ class QuantExperts(TandemModule):
         e, i, h = self.num_experts, self.intermediate_size, self.hidden_size
         self.gate, self.up = weights.quant_parts(f"{self.key}.gate_up_proj", (e, 2 * i, h))
         self.down = weights.quant(f"{self.key}.down_proj", (e, h, i))
+        if self.blocks_on_device:
+            from tandem.ops.linear_gpu import _kernels
+
+            quant_triton = _kernels()
+            for name in ("gate", "up", "down"):
+                qt = getattr(self, name)
+                if quant_triton.supports(qt.ggml_type, qt.shape[-1]):
+                    moved = QuantTensor(qt.data.to(self.generate_device), qt.ggml_type, qt.shape, qt.name)
+                    setattr(self, name, moved)
+                    self.on_device.add(name)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -92,14 +118,21 @@ class QuantExperts(TandemModule):
                 continue
             token = torch.div(slots, k, rounding_mode="floor")  # [n]
             xs = x[token]  # [n, H]
-            gate = F.linear(xs, self._weight(self.gate, expert))  # [n, I]
-            up = F.linear(xs, self._weight(self.up, expert))  # [n, I]
-            ys = F.linear(self.act_fn(gate) * up, self._weight(self.down, expert))  # [n, H]
+            gate = F.linear(xs, self._weight("gate", expert))  # [n, I]
+            up = F.linear(xs, self._weight("up", expert))  # [n, I]
+            ys = F.linear(self.act_fn(gate) * up, self._weight("down", expert))  # [n, H]
             out.index_add_(0, token, ys * weights[slots, None])
         return out.to(device=hidden_states.device, dtype=hidden_states.dtype)
 
-    def _weight(self, tensor, expert: int) -> torch.Tensor:
-        return tensor.expert(expert).dequantize(self.dtype).to(self.generate_device)
+    def _weight(self, name: str, expert: int) -> torch.Tensor:
+        qt = getattr(self, name).expert(expert)
+        if name in self.on_device:
+            from tandem.gpu import quant_triton
+
+            rows, cols = qt.shape
+            dtype = self.dtype if self.dtype in (torch.float32, torch.bfloat16) else torch.float32
+            return quant_triton.dequantize(qt.data, qt.ggml_type, rows, cols, dtype).to(self.dtype)
+        return qt.dequantize(self.dtype).to(self.generate_device)
 
     def extra_repr(self) -> str:
         return (

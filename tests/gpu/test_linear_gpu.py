@@ -115,3 +115,34 @@ def test_a_model_on_the_kernels_gives_the_reference_logits(tmp_path, n):
         got = ours.model(input_ids=ids.to(DEVICE)).logits.cpu()
         want = ref.model(input_ids=ids).logits
     assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_experts_with_their_blocks_on_the_device_match_the_mapped_ones(tmp_path):
+    from tandem.inject.loader import build_meta_model, default_rules, optimize_and_load_gguf
+    from tandem.ops.experts import QuantExperts
+    from tandem.synth.tiny import write_tiny
+    from tandem.weights.arch import config_of
+    from tandem.weights.gguf_file import GGUFFile
+
+    path = write_tiny("qwen3moe", tmp_path / "moe.gguf", "Q8_0")
+    rules = tmp_path / "experts.yaml"
+    default = default_rules("qwen3moe").read_text(encoding="utf-8")
+    outs = []
+    for on_device in (True, False):
+        rules.write_text(
+            "- match: {class: transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts}\n"
+            f"  replace: {{class: tandem.ops.experts.QuantExperts, kwargs: {{blocks_on_device: {str(on_device).lower()}}}}}\n"
+            + default
+        )
+        gguf = GGUFFile.open(path)
+        config = config_of(gguf)
+        model = build_meta_model(config)
+        optimize_and_load_gguf(model, rules, gguf, config, default_device=DEVICE)
+        experts = [m for m in model.modules() if isinstance(m, QuantExperts)]
+        assert experts and all(bool(m.on_device) == on_device for m in experts)
+        if on_device:
+            assert all(m.gate.data.device.type == torch.device(DEVICE).type for m in experts)
+        ids = torch.randint(3, 200, (1, 7), generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            outs.append(model(input_ids=ids.to(DEVICE)).logits.cpu())
+    assert ((outs[0] - outs[1]).norm() / outs[1].norm()).item() < 1e-6  # the same float32 values
