@@ -30,4 +30,12 @@ inline const VariantKernels& kernels_named(const std::string& name) {
     return *kernels;
 }
 
+// The prefill kernel set `name`, refused like kernels_named where it cannot run.
+inline const GemmKernels& gemm_named(const std::string& name) {
+    const GemmKernels* gemm = gemm_kernels(name.c_str());
+    if (gemm == nullptr) throw std::invalid_argument("prefill kernels '" + name + "' are not built into tandem._cpu");
+    if (name == "amx") require_amx("the amx prefill kernels");
+    return *gemm;
+}
+
 }  // namespace tandem

@@ -37,9 +37,7 @@ namespace {
 GemmPath gemm_path(const std::string& name, int64_t min_tokens) {
     GemmPath path;
     if (name.empty()) return path;
-    path.kernels = gemm_kernels(name.c_str());
-    if (path.kernels == nullptr) throw std::invalid_argument("prefill kernels '" + name + "' are not built into tandem._cpu");
-    if (name == "amx") require_amx("the amx prefill kernels");
+    path.kernels = &gemm_named(name);
     if (min_tokens < 1) throw std::invalid_argument("gemm_min_tokens must be at least 1");
     path.min_tokens = min_tokens;
     return path;
@@ -55,9 +53,7 @@ std::vector<std::string> gemm_built() {
 // The prefill path on the calling thread: rows x tokens through dequantized tiles (tests, benchmarks).
 void gemm_matmul(const std::string& name, int ggml_type, uintptr_t w, int64_t rows, int64_t cols, uintptr_t x,
                  int64_t n_tok, uintptr_t out) {
-    const GemmKernels* g = gemm_kernels(name.c_str());
-    if (g == nullptr) throw std::invalid_argument("prefill kernels '" + name + "' are not built into tandem._cpu");
-    if (name == "amx") require_amx("the amx prefill kernels");
+    const GemmKernels* g = &gemm_named(name);
     if (!g->supports(ggml_type)) throw std::invalid_argument("no prefill kernel for ggml type " + std::to_string(ggml_type));
     if (cols % 32 != 0) throw std::invalid_argument("columns must be a multiple of 32");
     // The generic table only supplies the block geometry here.

@@ -86,9 +86,9 @@ class QuantExperts(TandemModule):
         self.gate, self.up = weights.quant_parts(f"{self.key}.gate_up_proj", (e, 2 * i, h))
         self.down = weights.quant(f"{self.key}.down_proj", (e, h, i))
         if self.blocks_on_device:
-            from tandem.ops.linear_gpu import _kernels
+            from tandem.ops.linear_gpu import triton_kernels
 
-            quant_triton = _kernels()
+            quant_triton = triton_kernels()
             for name in ("gate", "up", "down"):
                 qt = getattr(self, name)
                 if quant_triton.supports(qt.ggml_type, qt.shape[-1]):
@@ -127,8 +127,9 @@ class QuantExperts(TandemModule):
     def _weight(self, name: str, expert: int) -> torch.Tensor:
         qt = getattr(self, name).expert(expert)
         if name in self.on_device:
-            from tandem.gpu import quant_triton
+            from tandem.ops.linear_gpu import triton_kernels
 
+            quant_triton = triton_kernels()
             rows, cols = qt.shape
             dtype = self.dtype if self.dtype in (torch.float32, torch.bfloat16) else torch.float32
             return quant_triton.dequantize(qt.data, qt.ggml_type, rows, cols, dtype).to(self.dtype)

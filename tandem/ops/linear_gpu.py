@@ -34,7 +34,7 @@ def runs_here(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _kernels():
+def triton_kernels():
     """tandem.gpu.quant_triton, or a clear error where triton is missing."""
     try:
         from tandem.gpu import quant_triton
@@ -49,7 +49,7 @@ class _Part:
     """One GGUF tensor of the weight (a fused weight has several, stacked along the outputs)."""
 
     def __init__(self, qt: QuantTensor, device: torch.device, dequant: str, dtype: torch.dtype):
-        quant_triton = _kernels()
+        quant_triton = triton_kernels()
         self.rows, self.cols = qt.shape
         self.ggml_type = qt.ggml_type
         self.blocks: torch.Tensor | None = None
@@ -64,7 +64,7 @@ class _Part:
             self.dense = quant_triton.dequantize(blocks, qt.ggml_type, self.rows, self.cols, dtype)
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # x [n, cols] -> [n, rows]
-        quant_triton = _kernels()
+        quant_triton = triton_kernels()
         if self.dense is not None:
             return nn.functional.linear(x.to(self.dense.dtype), self.dense).float()
         if x.shape[0] <= MATVEC_MAX_TOKENS:
