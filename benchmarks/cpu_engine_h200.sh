@@ -5,21 +5,24 @@
 # one Qwen3-30B-A3B-shaped Q4_K_M file from tandem synth, same threads.
 # Expects .whl/gguf-*.whl, .whl/llamacpp-cpu-src.tar.xz and .whl/qwen25-tokenizer.gguf
 # (the embedded model's tokenizer alone) carried, $OUT set. SKIP_TESTS=1 skips the tests;
-# PROFILE=1 adds a prompt and a decode profile and the MoE op alone; CROSSOVER=1 the
+# PROFILE=1 adds a prompt and a decode profile and the MoE op alone (PROFILE=prompt: the first alone); CROSSOVER=1 the
 # prefill kernels against the dot kernels on one matrix; DOTS=1 the dot kernels of avx512 and amx on one thread. AB names an environment setting for a second tandem run (default: the fused
-# decode layers off; AB=none: no second run).
+# decode layers off; AB=none: no second run). LLAMA=0 leaves llama.cpp out, BENCH=0 the tandem bench.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 THREADS=${THREADS:-16}; LAYERS=${LAYERS:-48}; NP=${NP:-512}; NG=${NG:-32}; R=${R:-2}
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/steps.log"; }
 
 python -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
+LLAMA_PID=
+if [ "${LLAMA:-1}" != 0 ]; then
 log "build llama.cpp (background)"
 ( mkdir -p /tmp/l && tar xJf .whl/llamacpp-cpu-src.tar.xz -C /tmp/l &&
   cmake -S /tmp/l/llama.cpp -B /tmp/l/b -DGGML_CUDA=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DGGML_NATIVE=ON &&
   cmake --build /tmp/l/b -j 6 --target llama-bench ) > "$OUT/llama_build.log" 2>&1 &
 LLAMA_PID=$!
+fi
 log "build tandem"
 python -m pip install --no-build-isolation --no-deps -e . > "$OUT/tandem_build.log" 2>&1 || { log "tandem build failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD  # after the build: the build backend must come from the system
@@ -33,10 +36,11 @@ grep -c "amx\] PASSED" "$OUT/tests.log" | sed 's/^/amx prefill tests passed: /' 
 fi
 # Nothing else may run while either tool is timed: a compile beside the engine's pinned
 # workers cut its decode to a third (BENCHMARKS.md).
-wait $LLAMA_PID; log "llama build rc=$?"
+[ -n "$LLAMA_PID" ] && { wait $LLAMA_PID; log "llama build rc=$?"; }
 log "synth"
 python -m tandem synth --shape qwen3-30b-a3b --layers "$LAYERS" --quant Q4_K_M --tokenizer-from .whl/qwen25-tokenizer.gguf -o /tmp/q3.gguf > "$OUT/synth.log" 2>&1
 log "synth rc=$? $(ls -la /tmp/q3.gguf)"
+if [ "${BENCH:-1}" != 0 ]; then
 log "tandem bench"
 timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" --json > "$OUT/tandem_bench.txt" 2>&1
 log "tandem bench rc=$?"; tail -8 "$OUT/tandem_bench.txt" | tee -a "$OUT/steps.log"
@@ -45,6 +49,7 @@ if [ "$AB" != none ]; then
 log "tandem bench, $AB"
 env $AB timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" --json \
   2>&1 | tail -1 | tee -a "$OUT/steps.log"
+fi
 fi
 if [ -n "${CROSSOVER:-}" ]; then
 log "prefill kernels against the dot kernels, one linear layer"
@@ -62,12 +67,14 @@ if [ -n "${PROFILE:-}" ]; then
 log "prompt profile"
 PROFILE_OPS=1 timeout 150 python benchmarks/profile_decode.py /tmp/q3.gguf "$THREADS" 0 "$NP" \
   2>&1 | grep -v -i warn | tail -45 >> "$OUT/steps.log"
+if [ "$PROFILE" != prompt ]; then
 log "moe op alone"
 timeout 120 python benchmarks/moe_op_bench.py /tmp/q3.gguf "$THREADS" 20 >> "$OUT/steps.log" 2>&1
 log "profile"
 timeout 200 python benchmarks/profile_decode.py /tmp/q3.gguf "$THREADS" 8 2>&1 | grep -v Warn | tail -14 >> "$OUT/steps.log"
 fi
-if [ -x /tmp/l/b/bin/llama-bench ]; then
+fi
+if [ -n "$LLAMA_PID" ] && [ -x /tmp/l/b/bin/llama-bench ]; then
   timeout 240 /tmp/l/b/bin/llama-bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" -o md > "$OUT/llama_bench.txt" 2>&1
   log "llama-bench rc=$?"; cat "$OUT/llama_bench.txt" | tee -a "$OUT/steps.log"
 fi

@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny_models import tiny_model, write_gguf
 
+from tandem.cpu.engine import torch_reference
 from tandem.engine.generate import prefill_and_generate
 from tandem.inject.loader import build_meta_model, default_rules, optimize_and_load_gguf
 from tandem.weights.arch import config_of
@@ -38,7 +39,11 @@ def _load(path, device, dequant_call=False, tmp_path=None):
             "- match: {class: torch.nn.Linear}\n"
             "  replace: {class: tandem.ops.linear.QuantLinear, kwargs: {dequant: call}}\n"
         )
-    optimize_and_load_gguf(model, rules, gguf_file, config, default_device=device)
+    if device == "cpu":  # the reference: float32 torch operators, not the engine's 8-bit activations
+        with torch_reference():
+            optimize_and_load_gguf(model, rules, gguf_file, config, default_device=device)
+    else:
+        optimize_and_load_gguf(model, rules, gguf_file, config, default_device=device)
     return model
 
 

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         "n_gen": args.n_gen,
         "threads": args.threads or default_threads(),  # torch runs decode steps on one
         "repeats": args.repeats,
-        "device": args.device,
+        "device": str(placement_device(loaded) or args.device),
         "prefill_tok_s_runs": prefill,
         "decode_tok_s_runs": decode,
         "prefill_tok_s": statistics.median(prefill),
@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     if layers:  # how many decoder layers ran fused at decode (docs/cpu-engine.md)
         report["decode_layers_fused"] = sum(why == "fused" for why in layers.values())
         report["decode_layers"] = len(layers)
+    graph = getattr(loaded.model, "_tandem_graph_decode", None)
+    if graph is not None:  # decode steps replayed from a CUDA graph (tandem/engine/graph_decode.py)
+        report["cuda_graph"] = "replayed" if graph.broken is None else f"off: {graph.broken}"
+        report["cuda_graph_replays"] = graph.replays
     # After the runs, so the gigabyte read buffer does not disturb them.
     report.update(memory_floor(loaded.gguf, report["decode_tok_s"]))
     if args.json:
@@ -74,6 +78,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_report(report)
     return 0
+
+
+def placement_device(loaded) -> str | None:
+    """Where the rules put modules when a GPU is among them ("cuda:0 and cpu" for a hybrid), else None."""
+    devices = {p.device for p in loaded.placements}
+    gpus = sorted(d for d in devices if d.startswith("cuda"))
+    return " and ".join(gpus + ["cpu"] * ("cpu" in devices)) if gpus else None
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:

@@ -15,6 +15,7 @@ import torch
 from transformers import Cache
 
 from tandem.engine.errors import EngineError
+from tandem.engine.graph_decode import GraphDecode
 from tandem.engine.kv_cache import new_cache
 from tandem.engine.model_io import (
     accepts_logits_to_keep,
@@ -187,6 +188,10 @@ def prefill_and_generate(
         token = sampler.sample(logits, seen, out_ids)  # .item() inside waits for the device
         _sync(device)
         t1 = time.perf_counter()
+        # A model on a CUDA GPU replays its decode step from a captured graph (graph_decode.py).
+        graph = GraphDecode.for_model(model, cache_kwarg(model))
+        if graph is not None and graph.fits(kv):
+            graph.reserve(kv, len(prompt) + max_new_tokens)
         while True:
             out_ids.append(token)
             seen.append(token)
@@ -202,8 +207,11 @@ def prefill_and_generate(
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
                 break
-            step = torch.tensor([[token]], dtype=torch.long, device=device)  # [1, 1]
-            logits = _forward_last_logits(model, step, kwargs)
+            if graph is not None and graph.broken is None and graph.fits(kv):
+                logits = graph.step(kv, token)
+            else:
+                step = torch.tensor([[token]], dtype=torch.long, device=device)  # [1, 1]
+                logits = _forward_last_logits(model, step, kwargs)
             token = sampler.sample(logits, seen, out_ids)
         emit(stream.flush())
         _sync(device)

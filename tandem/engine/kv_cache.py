@@ -30,6 +30,10 @@ class GrowingLayer(DynamicLayer):
     _k: torch.Tensor | None = None
     _v: torch.Tensor | None = None
     length = 0
+    # Set for a captured decode step: the new position as a device tensor [1]. update() then
+    # writes there and returns the whole buffers, whose unwritten rows the step's mask hides,
+    # and the caller advances the length after the step.
+    graph_position: torch.Tensor | None = None
 
     # The filled part, as views made on access: a decode step then only counts a position.
     @property
@@ -85,6 +89,10 @@ class GrowingLayer(DynamicLayer):
         self._k, self._v = new_k, new_v
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.graph_position is not None:  # a captured decode step (tandem.engine.graph_decode)
+            self._k.index_copy_(2, self.graph_position, key_states)
+            self._v.index_copy_(2, self.graph_position, value_states)
+            return self._k, self._v
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
@@ -108,6 +116,11 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(like, like)
         self._reserve(self.length + 1, like, like)
         return self._k, self._v, self.length
+
+    def reserve(self, end: int) -> None:
+        """Room for `end` positions without moving the buffers again (before a captured step)."""
+        if self._k is not None:
+            self._reserve(end, self._k, self._v)
 
     def advance(self) -> None:
         """One more position was written at next_row()'s position."""
@@ -233,6 +246,11 @@ class WindowLayer(GrowingLayer):
             self.lazy_initialization(like, like)
         self._make_room(1, like, like)
         return self._k, self._v, self.length
+
+    def reserve(self, end: int) -> None:
+        """Room for `end` positions without moving the buffers again (before a captured step)."""
+        if self._k is not None:
+            self._reserve(end, self._k, self._v)
 
     def advance(self) -> None:
         self.length += 1

@@ -123,6 +123,9 @@ def _quote(value: str) -> str:
     )
 
 
+ALLOC_GRANULE = 512  # torch's CUDA caching allocator rounds every allocation up to this
+
+
 def kv_bytes_per_token(config) -> int:
     """KV cache bytes one token takes over all layers (float32, the cache's dtype)."""
     latent = getattr(config, "kv_lora_rank", None)
@@ -169,13 +172,19 @@ def plan_placement(
         found = _EXPERT.match(t.name)
         if found:
             layer = int(found.group(1))
-            layer_bytes[layer] = layer_bytes.get(layer, 0) + t.n_bytes
+            layer_bytes[layer] = layer_bytes.get(layer, 0) + allocated(t.n_bytes)
             continue
         if t.name == "token_embd.weight" and not tied:
             continue  # stays on the CPU with the embedding
         load, none = _gpu_bytes(t)
         dense_load += load
         dense_none += none
+    # The rotary embeddings' inverse frequencies (inv_freq and its original; Gemma 3 has two
+    # embeddings): buffers the loader moves to the GPU beside the weights.
+    head_dim = getattr(config, "qk_rope_head_dim", None) or getattr(config, "head_dim", None)
+    head_dim = head_dim or config.hidden_size // config.num_attention_heads
+    dense_load += 4 * allocated(head_dim // 2 * 4)
+    dense_none += 4 * allocated(head_dim // 2 * 4)
     if budget == 0:
         return Plan("cpu", 0, ctx, "", 0, 0, 0, layer_bytes, (), expert_class_of(default_rules))
     kv = ctx * kv_bytes_per_token(config)
@@ -213,7 +222,12 @@ def _gpu_bytes(t) -> tuple[int, int]:
         n *= d
     name = t.ggml_type.name
     if len(t.shape) < 2 or name == "F32" or "ffn_gate_inp" in t.name:  # norms, biases, routers: float32
-        return 4 * n, 4 * n
+        return allocated(4 * n), allocated(4 * n)
     chunk = _GPU_BLOCK_TYPES.get(name)
     kept = t.n_bytes if chunk is not None and t.shape[-1] % chunk == 0 else 2 * n
-    return 2 * n, kept
+    return allocated(2 * n), allocated(kept)
+
+
+def allocated(n_bytes: int) -> int:
+    """What one tensor of n_bytes takes from torch's CUDA allocator (whole blocks of 512 bytes)."""
+    return -(-n_bytes // ALLOC_GRANULE) * ALLOC_GRANULE

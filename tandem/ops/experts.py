@@ -37,6 +37,8 @@ class QuantExperts(TandemModule):
     """
 
     OPS = OPS  # the generate_op / prefill_op names this class accepts
+    # A call reads its ids on the host (to pick experts), so a CUDA graph cannot hold it.
+    capturable = False
 
     def __init__(
         self,

@@ -3,6 +3,13 @@
 Same contract as tandem.ops.experts.QuantExperts (the torch reference it extends):
 `experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`, so a
 rule swaps the experts module alone and the router and shared experts stay.
+
+In a model on a CUDA GPU (the hybrid placement), a call of up to STREAM_MAX_TOKENS
+tokens runs in the stream's order instead of waiting for the GPU: the hidden states,
+ids and weights are copied into pinned buffers, the engine's call is queued as host
+functions (tandem.gpu.host_func), and the result is copied back, all on the stream.
+Python returns at once, and a CUDA graph captured around it replays the experts with
+the rest of the step (tandem.engine.graph_decode).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from tandem.weights.source import GGUFWeights
 
 # The engine's fused op computes down(silu(gate) * up).
 SILU_NAMES = ("silu", "swish")
+# Tokens per call from which a GPU model's experts wait for the GPU instead (prompts).
+STREAM_MAX_TOKENS = 8
 
 
 class ExpertsCPU(QuantExperts):
@@ -41,6 +50,12 @@ class ExpertsCPU(QuantExperts):
         use_engine = self.generate_op != "torch" and engine_enabled() and silu and self.dtype == torch.float32
         self.backend = "engine" if use_engine else "torch"
         self.engine_experts = None
+        self._streamed: dict[tuple[int, int], tuple] = {}  # (tokens, k) -> pinned buffers, call record
+
+    @property
+    def capturable(self) -> bool:
+        """On the engine, a GPU model's decode call runs in stream order (see the module's docstring)."""
+        return self.engine_experts is not None
 
     def load(self, weights: GGUFWeights) -> None:
         super().load(weights)
@@ -56,8 +71,34 @@ class ExpertsCPU(QuantExperts):
     ) -> torch.Tensor:  # [T, H], [T, k], [T, k] -> [T, H]
         if self.engine_experts is None:
             return super().forward(hidden_states, top_k_index, top_k_weights)
+        if hidden_states.device.type == "cuda" and hidden_states.shape[0] <= STREAM_MAX_TOKENS:
+            return self._in_stream(hidden_states, top_k_index, top_k_weights)
         out = self.engine_experts(hidden_states, top_k_index, top_k_weights)
         return out.to(device=hidden_states.device, dtype=hidden_states.dtype)
+
+    def _in_stream(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The call queued on the current CUDA stream: copies, the engine as host functions, copy back."""
+        from tandem.cpu.engine import host_submit_fn, host_sync_fn
+        from tandem.gpu.host_func import launch_host_func
+
+        n, k = hidden.shape[0], ids.shape[-1]
+        buffers = self._streamed.get((n, k))
+        if buffers is None:  # made outside capture: a graph's first run is an ordinary one
+            x, out = (torch.empty(n, self.hidden, pin_memory=True) for _ in range(2))
+            ids_b = torch.empty(n, k, dtype=torch.int64, pin_memory=True)
+            w_b = torch.empty(n, k, pin_memory=True)
+            buffers = (x, ids_b, w_b, out, self.engine_experts.host_call(x, ids_b, w_b, out))
+            self._streamed[(n, k)] = buffers
+        x, ids_b, w_b, out, record = buffers
+        # Ids past the expert count are transformers' dropped slots, which the engine skips;
+        # nothing here can check them without waiting for the GPU.
+        x.copy_(hidden.reshape(n, self.hidden).float(), non_blocking=True)
+        ids_b.copy_(ids.reshape(n, k).long(), non_blocking=True)
+        w_b.copy_(weights.reshape(n, k).float(), non_blocking=True)
+        launch_host_func(host_submit_fn(), record.address)
+        launch_host_func(host_sync_fn(), record.address)
+        result = out.to(hidden.device, non_blocking=True)
+        return result.reshape(hidden.shape).to(hidden.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend}"

@@ -1,0 +1,166 @@
+"""Decode steps of a model on a CUDA GPU, replayed from one captured CUDA graph.
+
+A decode step of a 48-layer MoE model is hundreds of small kernel launches and as many
+Python calls, with the CPU experts' work between them; launched one by one they cost
+more than the GPU's work. Captured once, a step is one `replay()`: the GPU runs the
+launches back to back, and the routed experts on the CPU engine run inside the graph
+as host functions in stream order (tandem.ops.experts_cpu).
+
+What is captured is the model's own forward for one token:
+`model(inputs_embeds=E, position_ids=P, attention_mask=M, <cache>=kv, logits_to_keep=1)`.
+E (the token's embedding) and P (its position) are fixed GPU tensors each step fills
+before the replay; the token table may live in CPU RAM, so the lookup stays outside.
+The cache's layers (tandem.engine.kv_cache.GrowingLayer) write the new key and value
+at P and give attention their whole buffers; M, computed in the graph from P, hides the
+rows not yet written. The buffers must not move, so the cache reserves room for the
+whole generation first; should they move anyway (a longer generation on the same
+cache), the step is captured again.
+
+A step takes this path when the model runs on a CUDA device, every cache layer is a
+full-attention GrowingLayer (no sliding windows: one mask serves every layer), no
+operator says it cannot be captured (`capturable = False`: GPU experts that read their
+ids on the host) and the forward takes those arguments; $TANDEM_CUDA_GRAPH=0 turns it off. The first step of a
+capture runs eagerly (it warms up every kernel) and counts as a step. Should the
+capture fail (an operator that waits for the GPU, such as experts that read their ids
+on the host), the model decodes eagerly from then on, with a one-line warning.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+
+import torch
+
+from tandem.engine.kv_cache import GrowingLayer
+from tandem.engine.model_io import input_device
+
+GRAPH_ENV = "TANDEM_CUDA_GRAPH"
+
+
+def graphs_enabled() -> bool:
+    return os.environ.get(GRAPH_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+class GraphDecode:
+    """The captured decode step of one model; `for_model` keeps one per model."""
+
+    def __init__(self, model: torch.nn.Module, cache_kwarg: str):
+        self.model = model
+        self.cache_kwarg = cache_kwarg
+        self.device = next(p.device for p in model.parameters() if p.device.type == "cuda")
+        self.broken: str | None = None  # why capture failed; eager from then on
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.key: tuple | None = None  # the cache and buffers the graph was captured on
+        self.logits: torch.Tensor | None = None
+        self.embeds: torch.Tensor | None = None
+        self.position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.ids_device = input_device(model)
+        self.captures = 0  # for tests and benchmarks
+        self.replays = 0
+        params = inspect.signature(model.forward).parameters
+        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, cache_kwarg: str) -> GraphDecode | None:
+        """The model's captured step, or None where this path does not apply."""
+        if not graphs_enabled() or not torch.cuda.is_available():
+            return None
+        found = getattr(model, "_tandem_graph_decode", None)
+        if found is not None:
+            return found if found.broken is None else None
+        if not any(p.device.type == "cuda" for p in model.parameters()):
+            return None
+        if any(getattr(m, "capturable", True) is False for m in model.modules()):
+            return None  # an operator that waits for the GPU (experts reading their ids on the host)
+        types = getattr(model.config, "layer_types", None) or []
+        if any(t != "full_attention" for t in types) or getattr(model.config, "sliding_window", None):
+            return None
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            return None
+        if not {"inputs_embeds", "position_ids", "attention_mask", cache_kwarg} <= set(params):
+            return None
+        decoder = cls(model, cache_kwarg)
+        model._tandem_graph_decode = decoder
+        return decoder
+
+    def fits(self, kv) -> bool:
+        layers = getattr(kv, "layers", None)
+        if not layers or any(type(layer) is not GrowingLayer for layer in layers):
+            return False
+        first = layers[0]
+        return all(
+            layer._k is not None and layer._k.device == self.device and layer.length == first.length
+            for layer in layers
+        )
+
+    def reserve(self, kv, end: int) -> None:
+        """Room for `end` positions in every layer, so that steps up to there keep one graph."""
+        for layer in kv.layers:
+            layer.reserve(end)
+
+    def step(self, kv, token: int) -> torch.Tensor:
+        """Feed `token` at the cache's next position; its logits [V]."""
+        layers = kv.layers
+        pos = layers[0].length
+        for layer in layers:
+            layer.reserve(pos + 1)  # never moves when the generation's room was reserved
+        key = (id(kv), *(layer._k.data_ptr() for layer in layers), layers[0]._k.shape[2])
+        ids = torch.tensor([[token]], device=self.ids_device)
+        embeds = self.model.get_input_embeddings()(ids).to(self.device)
+        self.position.fill_(pos)
+        if self.graph is not None and key == self.key:
+            self.embeds.copy_(embeds)
+            self.graph.replay()
+            self.replays += 1
+            logits = self.logits
+        else:
+            logits = self._run_and_capture(kv, embeds, key)
+        for layer in layers:
+            layer.advance()
+        return logits[0, -1]
+
+    def _forward(self, kv) -> torch.Tensor:
+        layers = kv.layers
+        capacity = layers[0]._k.shape[2]
+        keys = torch.arange(capacity, device=self.device)
+        mask = (keys <= self.position).view(1, 1, 1, capacity)
+        for layer in layers:
+            layer.graph_position = self.position
+        try:
+            out = self.model(
+                inputs_embeds=self.embeds,
+                position_ids=self.position.view(1, 1),
+                attention_mask=mask,
+                use_cache=True,
+                **{self.cache_kwarg: kv},
+                **self.extra,
+            )
+        finally:
+            for layer in layers:
+                layer.graph_position = None
+        return out.logits
+
+    def _run_and_capture(self, kv, embeds: torch.Tensor, key: tuple) -> torch.Tensor:
+        """This step eagerly (the warm-up), then the capture of the next ones."""
+        self.graph = self.key = None
+        self.embeds = embeds.detach().clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            logits = self._forward(kv).clone()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.logits = self._forward(kv)
+        except Exception as error:
+            self.broken = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            print(f"tandem: warning: decode steps run without a CUDA graph ({self.broken})", file=sys.stderr)
+            return logits
+        self.graph, self.key = graph, key
+        self.captures += 1
+        return logits
