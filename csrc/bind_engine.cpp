@@ -96,6 +96,34 @@ void dot_rows(const std::string& variant, int ggml_type, uintptr_t w, int64_t ro
     m.kernel->dot_rows(m.data, m.row_bytes, rows, cols, act.data(), arb, n_tok, ptr<float>(out), rows);
 }
 
+// The laid-out path (LaidOutKernel) on the calling thread: the tokens laid out two
+// groups per call, then row tiles of 16 against token tiles of tok_tile tokens, as
+// the ops split it. Refused where the type's kernel has no such path.
+void dot_rows_laid_out(const std::string& variant, int ggml_type, uintptr_t w, int64_t rows, int64_t cols,
+                       uintptr_t x, int64_t n_tok, int64_t tok_tile, uintptr_t out) {
+    const VariantKernels& kernels = kernels_named(variant);
+    const WeightMatrix m = make_weight_matrix(kernels, "weight", ptr<const uint8_t>(w), ggml_type, 1, rows, cols);
+    const LaidOutKernel* lo = m.kernel->laid_out;
+    if (lo == nullptr) throw std::invalid_argument("no laid-out kernel for ggml type " + std::to_string(ggml_type));
+    if (tok_tile < 1 || tok_tile % kLaidOutGroup != 0) throw std::invalid_argument("tok_tile must be a multiple of 16");
+    const size_t arb = act_row_bytes(m.kernel->act, cols), gb = lo->group_bytes(cols);
+    std::vector<uint8_t> act(arb * static_cast<size_t>(n_tok)), buf;
+    std::vector<int64_t> index(static_cast<size_t>(n_tok));
+    for (int64_t t = 0; t < n_tok; ++t) index[t] = t;
+    nb::gil_scoped_release release;
+    ThreadPool single(1, false);
+    prepare_activations(single, kernels, m.kernel->act, ptr<const float>(x), n_tok, cols, cols, act.data());
+    uint8_t* laid = aligned_scratch(buf, gb * static_cast<size_t>(laid_out_groups(n_tok)));
+    for (int64_t t0 = 0; t0 < n_tok; t0 += 2 * kLaidOutGroup)
+        lo->lay_out(act.data(), arb, index.data() + t0, std::min(2 * kLaidOutGroup, n_tok - t0), cols,
+                    laid + t0 / kLaidOutGroup * gb);
+    for (int64_t t0 = 0; t0 < n_tok; t0 += tok_tile)
+        for (int64_t r0 = 0; r0 < rows; r0 += 16)
+            lo->dot_rows(m.data + r0 * m.row_bytes, m.row_bytes, std::min<int64_t>(16, rows - r0), cols,
+                         laid + t0 / kLaidOutGroup * gb, std::min(tok_tile, n_tok - t0),
+                         ptr<float>(out) + t0 * rows + r0, rows);
+}
+
 // The activation format a type's kernel wants, and activations prepared in it.
 int act_format(const std::string& variant, int ggml_type) {
     const TypeKernel* kernel = kernels_named(variant).find(ggml_type);
@@ -177,6 +205,8 @@ void bind_engine(nb::module_& m) {
     m.def("decode_prefetch", &decode_prefetch_bytes);
     m.def("act_format", &act_format, "0: float32, 1: Q8_32 blocks, 2: Q8_256 blocks.");
     m.def("dot_rows", &dot_rows, "out[t, r] = W[r] . x[t], one kernel on the calling thread (tests, benchmarks).");
+    m.def("dot_rows_laid_out", &dot_rows_laid_out,
+          "dot_rows through the laid-out path (tokens laid out once, then token tiles of tok_tile), for tests.");
     m.def("quantize_activations", &quantize_activations, "float32 rows to 8-bit activation blocks.");
     m.def(
         "silu_mul",

@@ -17,6 +17,23 @@ TileShape choose_tiles(int64_t total_rows, int64_t n_tok, int threads) {
     return TileShape{rows, std::min<int64_t>(std::max<int64_t>(n_tok, 1), 64)};
 }
 
+int64_t laid_out_token_tile(int64_t n_tok, int64_t k) {
+    // A task runs each 16-row weight tile against all of its tokens' B operands
+    // (k + k / 64 bytes a token): at most 512 KiB of them, so that they stay in
+    // L2 (2 MiB a core on the AMX Xeons) next to the weights streaming past, and
+    // at most 256 tokens; up to there, more tokens share each rewrite of a
+    // weight tile into A operands.
+    const int64_t cap = std::clamp<int64_t>((int64_t{512} << 10) / k / kLaidOutGroup * kLaidOutGroup,
+                                            4 * kLaidOutGroup, 256);
+    const int64_t tiles = (n_tok + cap - 1) / cap;
+    return ((n_tok + tiles - 1) / tiles + kLaidOutGroup - 1) / kLaidOutGroup * kLaidOutGroup;
+}
+
+uint8_t* aligned_scratch(std::vector<uint8_t>& buf, size_t n) {
+    uint8_t* p = scratch(buf, n + 63);
+    return p + (-reinterpret_cast<uintptr_t>(p) & 63);
+}
+
 LinearOp::LinearOp(std::shared_ptr<ThreadPool> pool, const VariantKernels& kernels, WeightMatrix weight,
                    GemmPath gemm)
     : pool_(std::move(pool)), kernels_(kernels), weight_(weight), gemm_(gemm) {}
@@ -30,6 +47,11 @@ void LinearOp::forward(const float* x, int64_t n_tok, int64_t x_stride, float* o
         return;
     }
     const WeightMatrix& w = weight_;
+    if (w.kernel->laid_out != nullptr && n_tok >= w.kernel->laid_out->min_tokens) {
+        forward_laid_out(x, n_tok, x_stride, out);
+        pool_->rest();
+        return;
+    }
     const ActFormat format = w.kernel->act;
     const size_t arb = act_row_bytes(format, w.cols);
     uint8_t* act = scratch(act_, arb * static_cast<size_t>(n_tok));
@@ -50,6 +72,36 @@ void LinearOp::forward(const float* x, int64_t n_tok, int64_t x_stride, float* o
             w.rows);
     });
     if (n_tok > 1) pool_->rest();  // decode (one token) keeps its workers spinning for the next op
+}
+
+// The tokens are quantized and laid out once, a group of 16 per task; then each
+// task is a row tile against a token tile of up to 256 tokens (laid_out_token_tile).
+void LinearOp::forward_laid_out(const float* x, int64_t n_tok, int64_t x_stride, float* out) {
+    const WeightMatrix& w = weight_;
+    const LaidOutKernel& lo = *w.kernel->laid_out;
+    const size_t arb = act_row_bytes(w.kernel->act, w.cols), gb = lo.group_bytes(w.cols);
+    uint8_t* act = scratch(act_, arb * static_cast<size_t>(n_tok));
+    uint8_t* laid = aligned_scratch(laid_, gb * static_cast<size_t>(laid_out_groups(n_tok)));
+    pool_->parallel_for(laid_out_groups(n_tok), [&](int64_t g, int) {
+        const int64_t t0 = g * kLaidOutGroup, nt = std::min(kLaidOutGroup, n_tok - t0);
+        for (int64_t t = t0; t < t0 + nt; ++t)
+            prepare_activation_row(kernels_, w.kernel->act, x + t * x_stride, w.cols, act + t * arb);
+        lo.lay_out(act + t0 * arb, arb, nullptr, nt, w.cols, laid + g * gb);
+    });
+
+    const int64_t tokens = laid_out_token_tile(n_tok, w.cols);
+    const int64_t tok_tiles = (n_tok + tokens - 1) / tokens;
+    // Rows for about eight tasks per thread over all the token tiles.
+    const int64_t rows = choose_tiles(w.rows * tok_tiles, n_tok, pool_->size()).rows;
+    const int64_t row_tiles = (w.rows + rows - 1) / rows;
+    // Row tiles innermost: consecutive tasks of one thread's range share a token
+    // tile, whose B operands then come from L2.
+    pool_->parallel_for(tok_tiles * row_tiles, [&](int64_t task, int) {
+        const int64_t t0 = (task / row_tiles) * tokens, r0 = (task % row_tiles) * rows;
+        const int64_t nt = std::min(tokens, n_tok - t0), nr = std::min(rows, w.rows - r0);
+        lo.dot_rows(w.data + r0 * w.row_bytes, w.row_bytes, nr, w.cols, laid + t0 / kLaidOutGroup * gb, nt,
+                    out + t0 * w.rows + r0, w.rows);
+    });
 }
 
 void LinearOp::forward_gemm(const float* x, int64_t n_tok, int64_t x_stride, float* out) {

@@ -1,8 +1,10 @@
 // y = x W^T for one quantized weight matrix: dense layers and the lm head on
 // the CPU. Activations are quantized once per call, then row tiles × token
 // tiles of the output are spread over the pool; each task reads its weight
-// rows once for all the tokens of its tile. Calls with many tokens take the
-// bf16 prefill path instead when the engine has one (engine/gemm_path.h).
+// rows once for all the tokens of its tile. Where the weight's kernel takes
+// laid-out tokens, the call lays its tokens out once and the tasks share that.
+// Calls with many tokens take the bf16 prefill path instead when the engine
+// has one (engine/gemm_path.h).
 #pragma once
 
 #include <memory>
@@ -35,7 +37,10 @@ private:
     std::vector<uint16_t> packed_;
     GemmScratch gemm_scratch_;
 
+    std::vector<uint8_t> laid_;  // the call's tokens laid out (LaidOutKernel)
+
     void forward_gemm(const float* x, int64_t n_tok, int64_t x_stride, float* out);
+    void forward_laid_out(const float* x, int64_t n_tok, int64_t x_stride, float* out);
 };
 
 // Shared by the linear and MoE ops: out[t * out_stride + r] for r in [0, rows),
@@ -45,5 +50,12 @@ struct TileShape {
     int64_t tokens;
 };
 TileShape choose_tiles(int64_t total_rows, int64_t n_tok, int threads);
+
+// Tokens per task where the kernel takes laid-out tokens (LaidOutKernel): a multiple of
+// kLaidOutGroup, the n_tok tokens split evenly into the fewest such tiles.
+int64_t laid_out_token_tile(int64_t n_tok, int64_t k);
+
+// buf grown to hold n bytes from a 64-byte boundary inside it; that boundary.
+uint8_t* aligned_scratch(std::vector<uint8_t>& buf, size_t n);
 
 }  // namespace tandem

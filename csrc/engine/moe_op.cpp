@@ -12,9 +12,11 @@ namespace {
 
 using Task = MoETask;
 
-// (expert, row tile, assignment tile) tasks over the active experts.
-void make_tasks(const std::vector<int64_t>& count, const std::vector<int64_t>& offset, int64_t rows, int threads,
-                std::vector<Task>& tasks) {
+// (expert, row tile, assignment tile) tasks over the active experts; an expert with
+// laid-out tokens takes tiles of laid_out_token_tile assignments (k: the dot length),
+// usually all of them.
+void make_tasks(const std::vector<int64_t>& count, const std::vector<int64_t>& offset, const MoELaidOut& laid,
+                int64_t rows, int64_t k, int threads, std::vector<Task>& tasks) {
     tasks.clear();
     int64_t active = 0, max_count = 0;
     for (int64_t c : count) {
@@ -23,14 +25,43 @@ void make_tasks(const std::vector<int64_t>& count, const std::vector<int64_t>& o
     }
     const TileShape tile = choose_tiles(rows * std::max<int64_t>(active, 1), max_count, threads);
     for (size_t e = 0; e < count.size(); ++e) {
-        for (int64_t a0 = 0; a0 < count[e]; a0 += tile.tokens)
+        if (count[e] == 0) continue;
+        const bool on_laid = laid.laid(static_cast<int64_t>(e));
+        const int64_t tokens = on_laid ? laid_out_token_tile(count[e], k) : tile.tokens;
+        for (int64_t a0 = 0; a0 < count[e]; a0 += tokens)
             for (int64_t r0 = 0; r0 < rows; r0 += tile.rows)
-                tasks.push_back(Task{static_cast<int64_t>(e), r0, std::min(tile.rows, rows - r0),
-                                     offset[e] + a0, std::min(tile.tokens, count[e] - a0)});
+                tasks.push_back(Task{static_cast<int64_t>(e), r0, std::min(tile.rows, rows - r0), offset[e] + a0,
+                                     std::min(tokens, count[e] - a0), false, on_laid});
     }
 }
 
 }  // namespace
+
+bool MoELaidOut::plan(const LaidOutKernel* with, int64_t min_tokens, int64_t k, const std::vector<int64_t>& count,
+                      const std::vector<char>& on_gemm) {
+    kernel = with;
+    group_bytes = kernel != nullptr ? kernel->group_bytes(k) : 0;
+    at.assign(count.size(), -1);
+    jobs.clear();
+    bool plain = false;
+    size_t bytes = 0;
+    for (int64_t e = 0; e < static_cast<int64_t>(count.size()); ++e) {
+        const int64_t c = count[e];
+        if (c == 0 || on_gemm[e]) continue;
+        if (kernel == nullptr || c < min_tokens) {
+            plain = true;
+            continue;
+        }
+        at[e] = static_cast<int64_t>(bytes);
+        bytes += static_cast<size_t>(laid_out_groups(c)) * group_bytes;
+        for (int64_t p = 0; p < laid_out_groups(c); ++p) {
+            jobs.push_back(e);
+            jobs.push_back(p);
+        }
+    }
+    if (bytes > 0) base = aligned_scratch(buf, bytes);
+    return plain;
+}
 
 MoEOp::MoEOp(std::shared_ptr<ThreadPool> pool, const VariantKernels& kernels, WeightMatrix gate, WeightMatrix up,
              WeightMatrix down, GemmPath gemm)
@@ -109,6 +140,14 @@ void MoEOp::forward(const MoECall& call) {
             pack_jobs_.push_back(p);
         }
     }
+    // Gate and up share one layout of x where both kernels take the same one.
+    const LaidOutKernel* lg = gate_.kernel->laid_out;
+    const LaidOutKernel* lu = up_.kernel->laid_out;
+    const LaidOutKernel* ld = down_.kernel->laid_out;
+    const bool gate_up_laid = lg != nullptr && lu != nullptr && lg->lay_out == lu->lay_out;
+    const int64_t gate_up_min = gate_up_laid ? std::max(lg->min_tokens, lu->min_tokens) : 0;
+    const bool x_plain = laid_x_.plan(gate_up_laid ? lg : nullptr, gate_up_min, H, count_, on_gemm_);
+    const bool h_plain = laid_h_.plan(ld, ld != nullptr ? ld->min_tokens : 0, I, count_, on_gemm_);
     const bool any_gemm = !pack_jobs_.empty();
     const GemmKernels* gk = gemm_.kernels;
     if (any_gemm) {
@@ -131,18 +170,21 @@ void MoEOp::forward(const MoECall& call) {
     clock_.mark(kMoEGroup);
 
     // 2. Activations of every token, prepared once, then gathered per assignment
-    //    so an expert's tokens are contiguous rows for the kernel.
+    //    so an expert's tokens are contiguous rows for the kernel, or laid out
+    //    once per expert for kernels that take laid-out tokens.
     auto gather = [&](const WeightMatrix& w, std::vector<uint8_t>& per_token, std::vector<uint8_t>& out) {
         const size_t arb = act_row_bytes(w.kernel->act, H);
         uint8_t* tok = scratch(per_token, arb * n_tok);
         prepare_activations(pool, kernels_, w.kernel->act, call.x, n_tok, H, H, tok);
         uint8_t* dst = scratch(out, arb * n_assign);
+        if (!x_plain) return dst;  // every expert's rows are packed or laid out from the per-token rows
         auto copy = [&](int64_t a) { std::memcpy(dst + a * arb, tok + assignment_token_[a] * arb, arb); };
         if (n_assign <= 64) {  // decode: a few rows, not worth a loop on the pool
             for (int64_t a = 0; a < n_assign; ++a) copy(a);
         } else {
             pool.parallel_for(n_assign, [&](int64_t a, int) {
-                if (!on_gemm_[assignment_expert_[a]]) copy(a);  // rows of tile-path experts are packed instead
+                const int64_t e = assignment_expert_[a];
+                if (!on_gemm_[e] && !laid_x_.laid(e)) copy(a);  // the others' rows are packed or laid out instead
             });
         }
         return dst;
@@ -153,17 +195,26 @@ void MoEOp::forward(const MoECall& call) {
         act_gate = gather(gate_, x_act_, gathered_);
         act_up = up_.kernel->act == gate_.kernel->act ? act_gate : gather(up_, x_act_up_, gathered_up_);
     }
+    if (!laid_x_.jobs.empty()) {
+        const size_t arb = act_row_bytes(gate_.kernel->act, H);
+        pool.parallel_for(static_cast<int64_t>(laid_x_.jobs.size() / 2), [&](int64_t j, int) {
+            const int64_t e = laid_x_.jobs[2 * j], first = laid_x_.jobs[2 * j + 1] * kLaidOutGroup;
+            laid_x_.kernel->lay_out(x_act_.data(), arb, assignment_token_.data() + offset_[e] + first,
+                                    std::min(kLaidOutGroup, count_[e] - first), H, laid_x_.tokens(e, first));
+        });
+    }
     if (any_gemm) pack(call.x, H, H, true, packed_x_.data(), packed_x_at_);
     clock_.mark(kMoEActivations);
     const size_t arb_gate = act_row_bytes(gate_.kernel->act, H);
     const size_t arb_up = act_row_bytes(up_.kernel->act, H);
 
-    // 3. gate and up for each (expert, row tile, token tile); h = silu(gate) * up in place.
+    // 3. gate and up for each (expert, row tile, token tile), both from one layout of
+    //    the expert's tokens where they have one; h = silu(gate) * up in place.
     gate_out_.resize(std::max<size_t>(gate_out_.size(), static_cast<size_t>(n_assign * I)));
     up_out_.resize(std::max<size_t>(up_out_.size(), static_cast<size_t>(n_assign * I)));
     float* g = gate_out_.data();
     float* u = up_out_.data();
-    make_tasks(dot_count_, offset_, I, pool.size(), tasks_);
+    make_tasks(dot_count_, offset_, laid_x_, I, H, pool.size(), tasks_);
     append_gemm_tasks(I, tasks_);
     const std::vector<Task>& tasks = tasks_;
     pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i, int thread) {
@@ -172,6 +223,12 @@ void MoEOp::forward(const MoECall& call) {
             const uint16_t* xs = packed_x_.data() + packed_x_at_[t.expert];
             gemm_rows(*gk, gemm_scratch_, thread, gate_, gate_.matrix(t.expert), t.r0, t.nr, xs, t.na, g + t.a0 * I, I);
             gemm_rows(*gk, gemm_scratch_, thread, up_, up_.matrix(t.expert), t.r0, t.nr, xs, t.na, u + t.a0 * I, I);
+        } else if (t.laid) {
+            const uint8_t* xs = laid_x_.tokens(t.expert, t.a0 - offset_[t.expert]);
+            lg->dot_rows(gate_.matrix(t.expert) + t.r0 * gate_.row_bytes, gate_.row_bytes, t.nr, H, xs, t.na,
+                         g + t.a0 * I + t.r0, I);
+            lu->dot_rows(up_.matrix(t.expert) + t.r0 * up_.row_bytes, up_.row_bytes, t.nr, H, xs, t.na,
+                         u + t.a0 * I + t.r0, I);
         } else {
             gate_.kernel->dot_rows(gate_.matrix(t.expert) + t.r0 * gate_.row_bytes, gate_.row_bytes, t.nr, H,
                                    act_gate + t.a0 * arb_gate, arb_gate, t.na, g + t.a0 * I + t.r0, I);
@@ -188,26 +245,40 @@ void MoEOp::forward(const MoECall& call) {
     uint8_t* h_act = nullptr;
     if (any_dot) {
         h_act = scratch(h_act_, arb_down * n_assign);
-        if (!any_gemm) {
+        if (!any_gemm && laid_h_.jobs.empty()) {
             prepare_activations(pool, kernels_, down_format, g, n_assign, I, I, h_act);
-        } else {
+        } else if (h_plain) {
             pool.parallel_for(n_assign, [&](int64_t a, int) {
-                if (!on_gemm_[assignment_expert_[a]])
+                const int64_t e = assignment_expert_[a];
+                if (!on_gemm_[e] && !laid_h_.laid(e))
                     prepare_activation_row(kernels_, down_format, g + a * I, I, h_act + a * arb_down);
             });
         }
+        // The laid-out experts' rows: prepared and laid out by the same task, a group at a time.
+        pool.parallel_for(static_cast<int64_t>(laid_h_.jobs.size() / 2), [&](int64_t j, int) {
+            const int64_t e = laid_h_.jobs[2 * j], first = laid_h_.jobs[2 * j + 1] * kLaidOutGroup;
+            const int64_t a0 = offset_[e] + first, n = std::min(kLaidOutGroup, count_[e] - first);
+            for (int64_t a = a0; a < a0 + n; ++a)
+                prepare_activation_row(kernels_, down_format, g + a * I, I, h_act + a * arb_down);
+            laid_h_.kernel->lay_out(h_act + a0 * arb_down, arb_down, nullptr, n, I, laid_h_.tokens(e, first));
+        });
     }
     if (any_gemm) pack(g, I, I, false, packed_h_.data(), packed_h_at_);
     clock_.mark(kMoEHidden);
     y_.resize(std::max<size_t>(y_.size(), static_cast<size_t>(n_assign * H)));
     float* y = y_.data();
-    make_tasks(dot_count_, offset_, H, pool.size(), tasks_);
+    make_tasks(dot_count_, offset_, laid_h_, H, I, pool.size(), tasks_);
     append_gemm_tasks(H, tasks_);
     pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i, int thread) {
         const Task& t = tasks[i];
         if (t.gemm) {
             const uint16_t* hs = packed_h_.data() + packed_h_at_[t.expert];
             gemm_rows(*gk, gemm_scratch_, thread, down_, down_.matrix(t.expert), t.r0, t.nr, hs, t.na, y + t.a0 * H, H);
+            return;
+        }
+        if (t.laid) {
+            ld->dot_rows(down_.matrix(t.expert) + t.r0 * down_.row_bytes, down_.row_bytes, t.nr, I,
+                         laid_h_.tokens(t.expert, t.a0 - offset_[t.expert]), t.na, y + t.a0 * H + t.r0, H);
             return;
         }
         down_.kernel->dot_rows(down_.matrix(t.expert) + t.r0 * down_.row_bytes, down_.row_bytes, t.nr, I,

@@ -5,7 +5,8 @@
 // calling thread (which leads the pool); submit() queues the same work on the
 // pool's driver thread and returns at once, sync() waits for it. An expert
 // with many tokens (prefill) takes the bf16 tile path when the engine has one
-// (engine/gemm_path.h); the others take the 8-bit dot kernels.
+// (engine/gemm_path.h); the others take the 8-bit dot kernels, on tokens laid
+// out once per expert where the kernel can (MoELaidOut).
 #pragma once
 
 #include <array>
@@ -33,6 +34,28 @@ struct MoECall {
 struct MoETask {
     int64_t expert, r0, nr, a0, na;
     bool gemm = false;  // the bf16 tile path: nr <= kGemmRows, every assignment of the expert
+    bool laid = false;  // the kernels' laid-out tokens (MoELaidOut)
+};
+
+// One phase's activations for the experts whose kernels take laid-out tokens
+// (LaidOutKernel): each such expert's rows are laid out once per call, in a
+// parallel pass of one task per group of 16, and all of its tasks read them.
+struct MoELaidOut {
+    const LaidOutKernel* kernel = nullptr;
+    size_t group_bytes = 0;
+    std::vector<int64_t> at;    // per expert: offset of its first group from base; -1: plain rows
+    std::vector<int64_t> jobs;  // (expert, group) pairs, one layout task each
+    std::vector<uint8_t> buf;
+    uint8_t* base = nullptr;  // 64-byte aligned, in buf
+
+    // The experts with at least min_tokens assignments, except those on the tile path,
+    // take laid-out tokens from `with` (none where it is null). Returns whether any expert on the
+    // dot path is left to plain rows.
+    bool plan(const LaidOutKernel* with, int64_t min_tokens, int64_t k, const std::vector<int64_t>& count,
+              const std::vector<char>& on_gemm);
+    bool laid(int64_t e) const { return at[e] >= 0; }
+    // Expert e's tokens from its assignment `first` on (a multiple of kLaidOutGroup).
+    uint8_t* tokens(int64_t e, int64_t first) const { return base + at[e] + first / kLaidOutGroup * group_bytes; }
 };
 
 // Where a many-token call spends its time, for profiling (off unless asked for).
@@ -81,6 +104,7 @@ private:
     std::vector<MoETask> tasks_;
     std::vector<uint8_t> x_act_, x_act_up_, gathered_, gathered_up_, h_act_;
     std::vector<float> gate_out_, up_out_, y_;
+    MoELaidOut laid_x_, laid_h_;  // x for gate and up, h for down
 
     void append_gemm_tasks(int64_t rows, std::vector<MoETask>& tasks) const;
     void forward_one(const MoECall& call);

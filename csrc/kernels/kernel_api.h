@@ -68,12 +68,37 @@ using DotRowsFn = void (*)(const uint8_t* w, size_t row_bytes, int64_t n_rows, i
                            const uint8_t* act, size_t act_row_bytes, int64_t n_tok, float* out,
                            int64_t out_stride);
 
+// A faster way to many tokens, where a kernel has one (the amx variant's Q4_K and
+// Q5_K): the call's activations are rewritten once into the kernel's own operand
+// form, in groups of kLaidOutGroup tokens, and every row tile of the call dots
+// against that. dot_rows alone rewrites its tokens on every call, and an op calls
+// it once per (row tile, token tile). A token's outputs depend on its own
+// activations only, so they equal dot_rows' bit for bit for any n_tok >= min_tokens
+// (below that, dot_rows takes another kernel).
+constexpr int64_t kLaidOutGroup = 16;
+inline int64_t laid_out_groups(int64_t n_tok) { return (n_tok + kLaidOutGroup - 1) / kLaidOutGroup; }
+
+struct LaidOutKernel {
+    int64_t min_tokens;
+    // Bytes of one laid-out group of tokens of k columns (a multiple of 64).
+    size_t (*group_bytes)(int64_t k);
+    // Tokens [0, n_tok), token t the prepared row at act + (index ? index[t] : t) * act_row_bytes,
+    // into laid_out_groups(n_tok) groups at dst (64-byte aligned for speed); lanes past
+    // n_tok are zero.
+    void (*lay_out)(const uint8_t* act, size_t act_row_bytes, const int64_t* index, int64_t n_tok, int64_t k,
+                    uint8_t* dst);
+    // dot_rows' contract for the n_tok tokens laid out at laid (any n_tok >= 1).
+    void (*dot_rows)(const uint8_t* w, size_t row_bytes, int64_t n_rows, int64_t k, const uint8_t* laid,
+                     int64_t n_tok, float* out, int64_t out_stride);
+};
+
 struct TypeKernel {
     int ggml_type;
     int block_elems;  // weight elements per GGUF block
     int block_bytes;  // bytes per GGUF block
     ActFormat act;
     DotRowsFn dot_rows;
+    const LaidOutKernel* laid_out = nullptr;  // null: dot_rows only
 };
 
 // g[i] = silu(g[i]) * u[i] for i < n (the MoE op's gated activation).
