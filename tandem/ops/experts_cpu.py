@@ -84,7 +84,7 @@ class ExpertsCPU(QuantExperts):
         n, k = hidden.shape[0], ids.shape[-1]
         buffers = self._streamed.get((n, k))
         if buffers is None:  # made outside capture: a graph's first run is an ordinary one
-            x, out = (torch.empty(n, self.hidden, pin_memory=True) for _ in range(2))
+            x, out = (torch.empty(n, self.hidden_size, pin_memory=True) for _ in range(2))
             ids_b = torch.empty(n, k, dtype=torch.int64, pin_memory=True)
             w_b = torch.empty(n, k, pin_memory=True)
             buffers = (x, ids_b, w_b, out, self.engine_experts.host_call(x, ids_b, w_b, out))
@@ -92,7 +92,7 @@ class ExpertsCPU(QuantExperts):
         x, ids_b, w_b, out, record = buffers
         # Ids past the expert count are transformers' dropped slots, which the engine skips;
         # nothing here can check them without waiting for the GPU.
-        x.copy_(hidden.reshape(n, self.hidden).float(), non_blocking=True)
+        x.copy_(hidden.reshape(n, self.hidden_size).float(), non_blocking=True)
         ids_b.copy_(ids.reshape(n, k).long(), non_blocking=True)
         w_b.copy_(weights.reshape(n, k).float(), non_blocking=True)
         launch_host_func(host_submit_fn(), record.address)

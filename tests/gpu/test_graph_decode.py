@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import math
 
-import gguf
 import pytest
 import torch
-from tiny_models import tiny_model, write_gguf
 
 from tandem.engine.generate import prefill_and_generate
 from tandem.engine.graph_decode import GRAPH_ENV
@@ -54,7 +52,7 @@ def generate(model, n: int, monkeypatch, graphs: bool):
 
 
 def test_a_dense_model_replays_its_step_and_keeps_its_tokens(tmp_path, monkeypatch):
-    path = write_gguf(tiny_model("qwen2"), "qwen2", tmp_path / "m.gguf", gguf.GGMLQuantizationType.Q8_0)
+    path = write_tiny("qwen2", tmp_path / "m.gguf", "Q8_0")
     model = load_model(path, device="cuda:0").model
     eager = generate(model, 16, monkeypatch, graphs=False)
     replayed = generate(model, 16, monkeypatch, graphs=True)

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The hybrid placement on the GPU machine: experts on the CPU engine (16 threads), the rest
+# on the H200, against llama.cpp's llama-bench built with CUDA from llama-cpp-python
+# 0.3.36's source (-ngl 99 -ot exps=CPU -fa on -t 16) on one Qwen3-30B-A3B-shaped Q4_K_M
+# file from tandem synth. Expects .whl/gguf-*.whl, .whl/llamacpp-cuda-src.tar.xz (the
+# source; its CUDA backend is built here) and .whl/qwen25-tokenizer.gguf carried, $OUT set.
+# TESTS=1 runs the GPU tests first; AB=none skips tandem's run with eager decode steps;
+# LLAMA=0 leaves llama.cpp out. The budget GIB keeps every layer's experts on the CPU
+# (the plan is printed).
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+LAYERS=${LAYERS:-48}; NP=${NP:-512}; NG=${NG:-32}; R=${R:-2}; GIB=${GIB:-4.6}
+log() { echo "[$(date +%T)] $*" | tee -a "$OUT/steps.log"; }
+
+python -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
+LLAMA_PID=
+if [ "${LLAMA:-1}" != 0 ]; then
+log "build llama.cpp with CUDA (background)"
+( mkdir -p /tmp/lc && tar xJf .whl/llamacpp-cuda-src.tar.xz -C /tmp/lc &&
+  cmake -S /tmp/lc/llama.cpp -B /tmp/lc/b -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
+    -DGGML_NATIVE=ON &&
+  cmake --build /tmp/lc/b -j 14 --target llama-bench ) > "$OUT/llama_build.log" 2>&1 &
+LLAMA_PID=$!
+fi
+log "build tandem"
+python -m pip install --no-build-isolation --no-deps -e . > "$OUT/tandem_build.log" 2>&1 || { log "tandem build failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+if [ -n "${TESTS:-}" ]; then
+  log "gpu tests"
+  timeout 240 python -m pytest -q -p no:cacheprovider tests/gpu tests/test_gpu.py tests/ops/test_deepseek_gpu.py \
+    > "$OUT/gpu_tests.log" 2>&1
+  log "gpu tests rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -15 >> "$OUT/steps.log"
+fi
+log "synth"
+python -m tandem synth --shape qwen3-30b-a3b --layers "$LAYERS" --quant Q4_K_M \
+  --tokenizer-from .whl/qwen25-tokenizer.gguf -o /tmp/q3.gguf > "$OUT/synth.log" 2>&1
+log "synth rc=$?"
+python -m tandem inspect /tmp/q3.gguf --plan --gpu-memory "$GIB" --ctx 4096 2>&1 | sed -n '/placement/,/rules/p' >> "$OUT/steps.log"
+# Nothing may compile while either tool is timed (the engine's workers are pinned).
+[ -n "$LLAMA_PID" ] && { wait $LLAMA_PID; log "llama build rc=$?"; }
+log "tandem bench --gpu-memory $GIB"
+timeout 300 python -m tandem bench -m /tmp/q3.gguf -t 16 -p "$NP" -n "$NG" -r "$R" --gpu-memory "$GIB" --json \
+  > "$OUT/tandem_bench.txt" 2>&1
+log "rc=$?"; tail -3 "$OUT/tandem_bench.txt" >> "$OUT/steps.log"
+if [ "${AB:-}" != none ]; then
+  log "tandem bench, TANDEM_CUDA_GRAPH=0"
+  TANDEM_CUDA_GRAPH=0 timeout 300 python -m tandem bench -m /tmp/q3.gguf -t 16 -p "$NP" -n "$NG" -r "$R" \
+    --gpu-memory "$GIB" --json 2>&1 | tail -1 >> "$OUT/steps.log"
+fi
+if [ -n "$LLAMA_PID" ] && [ -x /tmp/lc/b/bin/llama-bench ]; then
+  timeout 240 /tmp/lc/b/bin/llama-bench -m /tmp/q3.gguf -ngl 99 -ot exps=CPU -fa on -t 16 -p "$NP" -n "$NG" \
+    -r "$R" -o md > "$OUT/llama_bench.txt" 2>&1
+  log "llama-bench rc=$?"; cat "$OUT/llama_bench.txt" >> "$OUT/steps.log"
+fi
+log done
