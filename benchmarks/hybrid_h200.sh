@@ -5,7 +5,7 @@
 # file from tandem synth. Expects .whl/gguf-*.whl, .whl/llamacpp-cuda-src.tar.xz (the
 # source; its CUDA backend is built here) and .whl/qwen25-tokenizer.gguf carried, $OUT set.
 # TESTS=1 runs the GPU tests first; AB=none skips tandem's run with eager decode steps;
-# LLAMA=0 leaves llama.cpp out. The budget GIB keeps every layer's experts on the CPU
+# LLAMA=0 leaves llama.cpp out; SWEEP adds runs (below). The budget GIB keeps every layer's experts on the CPU
 # (the plan is printed).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -48,6 +48,16 @@ if [ "${AB:-}" != none ]; then
   TANDEM_CUDA_GRAPH=0 timeout 300 python -m tandem bench -m /tmp/q3.gguf -t 16 -p "$NP" -n "$NG" -r "$R" \
     --gpu-memory "$GIB" --json 2>&1 | tail -1 >> "$OUT/steps.log"
 fi
+# SWEEP: runs separated by '|', each environment words (NAME=value) and bench arguments,
+# e.g. SWEEP='-t 15|TANDEM_CPU_SPIN_US=5000 -t 15'.
+IFS='|' read -r -a sweep <<< "${SWEEP:-}"
+for entry in "${sweep[@]}"; do
+  envs=(); args=()
+  for word in $entry; do case $word in *=*) envs+=("$word");; *) args+=("$word");; esac; done
+  log "tandem bench, $entry"
+  env "${envs[@]}" timeout 200 python -m tandem bench -m /tmp/q3.gguf -t 16 -p "$NP" -n "$NG" -r "$R" \
+    --gpu-memory "$GIB" --json "${args[@]}" 2>&1 | tail -1 >> "$OUT/steps.log"
+done
 if [ -n "$LLAMA_PID" ] && [ -x /tmp/lc/b/bin/llama-bench ]; then
   timeout 240 /tmp/lc/b/bin/llama-bench -m /tmp/q3.gguf -ngl 99 -ot exps=CPU -fa on -t 16 -p "$NP" -n "$NG" \
     -r "$R" -o md > "$OUT/llama_bench.txt" 2>&1

@@ -155,6 +155,13 @@ extern "C" void tandem_moe_host_submit(void* data) {
 
 extern "C" void tandem_moe_host_sync(void* data) { static_cast<HostCall*>(data)->op->sync(); }
 
+// The whole call on the calling thread (a stream's host-function thread), which leads
+// the op's parallel loops itself: no hand-over to the pool's driver thread and back.
+extern "C" void tandem_moe_host_run(void* data) {
+    auto* host = static_cast<HostCall*>(data);
+    host->op->forward(host->call);
+}
+
 MoECall make_call(int64_t n_tok, int64_t top_k, uintptr_t x, uintptr_t ids, uintptr_t weights, uintptr_t out) {
     MoECall call;
     call.n_tok = n_tok;
@@ -415,4 +422,6 @@ void bind_engine(nb::module_& m) {
           "Address of void(void*) that submits a HostCall (for cudaLaunchHostFunc).");
     m.def("host_sync_fn", [] { return reinterpret_cast<uintptr_t>(&tandem_moe_host_sync); },
           "Address of void(void*) that waits for a HostCall's op.");
+    m.def("host_run_fn", [] { return reinterpret_cast<uintptr_t>(&tandem_moe_host_run); },
+          "Address of void(void*) that runs a HostCall's MoE call on the calling thread.");
 }

@@ -508,6 +508,11 @@ def host_sync_fn() -> int:
     return int(_native().host_sync_fn())
 
 
+def host_run_fn() -> int:
+    """Address of `void(void*)` running a host_call record's call on the calling thread (it waits)."""
+    return int(_native().host_run_fn())
+
+
 _default: CPUEngine | None = None
 _default_lock = threading.Lock()
 # The switch to the torch reference: with the engine off, the CPU operators

@@ -57,6 +57,7 @@ class GraphDecode:
         self.embeds: torch.Tensor | None = None
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
         self.ids_device = input_device(model)
+        self.done = torch.cuda.Event(blocking=True)
         self.captures = 0  # for tests and benchmarks
         self.replays = 0
         params = inspect.signature(model.forward).parameters
@@ -117,6 +118,9 @@ class GraphDecode:
             self.graph.replay()
             self.replays += 1
             logits = self.logits
+            # Wait asleep: a spinning wait (CUDA's default) takes a core from the engine's workers.
+            self.done.record()
+            self.done.synchronize()
         else:
             logits = self._run_and_capture(kv, embeds, key)
         for layer in layers:

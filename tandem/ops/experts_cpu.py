@@ -78,7 +78,7 @@ class ExpertsCPU(QuantExperts):
 
     def _in_stream(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The call queued on the current CUDA stream: copies, the engine as host functions, copy back."""
-        from tandem.cpu.engine import host_submit_fn, host_sync_fn
+        from tandem.cpu.engine import host_run_fn
         from tandem.gpu.host_func import launch_host_func
 
         n, k = hidden.shape[0], ids.shape[-1]
@@ -95,8 +95,8 @@ class ExpertsCPU(QuantExperts):
         x.copy_(hidden.reshape(n, self.hidden_size).float(), non_blocking=True)
         ids_b.copy_(ids.reshape(n, k).long(), non_blocking=True)
         w_b.copy_(weights.reshape(n, k).float(), non_blocking=True)
-        launch_host_func(host_submit_fn(), record.address)
-        launch_host_func(host_sync_fn(), record.address)
+        # One host function runs the call and leads its parallel loops: the stream waits for it.
+        launch_host_func(host_run_fn(), record.address)
         result = out.to(hidden.device, non_blocking=True)
         return result.reshape(hidden.shape).to(hidden.dtype)
 

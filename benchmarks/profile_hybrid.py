@@ -1,0 +1,86 @@
+"""Where a hybrid decode step's time goes: the GPU's kernels, the CPU experts, the hand-overs.
+
+python benchmarks/profile_hybrid.py MODEL.gguf THREADS GPU_GIB [STEPS]
+Loads the model with the plan for GPU_GIB, decodes STEPS (default 32) tokens after a
+short prompt, and prints per step: the wall time of a replayed step, the GPU's kernel
+time inside it (torch.profiler over a few replays), and the routed experts' time on the
+engine alone (the same one-token calls on CPU tensors, one layer after another). What
+is left is the hand-over between them: copies, host-function wake-ups, idle workers.
+"""
+
+from __future__ import annotations
+
+import tandem  # noqa: F401  (first: OMP_WAIT_POLICY for torch's threads)
+
+# isort: split
+import statistics
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from tandem.cpu.engine import configure
+from tandem.engine.generate import prefill_and_generate
+from tandem.inject.model import load_model
+from tandem.ops.experts_cpu import ExpertsCPU
+
+
+class Ids:
+    def decode(self, ids, **_):
+        return ""
+
+    def convert_ids_to_tokens(self, ids):
+        return ["" for _ in ids]
+
+
+def main() -> None:
+    path, threads, gib = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    steps = int(sys.argv[4]) if len(sys.argv) > 4 else 32
+    configure(threads=threads)
+    loaded = load_model(path, gpu_memory=gib, plan_ctx=4096)
+    model = loaded.model
+    prompt = list(range(100, 116))
+    prefill_and_generate(model, Ids(), prompt, 4)  # warm-up and capture
+    result = prefill_and_generate(model, Ids(), prompt, steps + 1)
+    graph = getattr(model, "_tandem_graph_decode", None)
+    print(
+        f"decode {result.decode_tok_s:.2f} tok/s, {1000 / result.decode_tok_s:.2f} ms a step; graph: "
+        f"{'replayed' if graph is not None and graph.broken is None else 'none'}"
+    )
+    if graph is not None and graph.graph is not None:
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                graph.graph.replay()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        gpu_us = sum(e.self_device_time_total for e in kernels) / 5
+        print(f"GPU kernels per step: {gpu_us / 1000:.2f} ms ({len(kernels)} kinds); the largest:")
+        for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]:
+            print(f"  {e.self_device_time_total / 5 / 1000:8.3f} ms  {e.count // 5:5d}x  {e.key[:70]}")
+    experts = [m for m in model.modules() if isinstance(m, ExpertsCPU) and m.engine_experts is not None]
+    if experts:
+        k = model.config.num_experts_per_tok
+        gen = torch.Generator().manual_seed(0)
+        calls = [
+            (
+                torch.randn(1, m.hidden_size, generator=gen),
+                torch.randperm(m.num_experts, generator=gen)[:k].view(1, k),
+                torch.rand(1, k, generator=gen),
+            )
+            for m in experts
+        ]
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            for m, (h, ids, w) in zip(experts, calls, strict=True):
+                m.engine_experts(h, ids, w)
+            times.append(time.perf_counter() - t0)
+        ms = statistics.median(times) * 1000
+        print(
+            f"experts alone on the engine: {ms:.2f} ms a step ({len(experts)} layers, {ms / len(experts) * 1000:.0f} us each)"
+        )
+
+
+if __name__ == "__main__":
+    main()
