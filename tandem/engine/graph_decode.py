@@ -18,11 +18,12 @@ cache), the step is captured again.
 
 A step takes this path when the model runs on a CUDA device, every cache layer is a
 full-attention GrowingLayer (no sliding windows: one mask serves every layer), no
-operator says it cannot be captured (`capturable = False`: GPU experts that read their
-ids on the host) and the forward takes those arguments; $TANDEM_CUDA_GRAPH=0 turns it off. The first step of a
+operator says it cannot be captured (`capturable` false: experts that read their routed
+ids on the host, such as QuantExperts computing from the mapped file) and the forward
+takes those arguments; $TANDEM_CUDA_GRAPH=0 turns it off. The first step of a
 capture runs eagerly (it warms up every kernel) and counts as a step. Should the
-capture fail (an operator that waits for the GPU, such as experts that read their ids
-on the host), the model decodes eagerly from then on, with a one-line warning.
+capture fail (an operator that waits for the GPU), the model decodes eagerly from then
+on, with a one-line warning.
 """
 
 from __future__ import annotations

@@ -155,6 +155,27 @@ def _matvec_kernel(
     tl.store(out + token * out_stride + r, acc, mask=r < n_rows)
 
 
+@triton.jit
+def _routed_matvec_kernel(
+    w, ids, x, out, n_experts, n_rows, row_bytes, expert_bytes, n_chunks, x_stride, x_div, out_stride,
+    TYPE: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr,
+):  # fmt: skip
+    slot = tl.program_id(1).to(tl.int64)
+    expert = tl.load(ids + slot).to(tl.int64)
+    valid = (expert >= 0) & (expert < n_experts)  # else a dropped slot: zeros
+    base = w + tl.where(valid, expert, 0) * expert_bytes
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)[:, None]
+    mask = rows < tl.where(valid, n_rows, 0)  # a dropped slot reads nothing
+    token = slot // x_div
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for chunk in range(0, n_chunks):
+        y = _tile(base, row_bytes.to(tl.int64), rows.to(tl.int64), mask, chunk, TYPE, BN)
+        xv = tl.load(x + token * x_stride + chunk * CH + tl.arange(0, CH)[None, :]).to(tl.float32)
+        acc += tl.sum(y * xv, axis=1)
+    r = tl.program_id(0) * BN + tl.arange(0, BN)
+    tl.store(out + slot * out_stride + r, tl.where(valid, acc, 0.0), mask=r < n_rows)
+
+
 def supports(ggml_type: GGMLQuantizationType, cols: int) -> bool:
     """Whether these kernels take a matrix of this type with rows of `cols` values."""
     ggml_type = GGMLQuantizationType(ggml_type)
@@ -214,6 +235,41 @@ def matvec(blocks: torch.Tensor, ggml_type: GGMLQuantizationType, rows: int, x: 
     grid = (triton.cdiv(rows, ROWS_PER_PROGRAM), n)
     _matvec_kernel[grid](
         blocks, x, out, rows, row_bytes, cols // chunk, cols, rows,
+        TYPE=_CODE[GGMLQuantizationType(ggml_type)], BN=ROWS_PER_PROGRAM, CH=chunk,
+    )  # fmt: skip
+    return out
+
+
+def routed_matvec(
+    blocks: torch.Tensor,
+    ggml_type: GGMLQuantizationType,
+    n_experts: int,
+    rows: int,
+    ids: torch.Tensor,
+    x: torch.Tensor,
+    x_per_slot: int,
+) -> torch.Tensor:
+    """W_e · x for each routed slot: the experts' matrices [n_experts, rows, cols] as blocks,
+    ids [S] (int64, on the device) the expert of each slot, x [n, cols] with slot s reading
+    row s // x_per_slot. -> float32 [S, rows]; a slot whose id is outside [0, n_experts)
+    (transformers' dropped slot) gives zeros. Nothing is read on the host, so a CUDA graph
+    can hold the call."""
+    if x.dim() != 2 or ids.dim() != 1 or x_per_slot < 1:
+        raise ValueError("routed_matvec takes x [n, cols], ids [slots] and x_per_slot >= 1")
+    n, cols = x.shape
+    if ids.numel() > n * x_per_slot:
+        raise ValueError(f"{ids.numel()} slots read past the {n} rows of x")
+    row_bytes = _check(blocks, ggml_type, n_experts * rows, cols)
+    if x.device != blocks.device or ids.device != blocks.device:
+        raise ValueError(f"x and ids must be on the weights' device, {blocks.device}")
+    x, ids = x.contiguous(), ids.to(torch.int64).contiguous()
+    out = torch.empty(ids.numel(), rows, dtype=torch.float32, device=blocks.device)
+    if ids.numel() == 0:
+        return out
+    chunk = _CHUNK[GGMLQuantizationType(ggml_type)]
+    grid = (triton.cdiv(rows, ROWS_PER_PROGRAM), ids.numel())
+    _routed_matvec_kernel[grid](
+        blocks, ids, x, out, n_experts, rows, row_bytes, rows * row_bytes, cols // chunk, cols, x_per_slot, rows,
         TYPE=_CODE[GGMLQuantizationType(ggml_type)], BN=ROWS_PER_PROGRAM, CH=chunk,
     )  # fmt: skip
     return out

@@ -24,21 +24,24 @@ from tandem.quant.quant_tensor import QuantTensor
 from tandem.weights.source import GGUFWeights
 
 OPS = (None, "torch")
+# Tokens per call up to which experts with their blocks on the device take the routed
+# matvec kernels (decode), above which each routed expert is dequantized for the call.
+ROUTED_MAX_TOKENS = 8
 
 
 class QuantExperts(TandemModule):
     """out[t] = Σ_j w[t, j] · down_e(act(gate_e(x[t])) · up_e(x[t])), e = top_k_index[t, j].
 
     dtype: the compute dtype of the dequantized expert weights and the activations.
-    blocks_on_device: copy the GGUF blocks to generate_device at load and dequantize the
-    experts a call needs there, with the Triton kernels (Q8_0, Q4_K, Q5_K, Q6_K; other
-    types stay in the mapped file). Default: on a CUDA device, so experts a placement
+    blocks_on_device: copy the GGUF blocks to generate_device at load and compute there
+    with the Triton kernels (Q8_0, Q4_K, Q5_K, Q6_K; other types stay in the mapped file):
+    calls of up to ROUTED_MAX_TOKENS tokens as one routed matvec per projection over all
+    slots, reading the ids on the device (so a CUDA graph can hold them), longer ones by
+    dequantizing each routed expert. Default: on a CUDA device, so experts a placement
     puts on the GPU live in its memory.
     """
 
     OPS = OPS  # the generate_op / prefill_op names this class accepts
-    # A call reads its ids on the host (to pick experts), so a CUDA graph cannot hold it.
-    capturable = False
 
     def __init__(
         self,
@@ -98,9 +101,21 @@ class QuantExperts(TandemModule):
                     setattr(self, name, moved)
                     self.on_device.add(name)
 
+    @property
+    def routed_on_device(self) -> bool:
+        """Whether calls of up to ROUTED_MAX_TOKENS tokens take the routed matvec kernels."""
+        return self.on_device == {"gate", "up", "down"}
+
+    @property
+    def capturable(self) -> bool:
+        """Whether a CUDA graph can hold a decode call: only the routed kernels read no ids on the host."""
+        return self.routed_on_device
+
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:  # [T, H], [T, k], [T, k] -> [T, H]
+        if self.routed_on_device and hidden_states.shape[0] <= ROUTED_MAX_TOKENS:
+            return self._routed(hidden_states, top_k_index, top_k_weights)
         device = self.generate_device
         x = hidden_states.to(device=device, dtype=self.dtype)  # [T, H]
         out = torch.zeros_like(x)
@@ -125,6 +140,26 @@ class QuantExperts(TandemModule):
             ys = F.linear(self.act_fn(gate) * up, self._weight("down", expert))  # [n, H]
             out.index_add_(0, token, ys * weights[slots, None])
         return out.to(device=hidden_states.device, dtype=hidden_states.dtype)
+
+    def _routed(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """A few tokens on the device's blocks: each routed slot's gate, up and down as one
+        matvec kernel each over all slots, the ids read on the device (a dropped slot's
+        id E gives zeros; ids are not checked, which would need the host)."""
+        from tandem.ops.linear_gpu import triton_kernels
+
+        quant_triton = triton_kernels()
+        device = self.generate_device
+        n, k = hidden.shape[0], top_k_index.shape[-1]
+        e, i, h = self.num_experts, self.intermediate_size, self.hidden_size
+        x = hidden.to(device=device, dtype=torch.float32).reshape(n, h)
+        ids = top_k_index.reshape(-1).to(device=device, dtype=torch.int64)  # [n*k]
+        gate = quant_triton.routed_matvec(self.gate.data, self.gate.ggml_type, e, i, ids, x, k)
+        up = quant_triton.routed_matvec(self.up.data, self.up.ggml_type, e, i, ids, x, k)
+        act = (self.act_fn(gate.to(self.dtype)) * up.to(self.dtype)).float()  # [n*k, I]
+        y = quant_triton.routed_matvec(self.down.data, self.down.ggml_type, e, h, ids, act, 1)
+        w = top_k_weights.reshape(n, k, 1).to(device=device, dtype=torch.float32)
+        out = (y.view(n, k, h) * w).sum(dim=1)
+        return out.to(device=hidden.device, dtype=hidden.dtype)
 
     def _weight(self, name: str, expert: int) -> torch.Tensor:
         qt = getattr(self, name).expert(expert)

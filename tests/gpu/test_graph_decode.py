@@ -13,6 +13,7 @@ from tandem.inject.loader import default_rules
 from tandem.inject.model import load_model
 from tandem.inject.plan import GIB, RESERVE_FIXED, RESERVE_FRACTION, plan_placement
 from tandem.inject.rules import load_rules
+from tandem.ops.experts import QuantExperts
 from tandem.ops.experts_cpu import ExpertsCPU
 from tandem.synth.tiny import write_tiny
 from tandem.weights.arch import config_of
@@ -90,10 +91,26 @@ def test_streamed_experts_equal_the_waiting_call(tmp_path):
         torch.testing.assert_close(streamed.cpu(), waited, rtol=0, atol=0)
 
 
-def test_gpu_experts_keep_eager_decode(tmp_path, monkeypatch):
-    """Experts on the GPU read their ids on the host: no graph, the same tokens."""
+def test_experts_on_the_gpu_replay_too(tmp_path, monkeypatch):
+    """QuantExperts with their blocks on the GPU: the routed matvec kernels read ids there."""
     path = write_tiny("qwen3moe", tmp_path / "moe.gguf", "Q8_0")
     model = load_model(path, device="cuda:0").model
+    assert all(m.capturable for m in model.modules() if isinstance(m, QuantExperts))
+    eager = generate(model, 10, monkeypatch, graphs=False)
+    replayed = generate(model, 10, monkeypatch, graphs=True)
+    assert model._tandem_graph_decode.replays == 8
+    assert replayed.token_ids == eager.token_ids
+
+
+def test_experts_reading_ids_on_the_host_keep_eager_decode(tmp_path, monkeypatch):
+    path = write_tiny("qwen3moe", tmp_path / "moe.gguf", "Q8_0")
+    rules = tmp_path / "mapped.yaml"
+    rules.write_text(
+        "- match: {class: transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts}\n"
+        "  replace: {class: tandem.ops.experts.QuantExperts, kwargs: {blocks_on_device: false}}\n"
+        + default_rules("qwen3moe").read_text(encoding="utf-8")
+    )
+    model = load_model(path, rules=rules, device="cuda:0").model
     out = generate(model, 6, monkeypatch, graphs=True)
     assert not hasattr(model, "_tandem_graph_decode")
     assert out.n_generated == 6

@@ -53,6 +53,34 @@ def test_matvec_equals_the_dense_product(ggml_type, rows, cols, n):
     assert ((got - want).abs() <= 1e-5 * magnitude + 1e-30).all()  # float32 sums of exact products
 
 
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n,k", [(1, 3), (2, 2)])
+def test_routed_matvec_picks_each_slots_expert(ggml_type, n, k):
+    experts, rows, cols = 3, 19, 512
+    blocks, dense = weights(ggml_type, experts * rows, cols, seed=11 * n + k)
+    dense = dense.view(experts, rows, cols)
+    gen = torch.Generator().manual_seed(n + 10 * k)
+    ids = torch.randint(0, experts, (n * k,), generator=gen)
+    ids[-1] = experts  # transformers' dropped slot
+    x = torch.randn(n, cols, generator=gen, dtype=torch.float64)
+    got = quant_triton.routed_matvec(
+        blocks, ggml_type, experts, rows, ids.to(DEVICE), x.float().to(DEVICE), k
+    )
+    got = got.cpu().double()
+    for s, e in enumerate(ids.tolist()):
+        if e == experts:
+            assert torch.equal(got[s], torch.zeros(rows, dtype=torch.float64))
+            continue
+        want = dense[e] @ x[s // k].float().double()
+        magnitude = dense[e].abs() @ x[s // k].abs()
+        assert ((got[s] - want).abs() <= 1e-5 * magnitude + 1e-30).all()
+    # One slot per row of x (the down projection's form).
+    one = quant_triton.routed_matvec(
+        blocks, ggml_type, experts, rows, ids[:n].to(DEVICE), x.float().to(DEVICE), 1
+    )
+    assert one.shape == (n, rows)
+
+
 def test_bad_input_is_refused_before_any_launch():
     blocks, _ = weights(T.Q4_K, 2, 256, seed=1)
     with pytest.raises(UnsupportedError, match="no GPU kernel for Q2_K"):
