@@ -183,6 +183,14 @@ void bind_engine(nb::module_& m) {
                  return std::make_shared<ThreadPool>(n_threads, pin, spin_us);
              }),
              nb::arg("n_threads"), nb::arg("pin") = true, nb::arg("spin_us") = ThreadPool::kDefaultSpinMicroseconds)
+        .def(
+            "set_spin_us",
+            [](ThreadPool& pool, int spin_us) {
+                if (spin_us < 0 || spin_us > 1000000) throw std::invalid_argument("spin_us must be in 0 ... 1000000");
+                pool.set_spin_us(spin_us);
+            },
+            nb::arg("spin_us"))
+        .def_prop_ro("spin_us", &ThreadPool::spin_us)
         .def_prop_ro("size", &ThreadPool::size)
         .def_prop_ro("cpus", &ThreadPool::cpus, "The core each thread is pinned to (empty: not pinned).")
         .def("wait_idle", &ThreadPool::wait_idle, nb::call_guard<nb::gil_scoped_release>());

@@ -125,7 +125,7 @@ std::vector<int> cores_in_order() {
 
 ThreadPool::ThreadPool(int n_threads, bool pin, int spin_us)
     : n_threads_(std::max(1, n_threads)),
-      spin_(std::chrono::microseconds(std::max(0, spin_us))),
+      spin_us_(std::max(0, spin_us)),
       ranges_(new Range[static_cast<size_t>(std::max(1, n_threads))]) {
     if (pin) {
         const auto cores = cores_in_order();
@@ -198,7 +198,8 @@ void ThreadPool::run_tasks(int thread) {
 }
 
 bool ThreadPool::wait_for_generation(uint64_t seen) {
-    const auto deadline = std::chrono::steady_clock::now() + spin_;
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_.load(std::memory_order_relaxed));
     for (int i = 0;; ++i) {
         if (generation_.load(std::memory_order_acquire) != seen) return true;
         if ((i & 63) == 63 && (rest_.load(std::memory_order_relaxed) || std::chrono::steady_clock::now() > deadline))

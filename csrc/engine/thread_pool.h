@@ -10,6 +10,7 @@
 // out steals from the others' ranges, nearest first.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -40,6 +41,9 @@ public:
     ThreadPool& operator=(const ThreadPool&) = delete;
 
     int size() const { return n_threads_; }
+    // How long idle workers spin from their next idle period on.
+    void set_spin_us(int spin_us) { spin_us_.store(std::max(0, spin_us), std::memory_order_relaxed); }
+    int spin_us() const { return static_cast<int>(spin_us_.load(std::memory_order_relaxed)); }
     const std::vector<int>& cpus() const { return cpus_; }
 
     // Runs task for every index on all threads and returns when all are done.
@@ -77,7 +81,7 @@ private:
     bool wait_for_generation(uint64_t seen);
 
     int n_threads_;
-    std::chrono::microseconds spin_;
+    std::atomic<int64_t> spin_us_;
     std::vector<int> cpus_;  // the core of each thread (empty: not pinned)
     std::vector<std::thread> workers_;
     std::unique_ptr<Range[]> ranges_;

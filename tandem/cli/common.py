@@ -132,6 +132,12 @@ def load_from_args(args: argparse.Namespace):
             "tandem: no CUDA device here: --gpu-memory plans nothing, everything runs on the CPU",
             file=sys.stderr,
         )
+    elif gpu_memory and not args.threads:
+        from tandem.cpu.engine import configure, default_threads
+
+        # A hybrid step's experts run on CUDA's host-function thread, which leads the engine's
+        # loops, and the Python thread waits beside it: one pinned worker fewer leaves them a core.
+        configure(threads=max(1, default_threads() - 1))
     return load_model(
         path,
         rules=args.rules,

@@ -45,6 +45,9 @@ PREFETCH_MIN_THREADS = 8
 # call by a wake-up; calls with many tokens let the workers park at once.
 SPIN_ENV = "TANDEM_CPU_SPIN_US"
 DEFAULT_SPIN_US = 200
+# The spin once the engine serves a model on a GPU (CPUEngine.serve_gpu_steps): on the
+# 16-core Xeon, hybrid decode went from 25.0 to 31.4 tok/s with 5000 (BENCHMARKS.md).
+GPU_STEP_SPIN_US = 5000
 
 
 def _int_env(name: str, default: int, low: int, high: int) -> int:
@@ -295,6 +298,18 @@ class CPUEngine:
         """A fused decode layer (tandem._cpu.DecodeLayer) on this engine's pool and kernels."""
         return _native().DecodeLayer(self.pool, self.kernels, spec)
 
+    def set_spin_us(self, spin_us: int) -> None:
+        """How long idle workers spin before parking, from their next idle period on."""
+        self.pool.set_spin_us(spin_us)
+        self.spin_us = spin_us
+
+    def serve_gpu_steps(self) -> None:
+        """Tune the pool for calls queued from a GPU's stream (hybrid decode), unless
+        $TANDEM_CPU_SPIN_US chose: between two layers' calls the GPU works for a fraction
+        of a millisecond, so workers that spin through it skip a wake-up per layer."""
+        if SPIN_ENV not in os.environ and self.spin_us < GPU_STEP_SPIN_US:
+            self.set_spin_us(GPU_STEP_SPIN_US)
+
     def read_bandwidth(self, n_bytes: int = 1 << 30, repeats: int = 3) -> float:
         """Read bandwidth of this pool's threads, bytes per second (best of `repeats`)."""
         buffer = torch.ones(n_bytes, dtype=torch.uint8)  # written, so every page is mapped
@@ -371,6 +386,7 @@ class EngineExperts:
             raise ValueError(
                 f"experts: gate {list(gate.shape)}, up {list(up.shape)} and down {list(down.shape)} disagree"
             )
+        self.engine = engine
         self.tensors = tuple(qt.data.contiguous() for qt in (gate, up, down))  # kept alive for the op
         for data in self.tensors:  # map the file's pages now, not one fault per 4 KiB at decode
             _native().prefault(engine.pool, data.data_ptr(), data.numel())

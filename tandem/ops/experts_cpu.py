@@ -84,6 +84,7 @@ class ExpertsCPU(QuantExperts):
         n, k = hidden.shape[0], ids.shape[-1]
         buffers = self._streamed.get((n, k))
         if buffers is None:  # made outside capture: a graph's first run is an ordinary one
+            self.engine_experts.engine.serve_gpu_steps()
             x, out = (torch.empty(n, self.hidden_size, pin_memory=True) for _ in range(2))
             ids_b = torch.empty(n, k, dtype=torch.int64, pin_memory=True)
             w_b = torch.empty(n, k, pin_memory=True)

@@ -22,7 +22,15 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from tandem.cpu import kernels, reference
-from tandem.cpu.engine import CPUEngine, host_submit_fn, host_sync_fn
+from tandem.cpu.engine import (
+    DEFAULT_SPIN_US,
+    GPU_STEP_SPIN_US,
+    SPIN_ENV,
+    CPUEngine,
+    host_run_fn,
+    host_submit_fn,
+    host_sync_fn,
+)
 from tandem.errors import TandemError, UnsupportedError
 from tandem.quant.quant_tensor import QuantTensor
 from tandem.synth.random_blocks import random_blocks as model_like_blocks
@@ -217,6 +225,33 @@ def test_host_functions_run_from_plain_c_pointers():
         submit(record.address)
         sync(record.address)
         torch.testing.assert_close(out, experts(x, ids, weights), rtol=0, atol=0)
+
+
+def test_the_run_host_function_gives_the_calls_result_on_the_calling_thread():
+    gate, up, down = expert_set((T.Q8_0, T.Q8_0), seed=5)
+    experts = engine(2).experts(gate, up, down)
+    x, ids, weights = routing(2, 2, seed=9)
+    out = torch.zeros(2, H)
+    record = experts.host_call(x.contiguous(), ids.contiguous(), weights.contiguous(), out)
+    run = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(host_run_fn())
+    for step in range(3):
+        x.copy_(routing(2, 2, seed=20 + step)[0])
+        run(record.address)  # returns with the result written
+        torch.testing.assert_close(out, experts(x, ids, weights), rtol=0, atol=0)
+
+
+def test_a_gpu_models_engine_spins_longer_unless_the_environment_chose(monkeypatch):
+    monkeypatch.delenv(SPIN_ENV, raising=False)
+    tuned = CPUEngine(threads=2, variant=None, prefill="off")
+    assert tuned.pool.spin_us == DEFAULT_SPIN_US
+    tuned.serve_gpu_steps()
+    assert tuned.pool.spin_us == tuned.spin_us == GPU_STEP_SPIN_US
+    monkeypatch.setenv(SPIN_ENV, "50")
+    chosen = CPUEngine(threads=2, variant=None, prefill="off")
+    chosen.serve_gpu_steps()
+    assert chosen.pool.spin_us == 50
+    with pytest.raises(ValueError, match="spin_us"):
+        chosen.pool.set_spin_us(-1)
 
 
 def test_dropping_an_op_with_a_call_in_flight_waits_for_it():
