@@ -81,21 +81,28 @@ class ExpertsCPU(QuantExperts):
         from tandem.cpu.engine import host_run_fn
         from tandem.gpu.host_func import launch_host_func
 
-        n, k = hidden.shape[0], ids.shape[-1]
+        n, k, h = hidden.shape[0], ids.shape[-1], self.hidden_size
         buffers = self._streamed.get((n, k))
         if buffers is None:  # made outside capture: a graph's first run is an ordinary one
             self.engine_experts.engine.serve_gpu_steps()
-            x, out = (torch.empty(n, self.hidden_size, pin_memory=True) for _ in range(2))
-            ids_b = torch.empty(n, k, dtype=torch.int64, pin_memory=True)
-            w_b = torch.empty(n, k, pin_memory=True)
-            buffers = (x, ids_b, w_b, out, self.engine_experts.host_call(x, ids_b, w_b, out))
+            # One pinned buffer of 32-bit words, ids first (8-byte aligned), then x and the
+            # weights, so that one copy moves all three.
+            packed = torch.empty(2 * n * k + n * h + n * k, dtype=torch.int32, pin_memory=True)
+            ids_b = packed[: 2 * n * k].view(torch.int64).view(n, k)
+            x = packed[2 * n * k : 2 * n * k + n * h].view(torch.float32).view(n, h)
+            w_b = packed[2 * n * k + n * h :].view(torch.float32).view(n, k)
+            out = torch.empty(n, h, pin_memory=True)
+            buffers = (packed, out, self.engine_experts.host_call(x, ids_b, w_b, out))
             self._streamed[(n, k)] = buffers
-        x, ids_b, w_b, out, record = buffers
+        packed, out, record = buffers
         # Ids past the expert count are transformers' dropped slots, which the engine skips;
         # nothing here can check them without waiting for the GPU.
-        x.copy_(hidden.reshape(n, self.hidden_size).float(), non_blocking=True)
-        ids_b.copy_(ids.reshape(n, k).long(), non_blocking=True)
-        w_b.copy_(weights.reshape(n, k).float(), non_blocking=True)
+        words = [
+            ids.reshape(n * k).long().view(torch.int32),
+            hidden.reshape(n * h).float().view(torch.int32),
+            weights.reshape(n * k).float().view(torch.int32),
+        ]
+        packed.copy_(torch.cat(words), non_blocking=True)
         # One host function runs the call and leads its parallel loops: the stream waits for it.
         launch_host_func(host_run_fn(), record.address)
         result = out.to(hidden.device, non_blocking=True)

@@ -21,6 +21,8 @@ from tandem.weights.gguf_file import GGUFFile
 
 pytestmark = pytest.mark.gpu
 
+MOE_ARCHS = ("qwen3moe", "qwen2moe", "mixtral", "deepseek2")  # shared experts, Mixtral's names, MLA
+
 CTX = 64
 PROMPT = [5, 9, 13, 17, 21, 3, 8]
 
@@ -62,8 +64,9 @@ def test_a_dense_model_replays_its_step_and_keeps_its_tokens(tmp_path, monkeypat
     assert replayed.token_ids == eager.token_ids
 
 
-def test_hybrid_experts_run_in_the_graph_and_keep_the_tokens(tmp_path, monkeypatch):
-    path = write_tiny("qwen3moe", tmp_path / "moe.gguf", "Q8_0")
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_hybrid_experts_run_in_the_graph_and_keep_the_tokens(arch, tmp_path, monkeypatch):
+    path = write_tiny(arch, tmp_path / "moe.gguf", "Q8_0")
     hybrid = load_model(path, gpu_memory=experts_on_cpu_budget(path), plan_ctx=CTX).model
     experts = [m for m in hybrid.modules() if isinstance(m, ExpertsCPU)]
     assert experts and all(m.capturable for m in experts)
