@@ -81,8 +81,11 @@ class GrowingLayer(DynamicLayer):
         # 512-token prompt would otherwise copy every layer's cache.
         capacity = max(end + HEADROOM, 2 * k.shape[2] if fits else 0, MIN_CAPACITY)
         b, h = like_k.shape[:2]
-        new_k = like_k.new_empty(b, h, capacity, like_k.shape[3])
-        new_v = like_v.new_empty(b, h, capacity, like_v.shape[3])
+        # Zeros, not whatever the allocator hands back: a captured decode step (graph_decode.py)
+        # attends over the whole buffer with the unwritten rows masked, and a masked row's
+        # zero weight times a NaN left in memory would still be NaN.
+        new_k = like_k.new_zeros(b, h, capacity, like_k.shape[3])
+        new_v = like_v.new_zeros(b, h, capacity, like_v.shape[3])
         if self.length:
             new_k[:, :, : self.length] = k[:, :, : self.length]
             new_v[:, :, : self.length] = v[:, :, : self.length]

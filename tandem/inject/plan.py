@@ -48,7 +48,9 @@ class Plan:
     reserve: int
     layer_expert_bytes: dict[int, int] = field(default_factory=dict)  # routed experts' GGUF bytes per layer
     gpu_expert_layers: tuple[int, ...] = ()
-    expert_class: str | None = None  # the Hugging Face experts class the rules match
+    # The Hugging Face experts classes the family's rules give the CPU engine (DeepSeek's
+    # rules name V2's and V3's; only the one the config builds matches).
+    expert_classes: tuple[str, ...] = ()
 
     @property
     def cpu_expert_layers(self) -> tuple[int, ...]:
@@ -71,12 +73,12 @@ class Plan:
             return ""
         gpu = f'"{self.device}"'
         rules = []  # the token table: the default rules keep it in CPU RAM (dequant: call) on any device
-        if self.expert_class is not None:
+        for expert_class in self.expert_classes:
             if self.gpu_expert_layers:
                 layers = "|".join(str(layer) for layer in self.gpu_expert_layers)
                 rules.append(
                     _rule(
-                        {"name": rf"^model\.layers\.(?:{layers})\.", "class": self.expert_class},
+                        {"name": rf"^model\.layers\.(?:{layers})\.", "class": expert_class},
                         "tandem.ops.experts.QuantExperts",
                         {"generate_device": gpu},
                     )
@@ -84,7 +86,7 @@ class Plan:
             if self.cpu_expert_layers:
                 rules.append(
                     _rule(
-                        {"class": self.expert_class},
+                        {"class": expert_class},
                         "tandem.ops.experts_cpu.ExpertsCPU",
                         {"generate_device": "cpu"},
                     )
@@ -135,16 +137,19 @@ def kv_bytes_per_token(config) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # K and V
 
 
-def expert_class_of(rules: list[Rule]) -> str | None:
-    """The experts class the family's rules give to the CPU engine (None: a dense family)."""
+def expert_classes_of(rules: list[Rule]) -> tuple[str, ...]:
+    """The experts classes the family's rules give to the CPU engine (none: a dense family)."""
+    found: list[str] = []
     for rule in rules:
         if (
             rule.replace_class is not None
             and rule.replace_class.__name__ == "ExpertsCPU"
             and rule.match_class
         ):
-            return f"{rule.match_class.__module__}.{rule.match_class.__qualname__}"
-    return None
+            name = f"{rule.match_class.__module__}.{rule.match_class.__qualname__}"
+            if name not in found:
+                found.append(name)
+    return tuple(found)
 
 
 def default_reserve(budget: int) -> int:
@@ -186,15 +191,15 @@ def plan_placement(
     dense_load += 4 * allocated(head_dim // 2 * 4)
     dense_none += 4 * allocated(head_dim // 2 * 4)
     if budget == 0:
-        return Plan("cpu", 0, ctx, "", 0, 0, 0, layer_bytes, (), expert_class_of(default_rules))
+        return Plan("cpu", 0, ctx, "", 0, 0, 0, layer_bytes, (), expert_classes_of(default_rules))
     kv = ctx * kv_bytes_per_token(config)
     reserve = default_reserve(budget) if reserve is None else reserve
     layers = sorted(layer_bytes)
     whole = dense_load + kv + reserve + sum(layer_bytes.values())
-    expert_class = expert_class_of(default_rules)
+    expert_classes = expert_classes_of(default_rules)
     if whole <= budget:
         return Plan(
-            device, budget, ctx, "load", dense_load, kv, reserve, layer_bytes, tuple(layers), expert_class
+            device, budget, ctx, "load", dense_load, kv, reserve, layer_bytes, tuple(layers), expert_classes
         )
     mode, dense = ("load", dense_load) if dense_load + kv + reserve <= budget else ("none", dense_none)
     if dense + kv + reserve > budget:
@@ -211,7 +216,7 @@ def plan_placement(
         on_gpu.append(layer)
         spare -= layer_bytes[layer]
     return Plan(
-        device, budget, ctx, mode, dense, kv, reserve, layer_bytes, tuple(sorted(on_gpu)), expert_class
+        device, budget, ctx, mode, dense, kv, reserve, layer_bytes, tuple(sorted(on_gpu)), expert_classes
     )
 
 

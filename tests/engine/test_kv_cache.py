@@ -48,6 +48,29 @@ def test_next_row_and_advance_write_in_place():
     assert torch.equal(layer.keys[:, :, 1:], k2)
 
 
+def test_room_a_reserve_adds_is_zero_and_a_graph_step_writes_at_its_position():
+    layer = GrowingLayer()
+    k = torch.randn(1, 2, 3, 4)
+    layer.update(k, k + 1)
+    for _ in range(3):  # memory the allocator may hand back: NaN left in it must not show
+        poison = torch.full((1, 2, 4000 + HEADROOM, 4), float("nan"))  # the size reserve takes
+        del poison
+    layer.reserve(4000)
+    keys, values = layer._k, layer._v
+    assert keys.shape[2] >= 4000 and torch.equal(keys[:, :, :3], k)
+    assert not keys[:, :, 3:].any() and not values[:, :, 3:].any()
+    # A captured step's update: write at the device position, hand back the whole buffers.
+    layer.graph_position = torch.tensor([3])
+    new = torch.randn(1, 2, 1, 4)
+    full_k, full_v = layer.update(new, new * 2)
+    layer.graph_position = None
+    assert full_k.data_ptr() == keys.data_ptr() and full_k.shape == keys.shape
+    assert torch.equal(full_k[:, :, 3:4], new) and torch.equal(full_v[:, :, 3:4], new * 2)
+    assert layer.length == 3  # the step's caller advances it
+    layer.advance()
+    assert torch.equal(layer.keys[:, :, 3:], new)
+
+
 def test_crop_reset_and_reorder():
     layer = GrowingLayer()
     k, v = kv(10, 1)

@@ -109,6 +109,31 @@ def test_the_rules_place_each_part_where_the_plan_says(tiny_moe):
     assert torch.device(embed.device).type == "cuda"
 
 
+@pytest.mark.parametrize(
+    "arch,variant", [("qwen2moe", "v3"), ("mixtral", "v3"), ("deepseek2", "v2"), ("deepseek2", "v3")]
+)
+def test_every_moe_familys_experts_go_where_the_plan_says(arch, variant, tmp_path):
+    path = write_tiny(arch, tmp_path / "moe.gguf", "Q8_0", variant=variant)
+    with GGUFFile.open(path) as gguf:
+        config = config_of(gguf)
+        rules_path = default_rules(gguf.architecture, gguf.tensors)
+        rules = load_rules(rules_path)
+        full = plan_placement(gguf, config, rules, 64 * GIB, 64, reserve=0)
+        last = max(full.layer_expert_bytes)
+        budget = full.dense_bytes + full.kv_bytes + full.layer_expert_bytes[last]
+        p = plan_placement(gguf, config, rules, budget, 64, reserve=0)
+    assert p.gpu_expert_layers == (last,)
+    model = build_meta_model(config)
+    placements, _ = inject(
+        model, parse_rules(p.rules_yaml(rules_path.read_text()), "plan.yaml"), config, p.device
+    )
+    by_path = {pl.path: pl for pl in placements}
+    for layer in full.layer_expert_bytes:  # DeepSeek's first layers are dense
+        experts = by_path[f"model.layers.{layer}.mlp.experts"]
+        want = ("QuantExperts", "cuda:0") if layer == last else ("ExpertsCPU", "cpu")
+        assert (experts.operator.rsplit(".", 1)[1], experts.device) == want, (layer, type(config).__name__)
+
+
 def test_inspect_prints_the_plan(tiny_moe):
     path = str(tiny_moe[0])
     proc = tandem("inspect", path, "--plan", "--gpu-memory", "64", "--ctx", "128", "--json")
