@@ -7,12 +7,19 @@ rule swaps the experts module alone and the router and shared experts stay.
 In a model on a CUDA GPU (the hybrid placement), a call of up to STREAM_MAX_TOKENS
 tokens runs in the stream's order instead of waiting for the GPU: the hidden states,
 ids and weights are copied into pinned buffers, the engine's call is queued as host
-functions (tandem.gpu.host_func), and the result is copied back, all on the stream.
+functions (tandem.gpu.cudart), and the result is copied back, all on the stream.
 Python returns at once, and a CUDA graph captured around it replays the experts with
 the rest of the step (tandem.engine.graph_decode).
+
+A call of `prefill_on_gpu_from` tokens or more in such a model (a long prompt) may copy
+the layer's expert blocks to the GPU instead and compute them there
+(tandem.gpu.moe_batched); the blocks are page-locked for that on first use. Off unless
+set (kwarg, or $TANDEM_GPU_PREFILL_EXPERTS for every layer).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -28,6 +35,8 @@ from tandem.weights.source import GGUFWeights
 SILU_NAMES = ("silu", "swish")
 # Tokens per call from which a GPU model's experts wait for the GPU instead (prompts).
 STREAM_MAX_TOKENS = 8
+# Tokens per call from which a GPU model's experts are computed on the GPU (0: never).
+PREFILL_ON_GPU_ENV = "TANDEM_GPU_PREFILL_EXPERTS"
 
 
 class ExpertsCPU(QuantExperts):
@@ -40,8 +49,29 @@ class ExpertsCPU(QuantExperts):
 
     OPS = (None, "engine", "torch")
 
-    def __init__(self, key: str, orig: nn.Module, config: PretrainedConfig, **kwargs):
+    def __init__(
+        self,
+        key: str,
+        orig: nn.Module,
+        config: PretrainedConfig,
+        *,
+        prefill_on_gpu_from: int | None = None,
+        **kwargs,
+    ):
         super().__init__(key, orig, config, **kwargs)
+        if prefill_on_gpu_from is None:
+            value = os.environ.get(PREFILL_ON_GPU_ENV, "0").strip() or "0"
+            if not value.isdigit():
+                raise RuleError(f"${PREFILL_ON_GPU_ENV} must be a token count, got {value!r}")
+            prefill_on_gpu_from = int(value)
+        if (
+            isinstance(prefill_on_gpu_from, bool)
+            or not isinstance(prefill_on_gpu_from, int)
+            or prefill_on_gpu_from < 0
+        ):
+            raise RuleError(f"{key}: prefill_on_gpu_from must be a token count, got {prefill_on_gpu_from!r}")
+        self.prefill_on_gpu_from = prefill_on_gpu_from
+        self._pinned: bool | None = None  # whether the blocks are page-locked (None: not tried)
         if self.generate_device.type != "cpu":
             raise RuleError(
                 f"{key}: ExpertsCPU runs on the CPU, not {self.generate_device}; use QuantExperts"
@@ -73,13 +103,39 @@ class ExpertsCPU(QuantExperts):
             return super().forward(hidden_states, top_k_index, top_k_weights)
         if hidden_states.device.type == "cuda" and hidden_states.shape[0] <= STREAM_MAX_TOKENS:
             return self._in_stream(hidden_states, top_k_index, top_k_weights)
+        if hidden_states.device.type == "cuda" and self._prefill_on_gpu(hidden_states.shape[0]):
+            return self._on_gpu(hidden_states, top_k_index, top_k_weights)
         out = self.engine_experts(hidden_states, top_k_index, top_k_weights)
         return out.to(device=hidden_states.device, dtype=hidden_states.dtype)
+
+    def _prefill_on_gpu(self, n_tok: int) -> bool:
+        if not self.prefill_on_gpu_from or n_tok < self.prefill_on_gpu_from:
+            return False
+        from tandem.ops.linear_gpu import triton_kernels
+
+        quant_triton = triton_kernels()
+        return all(
+            quant_triton.supports(qt.ggml_type, qt.shape[-1]) for qt in (self.gate, self.up, self.down)
+        )
+
+    def _on_gpu(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The layer's experts copied to the GPU chunk by chunk and computed there."""
+        from tandem.gpu.cudart import register_host_memory
+        from tandem.gpu.moe_batched import batched_experts
+
+        if self._pinned is None:
+            self._pinned = all(register_host_memory(qt.data) for qt in (self.gate, self.up, self.down))
+        n = hidden.shape[0]
+        flat = hidden.reshape(n, self.hidden_size)
+        out = batched_experts(
+            flat, ids.reshape(n, -1), weights.reshape(n, -1), self.gate, self.up, self.down, self.act_fn
+        )
+        return out.reshape(hidden.shape).to(hidden.dtype)
 
     def _in_stream(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The call queued on the current CUDA stream: copies, the engine as host functions, copy back."""
         from tandem.cpu.engine import host_run_fn
-        from tandem.gpu.host_func import launch_host_func
+        from tandem.gpu.cudart import launch_host_func
 
         n, k, h = hidden.shape[0], ids.shape[-1], self.hidden_size
         buffers = self._streamed.get((n, k))

@@ -82,6 +82,27 @@ def test_engine_can_be_switched_off_per_rule(tiny_dir, tmp_path):
     assert linears and all(m.backend == "torch" for m in linears)
 
 
+def test_prefill_on_gpu_is_a_token_count(tiny_dir, tmp_path, monkeypatch):
+    from tandem.errors import RuleError
+    from tandem.ops.experts_cpu import PREFILL_ON_GPU_ENV
+
+    path = write_tiny("qwen3moe", tiny_dir / "prefill.gguf", "Q8_0")
+    monkeypatch.setenv(PREFILL_ON_GPU_ENV, "64")
+    experts = [m for m in load_model(path).model.modules() if isinstance(m, ExpertsCPU)]
+    assert experts and all(m.prefill_on_gpu_from == 64 for m in experts)
+    monkeypatch.setenv(PREFILL_ON_GPU_ENV, "lots")
+    with pytest.raises(RuleError, match="token count"):
+        load_model(path)
+    monkeypatch.delenv(PREFILL_ON_GPU_ENV)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "- match: {class: transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts}\n"
+        "  replace: {class: tandem.ops.experts_cpu.ExpertsCPU, kwargs: {prefill_on_gpu_from: -1}}\n"
+    )
+    with pytest.raises(RuleError, match="token count"):
+        load_model(path, rules=rules)
+
+
 # llama.cpp's greedy continuations of "The capital of France is" (BENCHMARKS.md, llama-completion
 # -n 16 --temp 0 on the same files); Gemma's 16th token is a near tie (0.012 nats), so its
 # first 15 tokens are used.

@@ -1,0 +1,96 @@
+"""A prompt's routed experts on the GPU from GGUF blocks: experts in chunks, copied over,
+dequantized, and multiplied as padded batches.
+
+A hybrid model's experts live in CPU RAM. For a prompt of many tokens nearly every
+expert of a layer has work, and the GPU computes it all in a fraction of the time it
+takes to bring the blocks over the bus; past some prompt length that copy is cheaper
+than the CPU's dot products (tandem.ops.experts_cpu decides). llama.cpp does the same
+from 32 tokens on.
+
+Per chunk of experts (at most CHUNK_BYTES of blocks, so a DeepSeek-V3 layer's 6 GB never
+sits on the GPU at once): copy the chunk's gate, up and down blocks to the GPU, dequantize
+them with the Triton kernels, gather each expert's tokens into a zero-padded batch
+[experts, max tokens, hidden], and run gate, up and down as batched matrix products.
+Where the source blocks are page-locked (tandem.gpu.cudart.register_host_memory) the
+copies are asynchronous. One wait for the device per call reads the tokens per expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from tandem.quant.quant_tensor import QuantTensor
+
+CHUNK_BYTES = 256 << 20
+
+
+def _expert_range(qt: QuantTensor, e0: int, e1: int) -> torch.Tensor:
+    size = qt.shape[1] * qt.row_bytes
+    return qt.data[e0 * size : e1 * size]
+
+
+def batched_experts(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate: QuantTensor,
+    up: QuantTensor,
+    down: QuantTensor,
+    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    dtype: torch.dtype = torch.bfloat16,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> torch.Tensor:
+    """Σ_j weights[t, j] · down_e(act(gate_e x_t) · up_e x_t) with e = ids[t, j], on x's device.
+
+    x [T, H]; ids [T, k] int64 (an id outside [0, E), transformers' dropped slot, adds
+    nothing); weights [T, k]; gate and up [E, I, H] and down [E, H, I] as QuantTensors of
+    Q8_0, Q4_K, Q5_K or Q6_K blocks, anywhere (copied to x's device a chunk at a time).
+    Computed in `dtype` with float32 sums; returns float32 [T, H].
+    """
+    from tandem.gpu import quant_triton
+
+    device = x.device
+    n_tok, hidden = x.shape
+    k = ids.shape[1]
+    n_experts, inter, _ = gate.shape
+    slots = ids.reshape(-1).to(device=device, dtype=torch.int64)
+    slots = torch.where((slots >= 0) & (slots < n_experts), slots, n_experts)  # E: dropped
+    counts = torch.bincount(slots, minlength=n_experts + 1)[:n_experts]
+    per_expert = counts.tolist()  # the one wait for the device
+    most = max(per_expert, default=0)
+    out = torch.zeros(n_tok + 1, hidden, dtype=torch.float32, device=device)  # row T: the padding's
+    if most == 0:
+        return out[:n_tok]
+    # Each expert's slots in order: slot_at[e, i] is expert e's i-th slot (-1: padding).
+    order = torch.argsort(slots, stable=True)
+    sorted_experts = slots[order]
+    first = torch.cumsum(counts, 0) - counts
+    kept = sorted_experts < n_experts
+    rank = torch.arange(order.numel(), device=device) - first[sorted_experts.clamp(max=n_experts - 1)]
+    slot_at = torch.full((n_experts, most), -1, dtype=torch.int64, device=device)
+    slot_at[sorted_experts[kept], rank[kept]] = order[kept]
+    token_at = torch.where(slot_at >= 0, slot_at // k, n_tok)
+    weight_at = torch.where(
+        slot_at >= 0, weights.reshape(-1).to(device, torch.float32)[slot_at.clamp(min=0)], 0.0
+    )
+    padded_x = torch.cat([x.to(dtype), x.new_zeros(1, hidden, dtype=dtype)])
+
+    per_expert_bytes = sum(qt.shape[1] * qt.row_bytes for qt in (gate, up, down))
+    chunk = max(1, chunk_bytes // per_expert_bytes)
+    for e0 in range(0, n_experts, chunk):
+        e1 = min(n_experts, e0 + chunk)
+        if not any(per_expert[e0:e1]):
+            continue
+        mats = []
+        for qt, rows, cols in ((gate, inter, hidden), (up, inter, hidden), (down, hidden, inter)):
+            blocks = _expert_range(qt, e0, e1).to(device, non_blocking=True)
+            dense = quant_triton.dequantize(blocks, qt.ggml_type, (e1 - e0) * rows, cols, dtype)
+            mats.append(dense.view(e1 - e0, rows, cols))
+        w_gate, w_up, w_down = mats
+        xs = padded_x[token_at[e0:e1]]  # [c, most, H]
+        h = act_fn(torch.bmm(xs, w_gate.transpose(1, 2))) * torch.bmm(xs, w_up.transpose(1, 2))
+        y = torch.bmm(h.to(dtype), w_down.transpose(1, 2)).float()  # [c, most, H]
+        out.index_add_(0, token_at[e0:e1].reshape(-1), (y * weight_at[e0:e1, :, None]).reshape(-1, hidden))
+    return out[:n_tok]
