@@ -139,18 +139,26 @@ def _dequant_kernel(
 
 
 @triton.jit
+def _row_dots(
+    w, row_bytes, rows, mask, n_chunks, xrow, TYPE: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr
+):
+    """Rows `rows` ([BN, 1]) of the matrix at w against the vector at xrow: float32 [BN]."""
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for chunk in range(0, n_chunks):
+        y = _tile(w, row_bytes.to(tl.int64), rows.to(tl.int64), mask, chunk, TYPE, BN)
+        xv = tl.load(xrow + chunk * CH + tl.arange(0, CH)[None, :]).to(tl.float32)
+        acc += tl.sum(y * xv, axis=1)
+    return acc
+
+
+@triton.jit
 def _matvec_kernel(
     w, x, out, n_rows, row_bytes, n_chunks, x_stride, out_stride,
     TYPE: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BN + tl.arange(0, BN)[:, None]
     token = tl.program_id(1).to(tl.int64)
-    mask = rows < n_rows
-    acc = tl.zeros((BN,), dtype=tl.float32)
-    for chunk in range(0, n_chunks):
-        y = _tile(w, row_bytes.to(tl.int64), rows.to(tl.int64), mask, chunk, TYPE, BN)
-        xv = tl.load(x + token * x_stride + chunk * CH + tl.arange(0, CH)[None, :]).to(tl.float32)
-        acc += tl.sum(y * xv, axis=1)
+    acc = _row_dots(w, row_bytes, rows, rows < n_rows, n_chunks, x + token * x_stride, TYPE, BN, CH)
     r = tl.program_id(0) * BN + tl.arange(0, BN)
     tl.store(out + token * out_stride + r, acc, mask=r < n_rows)
 
@@ -166,12 +174,7 @@ def _routed_matvec_kernel(
     base = w + tl.where(valid, expert, 0) * expert_bytes
     rows = tl.program_id(0) * BN + tl.arange(0, BN)[:, None]
     mask = rows < tl.where(valid, n_rows, 0)  # a dropped slot reads nothing
-    token = slot // x_div
-    acc = tl.zeros((BN,), dtype=tl.float32)
-    for chunk in range(0, n_chunks):
-        y = _tile(base, row_bytes.to(tl.int64), rows.to(tl.int64), mask, chunk, TYPE, BN)
-        xv = tl.load(x + token * x_stride + chunk * CH + tl.arange(0, CH)[None, :]).to(tl.float32)
-        acc += tl.sum(y * xv, axis=1)
+    acc = _row_dots(base, row_bytes, rows, mask, n_chunks, x + (slot // x_div) * x_stride, TYPE, BN, CH)
     r = tl.program_id(0) * BN + tl.arange(0, BN)
     tl.store(out + slot * out_stride + r, tl.where(valid, acc, 0.0), mask=r < n_rows)
 
