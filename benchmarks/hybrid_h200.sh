@@ -2,14 +2,15 @@
 # The hybrid placement on the GPU machine: experts on the CPU engine (16 threads), the rest
 # on the H200, against llama.cpp's llama-bench built with CUDA from llama-cpp-python
 # 0.3.36's source (-ngl 99 -ot exps=CPU -fa on -t 16) on one Qwen3-30B-A3B-shaped Q4_K_M
-# file from tandem synth. Expects .whl/gguf-*.whl, .whl/llamacpp-cuda-src.tar.xz (the
+# file from tandem synth (SHAPE, LAYERS: another of tandem synth's shapes, e.g.
+# SHAPE=deepseek-v2-lite LAYERS=27). Expects .whl/gguf-*.whl, .whl/llamacpp-cuda-src.tar.xz (the
 # source; its CUDA backend is built here) and .whl/qwen25-tokenizer.gguf carried, $OUT set.
 # TESTS=1 runs the GPU tests first; AB=none skips tandem's run with eager decode steps;
 # LLAMA=0 leaves llama.cpp out; SWEEP adds runs (below). The budget GIB keeps every layer's experts on the CPU
 # (the plan is printed).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-LAYERS=${LAYERS:-48}; NP=${NP:-512}; NG=${NG:-32}; R=${R:-2}; GIB=${GIB:-4.6}
+SHAPE=${SHAPE:-qwen3-30b-a3b}; LAYERS=${LAYERS:-48}; NP=${NP:-512}; NG=${NG:-32}; R=${R:-2}; GIB=${GIB:-4.6}
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/steps.log"; }
 
 python -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
@@ -33,7 +34,7 @@ if [ -n "${TESTS:-}" ]; then
   log "gpu tests rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -15 >> "$OUT/steps.log"
 fi
 log "synth"
-python -m tandem synth --shape qwen3-30b-a3b --layers "$LAYERS" --quant Q4_K_M \
+python -m tandem synth --shape "$SHAPE" --layers "$LAYERS" --quant Q4_K_M \
   --tokenizer-from .whl/qwen25-tokenizer.gguf -o /tmp/q3.gguf > "$OUT/synth.log" 2>&1
 log "synth rc=$?"
 python -m tandem inspect /tmp/q3.gguf --plan --gpu-memory "$GIB" --ctx 4096 2>&1 | sed -n '/placement/,/rules/p' >> "$OUT/steps.log"
