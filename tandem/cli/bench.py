@@ -71,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     if graph is not None:  # decode steps replayed from a CUDA graph (tandem/engine/graph_decode.py)
         report["cuda_graph"] = "replayed" if graph.broken is None else f"off: {graph.broken}"
         report["cuda_graph_replays"] = graph.replays
+        # Each run's first decode step captures (its cache is new): part of its decode time.
+        report["cuda_graph_captures"] = graph.captures
+        report["cuda_graph_capture_s"] = graph.capture_seconds
     # After the runs, so the gigabyte read buffer does not disturb them.
     report.update(memory_floor(loaded.gguf, report["decode_tok_s"]))
     if args.json:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import time
 
 import torch
 
@@ -61,6 +62,7 @@ class GraphDecode:
         self.done = torch.cuda.Event(blocking=True)
         self.captures = 0  # for tests and benchmarks
         self.replays = 0
+        self.capture_seconds = 0.0  # spent capturing (a new cache is a new capture)
         params = inspect.signature(model.forward).parameters
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
@@ -159,6 +161,7 @@ class GraphDecode:
             logits = self._forward(kv).clone()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        started = time.perf_counter()
         try:
             with torch.cuda.graph(graph):
                 self.logits = self._forward(kv)
@@ -168,4 +171,5 @@ class GraphDecode:
             return logits
         self.graph, self.key = graph, key
         self.captures += 1
+        self.capture_seconds += time.perf_counter() - started
         return logits
