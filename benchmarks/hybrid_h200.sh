@@ -6,7 +6,8 @@
 # SHAPE=deepseek-v2-lite LAYERS=27). Expects .whl/gguf-*.whl, .whl/llamacpp-cuda-src.tar.xz (the
 # source; its CUDA backend is built here) and .whl/qwen25-tokenizer.gguf carried, $OUT set.
 # TESTS=1 runs the GPU tests first; AB=none skips tandem's run with eager decode steps;
-# LLAMA=0 leaves llama.cpp out; SWEEP adds runs (below). The budget GIB keeps every layer's experts on the CPU
+# LLAMA=0 leaves llama.cpp out; SWEEP adds runs (below); PROFILE=1 splits a decode step
+# (benchmarks/profile_hybrid.py). The budget GIB keeps every layer's experts on the CPU
 # (the plan is printed).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -59,6 +60,10 @@ for entry in "${sweep[@]}"; do
   env "${envs[@]}" timeout 200 python -m tandem bench -m /tmp/q3.gguf -t 16 -p "$NP" -n "$NG" -r "$R" \
     --gpu-memory "$GIB" --json "${args[@]}" 2>&1 | tail -1 >> "$OUT/steps.log"
 done
+if [ -n "${PROFILE:-}" ]; then
+  log "where a hybrid step goes"
+  timeout 200 python benchmarks/profile_hybrid.py /tmp/q3.gguf 15 "$GIB" 32 2>&1 | grep -v -i warn >> "$OUT/steps.log"
+fi
 if [ -n "$LLAMA_PID" ] && [ -x /tmp/lc/b/bin/llama-bench ]; then
   timeout 240 /tmp/lc/b/bin/llama-bench -m /tmp/q3.gguf -ngl 99 -ot exps=CPU -fa on -t 16 -p "$NP" -n "$NG" \
     -r "$R" -o md > "$OUT/llama_bench.txt" 2>&1
