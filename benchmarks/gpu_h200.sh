@@ -18,6 +18,8 @@ log "gpu tests rc=$?"; tail -25 "$OUT/gpu_tests.log" >> "$OUT/steps.log"
 log "linear kernels"
 timeout 200 python benchmarks/gpu_linear_bench.py 4096 4096 1,4,8 >> "$OUT/steps.log" 2>&1
 timeout 200 python benchmarks/gpu_linear_bench.py 2048 7168 1,8 >> "$OUT/steps.log" 2>&1
+log "one MoE layer's experts: engine, GPU with copies, GPU resident; routed matvec"
+timeout 200 python benchmarks/gpu_experts_bench.py 16 32,128,512,2048 >> "$OUT/steps.log" 2>&1
 log "hybrid bench: synth"
 python -m tandem synth --shape qwen3-30b-a3b --layers "${LAYERS:-8}" --quant Q4_K_M \
   --tokenizer-from .whl/qwen25-tokenizer.gguf -o /tmp/q3g.gguf > "$OUT/synth.log" 2>&1
