@@ -7,9 +7,9 @@ takes to bring the blocks over the bus; past some prompt length that copy is che
 than the CPU's dot products (tandem.ops.experts_cpu decides). llama.cpp does the same
 from 32 tokens on.
 
-Per chunk of experts (at most CHUNK_BYTES of blocks, so a DeepSeek-V3 layer's 6 GB never
-sits on the GPU at once): copy the chunk's gate, up and down blocks to the GPU, dequantize
-them with the Triton kernels, gather each expert's tokens into a zero-padded batch
+Per chunk of experts (at most CHUNK_BYTES of blocks and their dequantized copy together,
+so a DeepSeek-V3 layer's 6 GB never sits on the GPU at once): copy the chunk's gate, up
+and down blocks to the GPU (unless they are there), dequantize them with the Triton kernels, gather each expert's tokens into a zero-padded batch
 [experts, max tokens, hidden], and run gate, up and down as batched matrix products.
 Where the source blocks are page-locked (tandem.gpu.cudart.register_host_memory) the
 copies are asynchronous. One wait for the device per call reads the tokens per expert.
@@ -23,7 +23,7 @@ import torch
 
 from tandem.quant.quant_tensor import QuantTensor
 
-CHUNK_BYTES = 256 << 20
+CHUNK_BYTES = 512 << 20
 
 
 def _expert_range(qt: QuantTensor, e0: int, e1: int) -> torch.Tensor:
@@ -46,7 +46,8 @@ def batched_experts(
 
     x [T, H]; ids [T, k] int64 (an id outside [0, E), transformers' dropped slot, adds
     nothing); weights [T, k]; gate and up [E, I, H] and down [E, H, I] as QuantTensors of
-    Q8_0, Q4_K, Q5_K or Q6_K blocks, anywhere (copied to x's device a chunk at a time).
+    Q8_0, Q4_K, Q5_K or Q6_K blocks, on x's device or elsewhere (then copied over a
+    chunk at a time).
     Computed in `dtype` with float32 sums; returns float32 [T, H].
     """
     from tandem.gpu import quant_triton
@@ -58,8 +59,8 @@ def batched_experts(
     slots = ids.reshape(-1).to(device=device, dtype=torch.int64)
     slots = torch.where((slots >= 0) & (slots < n_experts), slots, n_experts)  # E: dropped
     counts = torch.bincount(slots, minlength=n_experts + 1)[:n_experts]
-    per_expert = counts.tolist()  # the one wait for the device
-    most = max(per_expert, default=0)
+    tokens_of = counts.tolist()  # the one wait for the device
+    most = max(tokens_of, default=0)
     out = torch.zeros(n_tok + 1, hidden, dtype=torch.float32, device=device)  # row T: the padding's
     if most == 0:
         return out[:n_tok]
@@ -77,11 +78,13 @@ def batched_experts(
     )
     padded_x = torch.cat([x.to(dtype), x.new_zeros(1, hidden, dtype=dtype)])
 
-    per_expert_bytes = sum(qt.shape[1] * qt.row_bytes for qt in (gate, up, down))
-    chunk = max(1, chunk_bytes // per_expert_bytes)
+    # An expert's blocks (when copied) and its dequantized matrices, alive together.
+    dense_bytes = torch.empty((), dtype=dtype).element_size() * 3 * inter * hidden
+    per_expert = sum(qt.shape[1] * qt.row_bytes for qt in (gate, up, down) if qt.data.device != device)
+    chunk = max(1, chunk_bytes // (per_expert + dense_bytes))
     for e0 in range(0, n_experts, chunk):
         e1 = min(n_experts, e0 + chunk)
-        if not any(per_expert[e0:e1]):
+        if not any(tokens_of[e0:e1]):
             continue
         mats = []
         for qt, rows, cols in ((gate, inter, hidden), (up, inter, hidden), (down, hidden, inter)):

@@ -36,8 +36,8 @@ class QuantExperts(TandemModule):
     blocks_on_device: copy the GGUF blocks to generate_device at load and compute there
     with the Triton kernels (Q8_0, Q4_K, Q5_K, Q6_K; other types stay in the mapped file):
     calls of up to ROUTED_MAX_TOKENS tokens as one routed matvec per projection over all
-    slots, reading the ids on the device (so a CUDA graph can hold them), longer ones by
-    dequantizing each routed expert. Default: on a CUDA device, so experts a placement
+    slots, reading the ids on the device (so a CUDA graph can hold them), longer ones as
+    padded batches over chunks of dequantized experts (tandem.gpu.moe_batched). Default: on a CUDA device, so experts a placement
     puts on the GPU live in its memory.
     """
 
@@ -116,6 +116,8 @@ class QuantExperts(TandemModule):
     ) -> torch.Tensor:  # [T, H], [T, k], [T, k] -> [T, H]
         if self.routed_on_device and hidden_states.shape[0] <= ROUTED_MAX_TOKENS:
             return self._routed(hidden_states, top_k_index, top_k_weights)
+        if self.routed_on_device:
+            return self._batched(hidden_states, top_k_index, top_k_weights)
         device = self.generate_device
         x = hidden_states.to(device=device, dtype=self.dtype)  # [T, H]
         out = torch.zeros_like(x)
@@ -159,6 +161,25 @@ class QuantExperts(TandemModule):
         y = quant_triton.routed_matvec(self.down.data, self.down.ggml_type, e, h, ids, act, 1)
         w = top_k_weights.reshape(n, k, 1).to(device=device, dtype=torch.float32)
         out = (y.view(n, k, h) * w).sum(dim=1)
+        return out.to(device=hidden.device, dtype=hidden.dtype)
+
+    def _batched(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """Many tokens on the device's blocks: experts dequantized a chunk at a time and
+        multiplied as padded batches (tandem.gpu.moe_batched), not one expert at a time."""
+        from tandem.gpu.moe_batched import batched_experts
+
+        device = self.generate_device
+        n, k = hidden.shape[0], top_k_index.shape[-1]
+        # An id outside [0, E] is a bug upstream (E marks a dropped slot): say so, as the
+        # per-expert path does; a prompt can afford the wait for the device.
+        if top_k_index.numel() and (int(top_k_index.min()) < 0 or int(top_k_index.max()) > self.num_experts):
+            raise IndexError(f"{self.key}: expert id outside [0, {self.num_experts})")
+        dtype = self.dtype if self.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        x = hidden.to(device=device).reshape(n, self.hidden_size)
+        out = batched_experts(
+            x, top_k_index.reshape(n, k), top_k_weights.reshape(n, k), self.gate, self.up, self.down,
+            self.act_fn, dtype=dtype,
+        )  # fmt: skip
         return out.to(device=hidden.device, dtype=hidden.dtype)
 
     def _weight(self, name: str, expert: int) -> torch.Tensor:
