@@ -4,7 +4,8 @@ python benchmarks/profile_hybrid.py MODEL.gguf THREADS GPU_GIB [STEPS]
 Loads the model with the plan for GPU_GIB, decodes STEPS (default 32) tokens after a
 short prompt, and prints per step: the wall time of a replayed step, the GPU's kernel
 time inside it (torch.profiler over a few replays), and the routed experts' time on the
-engine alone (the same one-token calls on CPU tensors, one layer after another). What
+engine alone (the same one-token calls through the host function's C pointer, one
+layer after another, with no Python between them). What
 is left is the hand-over between them: copies, host-function wake-ups, idle workers.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import tandem  # noqa: F401  (first: OMP_WAIT_POLICY for torch's threads)
 
 # isort: split
+import ctypes
 import statistics
 import sys
 import time
@@ -20,7 +22,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from tandem.cpu.engine import configure
+from tandem.cpu.engine import configure, host_run_fn
 from tandem.engine.generate import prefill_and_generate
 from tandem.inject.model import load_model
 from tandem.ops.experts_cpu import ExpertsCPU
@@ -62,23 +64,24 @@ def main() -> None:
     if experts:
         k = model.config.num_experts_per_tok
         gen = torch.Generator().manual_seed(0)
-        calls = [
-            (
-                torch.randn(1, m.hidden_size, generator=gen),
-                torch.randperm(m.num_experts, generator=gen)[:k].view(1, k),
-                torch.rand(1, k, generator=gen),
-            )
-            for m in experts
-        ]
+        # The hybrid step's own call: a native record run through its C function pointer
+        # (what the stream's host function does), so no Python sits between the layers.
+        run = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(host_run_fn())
+        records = []
+        for m in experts:
+            x, out = torch.randn(1, m.hidden_size, generator=gen), torch.empty(1, m.hidden_size)
+            ids = torch.randperm(m.num_experts, generator=gen)[:k].view(1, k).contiguous()
+            records.append(m.engine_experts.host_call(x, ids, torch.rand(1, k, generator=gen), out))
         times = []
         for _ in range(10):
             t0 = time.perf_counter()
-            for m, (h, ids, w) in zip(experts, calls, strict=True):
-                m.engine_experts(h, ids, w)
+            for record in records:
+                run(record.address)
             times.append(time.perf_counter() - t0)
         ms = statistics.median(times) * 1000
         print(
-            f"experts alone on the engine: {ms:.2f} ms a step ({len(experts)} layers, {ms / len(experts) * 1000:.0f} us each)"
+            f"experts alone on the engine: {ms:.2f} ms a step ({len(experts)} layers, "
+            f"{ms / len(experts) * 1000:.0f} us each)"
         )
 
 
