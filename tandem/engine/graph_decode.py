@@ -110,8 +110,8 @@ class GraphDecode:
         """Feed `token` at the cache's next position; its logits [V]."""
         layers = kv.layers
         pos = layers[0].length
-        for layer in layers:
-            layer.reserve(pos + 1)  # never moves when the generation's room was reserved
+        if any(layer._k.shape[2] <= pos for layer in layers):  # past the generation's reserved room
+            self.reserve(kv, pos + 1)
         key = (id(kv), *(layer._k.data_ptr() for layer in layers), layers[0]._k.shape[2])
         ids = torch.tensor([[token]], device=self.ids_device)
         embeds = self.model.get_input_embeddings()(ids).to(self.device)

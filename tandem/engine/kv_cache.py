@@ -250,11 +250,6 @@ class WindowLayer(GrowingLayer):
         self._make_room(1, like, like)
         return self._k, self._v, self.length
 
-    def reserve(self, end: int) -> None:
-        """Room for `end` positions without moving the buffers again (before a captured step)."""
-        if self._k is not None:
-            self._reserve(end, self._k, self._v)
-
     def advance(self) -> None:
         self.length += 1
         self.cumulative_length += 1

@@ -57,17 +57,6 @@ def _runtime() -> ctypes.CDLL:
     raise TandemError("no CUDA runtime library (libcudart) with cudaLaunchHostFunc could be loaded")
 
 
-def available() -> bool:
-    """Whether host functions can be queued here (a CUDA device and its runtime library)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        _runtime()
-    except TandemError:
-        return False
-    return True
-
-
 def launch_host_func(fn_address: int, data_address: int, stream: torch.cuda.Stream | None = None) -> None:
     """Queue `void fn(void* data)` on `stream` (default: the current stream)."""
     stream = stream if stream is not None else torch.cuda.current_stream()
