@@ -26,6 +26,7 @@
 #include "engine/moe_op.h"
 #include "engine/rope.h"
 #include "engine/router.h"
+#include "engine/step_mailbox.h"
 #include "engine/thread_pool.h"
 #include "engine/weight_matrix.h"
 
@@ -432,4 +433,20 @@ void bind_engine(nb::module_& m) {
           "Address of void(void*) that waits for a HostCall's op.");
     m.def("host_run_fn", [] { return reinterpret_cast<uintptr_t>(&tandem_moe_host_run); },
           "Address of void(void*) that runs a HostCall's MoE call on the calling thread.");
+
+    nb::class_<StepMailbox>(m, "StepMailbox",
+                            "A thread that runs the calls a CUDA stream requests through two page-locked words.")
+        .def(nb::new_([](uintptr_t words, int spin_us, int idle_sleep_us) {
+                 if (spin_us < 0 || spin_us > 1000000) throw std::invalid_argument("spin_us must be in 0 ... 1000000");
+                 return std::make_shared<StepMailbox>(ptr<uint32_t>(words), spin_us, idle_sleep_us);
+             }),
+             nb::arg("words"), nb::arg("spin_us"), nb::arg("idle_sleep_us") = 50)
+        .def(
+            "add",
+            [](StepMailbox& box, uintptr_t fn, uintptr_t data) {
+                return box.add(reinterpret_cast<StepMailbox::Fn>(fn), reinterpret_cast<void*>(data));
+            },
+            nb::arg("fn"), nb::arg("data"), "Register fn(data); returns the code a stream requests it by.")
+        .def_prop_ro("served", &StepMailbox::served)
+        .def_prop_ro("failed", &StepMailbox::failed);
 }

@@ -310,6 +310,21 @@ class CPUEngine:
         if SPIN_ENV not in os.environ and self.spin_us < GPU_STEP_SPIN_US:
             self.set_spin_us(GPU_STEP_SPIN_US)
 
+    def step_mailbox(self, words: torch.Tensor):
+        """A thread that runs the calls a CUDA stream requests through words[0] (request)
+        and words[1] (done), contiguous int32 CPU memory that must outlive it (the C++
+        StepMailbox; tandem.gpu.mailbox queues the stream's side). It polls without
+        sleeping for as long as the pool's workers spin."""
+        if (
+            words.dtype != torch.int32
+            or words.device.type != "cpu"
+            or not words.is_contiguous()
+            or words.numel() < 2
+        ):
+            raise ValueError("mailbox words must be at least two contiguous int32 CPU words")
+        native = _native().StepMailbox(words.data_ptr(), max(self.spin_us, GPU_STEP_SPIN_US))
+        return StepMailbox(native, words)
+
     def read_bandwidth(self, n_bytes: int = 1 << 30, repeats: int = 3) -> float:
         """Read bandwidth of this pool's threads, bytes per second (best of `repeats`)."""
         buffer = torch.ones(n_bytes, dtype=torch.uint8)  # written, so every page is mapped
@@ -474,6 +489,30 @@ class EngineExperts:
             raise ValueError("experts: host_call buffer shapes disagree")
         record = self._op.host_call(n, k, x.data_ptr(), ids.data_ptr(), weights.data_ptr(), out.data_ptr())
         return HostCall(record, (x, ids, weights, out))
+
+
+class StepMailbox:
+    """The native serving thread and its words: the thread stops before the words go."""
+
+    def __init__(self, native, words: torch.Tensor):
+        self._native = native
+        self.words = words
+
+    def add(self, fn_address: int, data_address: int) -> int:
+        """Register fn(data); returns the code a request names it by (1, 2, ...)."""
+        return int(self._native.add(fn_address, data_address))
+
+    @property
+    def served(self) -> int:
+        return int(self._native.served)
+
+    @property
+    def failed(self) -> int:
+        """Requests answered without a call: unknown codes, or calls that threw."""
+        return int(self._native.failed)
+
+    def __del__(self) -> None:
+        self._native = None  # joins the thread while the words still exist
 
 
 class HostCall:

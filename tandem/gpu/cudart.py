@@ -1,4 +1,4 @@
-"""The two CUDA runtime calls torch does not offer, through ctypes.
+"""The CUDA calls torch does not offer, through ctypes.
 
 - `launch_host_func`: CPU work in a CUDA stream's order (`cudaLaunchHostFunc`). The
   stream runs the function when the work queued before it is done and holds the work
@@ -9,6 +9,11 @@
 - `register_host_memory`: page-lock memory torch did not allocate (`cudaHostRegister`),
   such as the mapped GGUF file's expert blocks, so that copies from it to the GPU run
   at the bus's speed and without blocking the host.
+
+- `write_value32` / `wait_value32`: a stream writes a word of page-locked host memory,
+  or waits until one holds a value (the driver's stream memory operations,
+  cuStreamWriteValue32 / cuStreamWaitValue32), so that the stream and a CPU thread
+  hand work to each other without host functions (tandem.gpu.mailbox).
 
 The extension has no CUDA headers or libraries (DESIGN.md): the functions come from the
 CUDA runtime library the process already has, the one torch loaded.
@@ -53,6 +58,12 @@ def _runtime() -> ctypes.CDLL:
         lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
         lib.cudaHostRegister.restype = ctypes.c_int
         lib.cudaGetLastError.restype = ctypes.c_int
+        lib.cudaHostGetDevicePointer.argtypes = [
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.c_void_p,
+            ctypes.c_uint,
+        ]
+        lib.cudaHostGetDevicePointer.restype = ctypes.c_int
         return lib
     raise TandemError("no CUDA runtime library (libcudart) with cudaLaunchHostFunc could be loaded")
 
@@ -97,3 +108,88 @@ def _missing(start: int, end: int) -> list[tuple[int, int]]:
             piece for a, b in parts for piece in ((a, min(b, lo)), (max(a, hi), b)) if piece[0] < piece[1]
         ]
     return parts
+
+
+# cuStreamWaitValue32's flags: wait until the word equals the value.
+WAIT_VALUE_EQ = 1
+DRIVER_NAMES = ("libcuda.so.1", "libcuda.so")
+
+
+@functools.cache
+def _memory_ops() -> tuple[object, object] | None:
+    """cuStreamWriteValue32 and cuStreamWaitValue32 of the driver, or None."""
+    torch.cuda.init()
+    for name in DRIVER_NAMES:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        fns = []
+        for base in ("cuStreamWriteValue32", "cuStreamWaitValue32"):
+            fn = getattr(lib, f"{base}_v2", None) or getattr(lib, base, None)
+            if fn is None:
+                break
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            fns.append(fn)
+        if len(fns) == 2:
+            return fns[0], fns[1]
+    return None
+
+
+def device_pointer(tensor: torch.Tensor) -> int:
+    """The device's address of a page-locked CPU tensor's first byte."""
+    address = ctypes.c_void_p()
+    if _runtime().cudaHostGetDevicePointer(ctypes.byref(address), ctypes.c_void_p(tensor.data_ptr()), 0) != 0:
+        _runtime().cudaGetLastError()
+        raise TandemError("cudaHostGetDevicePointer failed: the tensor is not page-locked host memory")
+    return int(address.value or 0)
+
+
+def write_value32(device_address: int, value: int, stream: torch.cuda.Stream | None = None) -> None:
+    """Queue on `stream` (default: current) a write of `value` to the 32-bit word at `device_address`."""
+    ops = _memory_ops()
+    if ops is None:
+        raise TandemError("this CUDA driver has no stream memory operations")
+    stream = stream if stream is not None else torch.cuda.current_stream()
+    err = ops[0](ctypes.c_void_p(stream.cuda_stream), device_address, value, 0)
+    if err != 0:
+        raise TandemError(f"cuStreamWriteValue32 failed with CUDA driver error {err}")
+
+
+def wait_value32(device_address: int, value: int, stream: torch.cuda.Stream | None = None) -> None:
+    """Queue on `stream` (default: current) a wait until the word at `device_address` equals `value`."""
+    ops = _memory_ops()
+    if ops is None:
+        raise TandemError("this CUDA driver has no stream memory operations")
+    stream = stream if stream is not None else torch.cuda.current_stream()
+    err = ops[1](ctypes.c_void_p(stream.cuda_stream), device_address, value, WAIT_VALUE_EQ)
+    if err != 0:
+        raise TandemError(f"cuStreamWaitValue32 failed with CUDA driver error {err}")
+
+
+@functools.cache
+def stream_memory_ops_work() -> bool:
+    """Whether a stream can write and wait on host words, eagerly and inside a captured
+    CUDA graph: tried once on a side stream with a word the stream itself sets, so a
+    failure cannot leave anything waiting."""
+    if _memory_ops() is None:
+        return False
+    try:
+        word = torch.zeros(16, dtype=torch.int32, pin_memory=True)
+        address = device_pointer(word)
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            write_value32(address, 7)
+            wait_value32(address, 7)
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            write_value32(address, 9)
+            wait_value32(address, 9)
+        graph.replay()
+        torch.cuda.synchronize()
+        return int(word[0]) == 9
+    except (TandemError, RuntimeError):
+        _runtime().cudaGetLastError()
+        return False

@@ -6,8 +6,10 @@ rule swaps the experts module alone and the router and shared experts stay.
 
 In a model on a CUDA GPU (the hybrid placement), a call of up to STREAM_MAX_TOKENS
 tokens runs in the stream's order instead of waiting for the GPU: the hidden states,
-ids and weights are copied into pinned buffers, the engine's call is queued as host
-functions (tandem.gpu.cudart), and the result is copied back, all on the stream.
+ids and weights are copied into pinned buffers, the stream hands the engine's call to
+a serving thread through two host words and waits for its answer (tandem.gpu.mailbox;
+or as a host function, tandem.gpu.cudart), and the result is copied back, all on the
+stream.
 Python returns at once, and a CUDA graph captured around it replays the experts with
 the rest of the step (tandem.engine.graph_decode).
 
@@ -133,14 +135,16 @@ class ExpertsCPU(QuantExperts):
         return out.reshape(hidden.shape).to(hidden.dtype)
 
     def _in_stream(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The call queued on the current CUDA stream: copies, the engine as host functions, copy back."""
+        """The call queued on the current CUDA stream: copies, the engine's call, copy back."""
         from tandem.cpu.engine import host_run_fn
         from tandem.gpu.cudart import launch_host_func
+        from tandem.gpu.mailbox import handover, mailbox_of
 
         n, k, h = hidden.shape[0], ids.shape[-1], self.hidden_size
         buffers = self._streamed.get((n, k))
         if buffers is None:  # made outside capture: a graph's first run is an ordinary one
-            self.engine_experts.engine.serve_gpu_steps()
+            engine = self.engine_experts.engine
+            engine.serve_gpu_steps()
             # One pinned buffer of 32-bit words, ids first (8-byte aligned), then x and the
             # weights, so that one copy moves all three.
             packed = torch.empty(2 * n * k + n * h + n * k, dtype=torch.int32, pin_memory=True)
@@ -148,9 +152,14 @@ class ExpertsCPU(QuantExperts):
             x = packed[2 * n * k : 2 * n * k + n * h].view(torch.float32).view(n, h)
             w_b = packed[2 * n * k + n * h :].view(torch.float32).view(n, k)
             out = torch.empty(n, h, pin_memory=True)
-            buffers = (packed, out, self.engine_experts.host_call(x, ids_b, w_b, out))
+            record = self.engine_experts.host_call(x, ids_b, w_b, out)
+            # The mailbox's serving thread or a host function runs the call and leads its
+            # parallel loops; the stream waits for it either way.
+            box = mailbox_of(engine) if handover() == "mailbox" else None
+            code = box.add(host_run_fn(), record.address) if box is not None else 0
+            buffers = (packed, out, record, box, code)
             self._streamed[(n, k)] = buffers
-        packed, out, record = buffers
+        packed, out, record, box, code = buffers
         # Ids past the expert count are transformers' dropped slots, which the engine skips;
         # nothing here can check them without waiting for the GPU.
         words = [
@@ -159,8 +168,10 @@ class ExpertsCPU(QuantExperts):
             weights.reshape(n * k).float().view(torch.int32),
         ]
         packed.copy_(torch.cat(words), non_blocking=True)
-        # One host function runs the call and leads its parallel loops: the stream waits for it.
-        launch_host_func(host_run_fn(), record.address)
+        if box is not None:
+            box.queue(code)
+        else:
+            launch_host_func(host_run_fn(), record.address)
         result = out.to(hidden.device, non_blocking=True)
         return result.reshape(hidden.shape).to(hidden.dtype)
 

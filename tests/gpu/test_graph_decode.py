@@ -9,6 +9,7 @@ import torch
 
 from tandem.engine.generate import prefill_and_generate
 from tandem.engine.graph_decode import GRAPH_ENV
+from tandem.gpu.mailbox import HANDOVER_ENV, HANDOVERS, mailbox_of
 from tandem.inject.loader import default_rules
 from tandem.inject.model import load_model
 from tandem.inject.plan import GIB, RESERVE_FIXED, RESERVE_FRACTION, plan_placement
@@ -79,8 +80,10 @@ def test_hybrid_experts_run_in_the_graph_and_keep_the_tokens(arch, tmp_path, mon
     assert again.token_ids == eager.token_ids
 
 
-def test_streamed_experts_equal_the_waiting_call(tmp_path):
-    """ExpertsCPU on GPU inputs: the stream-ordered call (host functions) gives the engine's result."""
+@pytest.mark.parametrize("way", HANDOVERS)
+def test_streamed_experts_equal_the_waiting_call(way, tmp_path, monkeypatch):
+    """ExpertsCPU on GPU inputs: the stream-ordered call (either hand-over) gives the engine's result."""
+    monkeypatch.setenv(HANDOVER_ENV, way)
     path = write_tiny("qwen3moe", tmp_path / "moe.gguf", "Q8_0")
     hybrid = load_model(path, gpu_memory=experts_on_cpu_budget(path), plan_ctx=CTX).model
     experts = next(m for m in hybrid.modules() if isinstance(m, ExpertsCPU))
@@ -92,6 +95,20 @@ def test_streamed_experts_equal_the_waiting_call(tmp_path):
     for _ in range(3):  # the same pinned buffers, reused in stream order
         streamed = experts(hidden.cuda(), ids.cuda(), weights.cuda())
         torch.testing.assert_close(streamed.cpu(), waited, rtol=0, atol=0)
+    if way == "mailbox":
+        box = mailbox_of(experts.engine_experts.engine).server
+        assert box.served >= 3 and box.failed == 0
+
+
+def test_the_host_function_hand_over_gives_the_mailboxs_tokens(tmp_path, monkeypatch):
+    path = write_tiny("qwen3moe", tmp_path / "moe.gguf", "Q8_0")
+    tokens = {}
+    for way in HANDOVERS:
+        monkeypatch.setenv(HANDOVER_ENV, way)
+        hybrid = load_model(path, gpu_memory=experts_on_cpu_budget(path), plan_ctx=CTX).model
+        tokens[way] = generate(hybrid, 12, monkeypatch, graphs=True).token_ids
+        assert hybrid._tandem_graph_decode.replays == 10
+    assert tokens["mailbox"] == tokens["host-function"]
 
 
 def test_experts_on_the_gpu_replay_too(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.gpu
 GPU_REL_ERR = 1e-4  # float32 on both; cuBLAS sums in another order (TF32 stays off)
 RULES = """
 - match: {{name: "self_attn$"}}
-  replace: {{class: tandem.ops.mla.MLAttention, kwargs: {{generate_device: "cuda:0", generate_op: {form}}}}}
+  replace: {{class: tandem.ops.mla.MLAttention, kwargs: {{generate_device: "cuda:0", generate_op: {form}, dtype: float32}}}}
 - match: {{name: "mlp\\\\.gate$"}}
   replace: {{class: {router}, kwargs: {{generate_device: "cuda:0"}}}}
 """

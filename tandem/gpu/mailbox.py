@@ -1,0 +1,74 @@
+"""The CPU engine's calls in a CUDA stream's order, handed over through two host words.
+
+A hybrid decode step queues, per MoE layer: the copy of the inputs to pinned memory,
+then a write of the call's code into the request word and a wait until the done word
+holds it (stream memory operations, tandem.gpu.cudart), then a write clearing the done
+word and the copy of the output back. The engine's serving thread (the C++ StepMailbox)
+polls the request word, runs the call, and answers in the done word. Unlike a host
+function, no driver thread runs in between and the GPU resumes by itself, also inside a
+CUDA graph.
+
+$TANDEM_GPU_HANDOVER picks `mailbox` (the default where the driver's stream memory
+operations work) or `host-function` (cudaLaunchHostFunc).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tandem.errors import TandemError
+from tandem.gpu import cudart
+
+HANDOVER_ENV = "TANDEM_GPU_HANDOVER"
+HANDOVERS = ("mailbox", "host-function")
+
+
+class GPUMailbox:
+    """One engine's serving thread and the page-locked words a stream talks to it through."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.words = torch.zeros(16, dtype=torch.int32, pin_memory=True)  # request, done; 64 bytes
+        self.server = engine.step_mailbox(self.words)
+        base = cudart.device_pointer(self.words)
+        self.request, self.done = base, base + 4
+
+    def add(self, fn_address: int, data_address: int) -> int:
+        """Register fn(data); returns the code `queue` requests it by."""
+        return int(self.server.add(fn_address, data_address))
+
+    def queue(self, code: int) -> None:
+        """On the current stream: request call `code`, wait for its answer, clear it."""
+        cudart.write_value32(self.request, code)
+        cudart.wait_value32(self.done, code)
+        cudart.write_value32(self.done, 0)
+
+
+_mailboxes: dict[int, GPUMailbox] = {}
+
+
+def handover() -> str:
+    """The hand-over $TANDEM_GPU_HANDOVER asks for (default: mailbox where it works)."""
+    choice = os.environ.get(HANDOVER_ENV, "")
+    if choice and choice not in HANDOVERS:
+        raise TandemError(f"{HANDOVER_ENV} must be one of {', '.join(HANDOVERS)}, got {choice!r}")
+    if choice == "host-function":
+        return choice
+    if cudart.stream_memory_ops_work():
+        return "mailbox"
+    if choice == "mailbox":
+        raise TandemError(
+            f"{HANDOVER_ENV}=mailbox: this GPU's driver cannot wait on host memory from a stream"
+        )
+    return "host-function"
+
+
+def mailbox_of(engine) -> GPUMailbox:
+    """The engine's mailbox, made on first use (one per engine, used by one stream at a time)."""
+    box = _mailboxes.get(id(engine))
+    if box is None or box.engine is not engine:
+        box = GPUMailbox(engine)
+        _mailboxes[id(engine)] = box
+    return box
