@@ -62,7 +62,7 @@ def main() -> None:
     engine = configure(threads=threads)
     gate, up = blocks(T.Q4_K, (E, INTER, H), 1), blocks(T.Q4_K, (E, INTER, H), 2)
     down = blocks(T.Q6_K, (E, H, INTER), 3)
-    pinned = all(register_host_memory(qt.data) for qt in (gate, up, down))
+    pinned = all(register_host_memory(qt.data) is not None for qt in (gate, up, down))
     on_gpu = [QuantTensor(qt.data.cuda(), qt.ggml_type, qt.shape, qt.name) for qt in (gate, up, down)]
     op = engine.experts(gate, up, down)
     mb = sum(qt.n_bytes for qt in (gate, up, down)) / 1e6

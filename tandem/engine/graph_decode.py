@@ -14,7 +14,10 @@ The cache's layers (tandem.engine.kv_cache.GrowingLayer) write the new key and v
 at P and give attention their whole buffers; M, computed in the graph from P, hides the
 rows not yet written. The buffers must not move, so the cache reserves room for the
 whole generation first; should they move anyway (a longer generation on the same
-cache), the step is captured again.
+cache), the step is captured again. A later generation's new cache moves onto the
+buffers the graph was captured on (its prompt's rows copied there) when they are big
+enough, so that it replays the same graph without a warm-up step or a capture; a cache
+that still uses them gets copies first.
 
 A step takes this path when the model runs on a CUDA device, every cache layer is a
 full-attention GrowingLayer (no sliding windows: one mask serves every layer), no
@@ -32,6 +35,7 @@ import inspect
 import os
 import sys
 import time
+import weakref
 
 import torch
 
@@ -54,7 +58,9 @@ class GraphDecode:
         self.device = next(p.device for p in model.parameters() if p.device.type == "cuda")
         self.broken: str | None = None  # why capture failed; eager from then on
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.key: tuple | None = None  # the cache and buffers the graph was captured on
+        self.key: tuple | None = None  # the buffers the graph was captured on, and their size
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # those buffers, per layer
+        self.owner: weakref.ref | None = None  # the cache using them
         self.logits: torch.Tensor | None = None
         self.embeds: torch.Tensor | None = None
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -102,9 +108,43 @@ class GraphDecode:
         )
 
     def reserve(self, kv, end: int) -> None:
-        """Room for `end` positions in every layer, so that steps up to there keep one graph."""
-        for layer in kv.layers:
-            layer.reserve(end)
+        """Room for `end` positions in every layer, so that steps up to there keep one graph:
+        on the buffers the graph was captured on where they are big enough (a new cache of
+        a later generation then replays it at once), else in the cache's own."""
+        if not self._adopt(kv, end):
+            for layer in kv.layers:
+                layer.reserve(end)
+
+    def _adopt(self, kv, end: int) -> bool:
+        """Move kv's rows onto the captured graph's buffers, if they fit it. A cache that
+        owned them before and is still alive gets copies of its own."""
+        if self.graph is None or not self.buffers or len(kv.layers) != len(self.buffers):
+            return False
+        pairs = list(zip(kv.layers, self.buffers, strict=True))
+        if all(layer._k is k for layer, (k, _) in pairs):
+            return end <= self.buffers[0][0].shape[2]
+        for layer, (k, v) in pairs:
+            if not (
+                end <= k.shape[2]
+                and layer._k.shape[:2] == k.shape[:2]
+                and layer._k.shape[3] == k.shape[3]
+                and layer._v.shape[3] == v.shape[3]
+                and layer._k.dtype == k.dtype
+                and layer._k.device == k.device
+            ):
+                return False
+        owner = self.owner() if self.owner is not None else None
+        if owner is not None and owner is not kv:
+            for layer in owner.layers:
+                if any(layer._k is k for k, _ in self.buffers):
+                    layer._k, layer._v = layer._k.clone(), layer._v.clone()
+        for layer, (k, v) in pairs:
+            n = layer.length
+            k[:, :, :n].copy_(layer._k[:, :, :n])
+            v[:, :, :n].copy_(layer._v[:, :, :n])
+            layer._k, layer._v = k, v
+        self.owner = weakref.ref(kv)
+        return True
 
     def step(self, kv, token: int) -> torch.Tensor:
         """Feed `token` at the cache's next position; its logits [V]."""
@@ -112,7 +152,7 @@ class GraphDecode:
         pos = layers[0].length
         if any(layer._k.shape[2] <= pos for layer in layers):  # past the generation's reserved room
             self.reserve(kv, pos + 1)
-        key = (id(kv), *(layer._k.data_ptr() for layer in layers), layers[0]._k.shape[2])
+        key = (*(layer._k.data_ptr() for layer in layers), layers[0]._k.shape[2])
         ids = torch.tensor([[token]], device=self.ids_device)
         embeds = self.model.get_input_embeddings()(ids).to(self.device)
         self.position.fill_(pos)
@@ -154,6 +194,7 @@ class GraphDecode:
     def _run_and_capture(self, kv, embeds: torch.Tensor, key: tuple) -> torch.Tensor:
         """This step eagerly (the warm-up), then the capture of the next ones."""
         self.graph = self.key = None
+        self.buffers, self.owner = [], None
         self.embeds = embeds.detach().clone()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -170,6 +211,8 @@ class GraphDecode:
             print(f"tandem: warning: decode steps run without a CUDA graph ({self.broken})", file=sys.stderr)
             return logits
         self.graph, self.key = graph, key
+        self.buffers = [(layer._k, layer._v) for layer in kv.layers]
+        self.owner = weakref.ref(kv)
         self.captures += 1
         self.capture_seconds += time.perf_counter() - started
         return logits

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import mmap
 
 import torch
@@ -57,6 +58,8 @@ def _runtime() -> ctypes.CDLL:
         lib.cudaLaunchHostFunc.restype = ctypes.c_int
         lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
         lib.cudaHostRegister.restype = ctypes.c_int
+        lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
+        lib.cudaHostUnregister.restype = ctypes.c_int
         lib.cudaGetLastError.restype = ctypes.c_int
         lib.cudaHostGetDevicePointer.argtypes = [
             ctypes.POINTER(ctypes.c_void_p),
@@ -78,26 +81,68 @@ def launch_host_func(fn_address: int, data_address: int, stream: torch.cuda.Stre
         raise TandemError(f"cudaLaunchHostFunc failed with CUDA error {err}")
 
 
-_registered: list[tuple[int, int]] = []  # page ranges registered so far, [start, end)
+_registered: list[tuple[int, int]] = []  # page ranges registered, [start, end), disjoint
 
 
-def register_host_memory(tensor: torch.Tensor) -> bool:
-    """Page-lock a CPU tensor's bytes for the rest of the process (read-only registration);
-    whether all of them are. Whole pages are registered, each once: tensors of one mapped
-    file share pages at their ends. A failure (too little lockable memory, an old driver)
-    leaves the memory as it was: copies from it still work, staged through the driver."""
+def register_host_memory(tensor: torch.Tensor) -> list[tuple[int, int]] | None:
+    """Page-lock a CPU tensor's bytes (read-only registration): the page ranges this call
+    registered (those of its pages no earlier call covers: tensors of one mapped file
+    share pages at their ends), or None where it failed (too little lockable memory, an
+    old driver). A failure leaves the memory as it was; copies from it still work,
+    staged through the driver. The owner hands the ranges to `unregister_host_memory`
+    before the memory goes (a registration outliving its mapping pins stale pages).
+
+    A copy must not cross from one registration into another (CUDA refuses it):
+    `copy_to_device` splits it at their ends."""
     if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.numel() == 0:
-        return False
+        return None
     lib = _runtime()
     page = mmap.PAGESIZE
     start = tensor.data_ptr() // page * page
     end = -(-(tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page) * page
+    done: list[tuple[int, int]] = []
     for lo, hi in _missing(start, end):
         if lib.cudaHostRegister(ctypes.c_void_p(lo), hi - lo, HOST_REGISTER_READ_ONLY) != 0:
             lib.cudaGetLastError()  # clear it: a failed registration must not fail a later call
-            return False
+            unregister_host_memory(done)
+            return None
         _registered.append((lo, hi))
-    return True
+        done.append((lo, hi))
+    return done
+
+
+def unregister_host_memory(ranges: list[tuple[int, int]]) -> None:
+    """Undo `register_host_memory` for the ranges it returned."""
+    if not ranges:
+        return
+    lib = _runtime()
+    for lo, hi in ranges:
+        if (lo, hi) in _registered:
+            _registered.remove((lo, hi))
+            if lib.cudaHostUnregister(ctypes.c_void_p(lo)) != 0:
+                lib.cudaGetLastError()
+
+
+def copy_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A contiguous CPU tensor copied to `device` without waiting (where page-locked), in
+    pieces that each lie in one registration or in none."""
+    flat = tensor.reshape(-1)
+    out = torch.empty_like(flat, device=device)
+    for a, b in registration_pieces(flat):
+        out[a:b].copy_(flat[a:b], non_blocking=True)
+    return out.view(tensor.shape)
+
+
+def registration_pieces(flat: torch.Tensor) -> list[tuple[int, int]]:
+    """[a, b) element ranges covering a 1-D tensor, cut where a registration starts or ends."""
+    size, base, n = flat.element_size(), flat.data_ptr(), flat.numel()
+    cuts = {0, n}
+    for lo, hi in _registered:
+        for edge in (lo, hi):
+            offset = edge - base
+            if 0 < offset < n * size and offset % size == 0:
+                cuts.add(offset // size)
+    return list(itertools.pairwise(sorted(cuts)))
 
 
 def _missing(start: int, end: int) -> list[tuple[int, int]]:

@@ -12,7 +12,7 @@ so a DeepSeek-V3 layer's 6 GB never sits on the GPU at once): copy the chunk's g
 and down blocks to the GPU (unless they are there), dequantize them with the Triton kernels, gather each expert's tokens into a zero-padded batch
 [experts, max tokens, hidden], and run gate, up and down as batched matrix products.
 Where the source blocks are page-locked (tandem.gpu.cudart.register_host_memory) the
-copies are asynchronous. One wait for the device per call reads the tokens per expert.
+copies are asynchronous, in pieces that each lie within one registration. One wait for the device per call reads the tokens per expert.
 """
 
 from __future__ import annotations
@@ -29,6 +29,16 @@ CHUNK_BYTES = 512 << 20
 def _expert_range(qt: QuantTensor, e0: int, e1: int) -> torch.Tensor:
     size = qt.shape[1] * qt.row_bytes
     return qt.data[e0 * size : e1 * size]
+
+
+def _to_device(blocks: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if blocks.device == device:
+        return blocks
+    if blocks.device.type == "cpu" and device.type == "cuda":
+        from tandem.gpu.cudart import copy_to_device
+
+        return copy_to_device(blocks, device)
+    return blocks.to(device)
 
 
 def batched_experts(
@@ -88,7 +98,7 @@ def batched_experts(
             continue
         mats = []
         for qt, rows, cols in ((gate, inter, hidden), (up, inter, hidden), (down, hidden, inter)):
-            blocks = _expert_range(qt, e0, e1).to(device, non_blocking=True)
+            blocks = _to_device(_expert_range(qt, e0, e1), device)
             dense = quant_triton.dequantize(blocks, qt.ggml_type, (e1 - e0) * rows, cols, dtype)
             mats.append(dense.view(e1 - e0, rows, cols))
         w_gate, w_up, w_down = mats

@@ -22,6 +22,7 @@ set (kwarg, or $TANDEM_GPU_PREFILL_EXPERTS for every layer).
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 from torch import nn
@@ -122,11 +123,14 @@ class ExpertsCPU(QuantExperts):
 
     def _on_gpu(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The layer's experts copied to the GPU chunk by chunk and computed there."""
-        from tandem.gpu.cudart import register_host_memory
+        from tandem.gpu.cudart import register_host_memory, unregister_host_memory
         from tandem.gpu.moe_batched import batched_experts
 
         if self._pinned is None:
-            self._pinned = all(register_host_memory(qt.data) for qt in (self.gate, self.up, self.down))
+            ranges = [register_host_memory(qt.data) for qt in (self.gate, self.up, self.down)]
+            self._pinned = all(r is not None for r in ranges)
+            # Unlocked with this module, while its blocks' mapping still exists.
+            weakref.finalize(self, unregister_host_memory, [p for r in ranges if r for p in r])
         n = hidden.shape[0]
         flat = hidden.reshape(n, self.hidden_size)
         out = batched_experts(

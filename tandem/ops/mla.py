@@ -153,6 +153,7 @@ class MLAttention(TandemModule):
         latent = self._rms("kv_a_layernorm", latent, self.kv_norm_eps).view(bsz, 1, q_len, self.kv_lora_rank)
         k_rope = k_rope.reshape(bsz, 1, q_len, self.rope_dim)
         q_rope, k_rope = apply_rope(q_rope, k_rope, position_embeddings, self.rope_interleave)
+        q_rope, k_rope = q_rope.to(self.dtype), k_rope.to(self.dtype)  # float32 cos/sin promote them
 
         if cache is not None:
             latent, k_rope = cache.update(latent, k_rope, self.layer_idx, kwargs=kwargs)  # [B, 1, S, *]

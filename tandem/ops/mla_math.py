@@ -96,7 +96,9 @@ def mask_bias(mask, q_len: int, kv_len: int, device: torch.device) -> torch.Tens
 
 
 def attend(scores: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Softmax over keys in float32: [B, H, q, kv] scaled scores -> probabilities."""
+    """Softmax over keys in float32: [B, H, q, kv] scaled scores -> probabilities, in the
+    scores' dtype (the float32 bias does not promote them)."""
+    dtype = scores.dtype
     if bias is not None:
-        scores = scores + bias
-    return torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+        scores = scores.float() + bias
+    return torch.softmax(scores.float(), dim=-1).to(dtype)

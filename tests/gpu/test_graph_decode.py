@@ -65,6 +65,17 @@ def test_a_dense_model_replays_its_step_and_keeps_its_tokens(tmp_path, monkeypat
     assert replayed.token_ids == eager.token_ids
 
 
+def test_a_later_generation_replays_the_same_graph_without_a_capture(tmp_path, monkeypatch):
+    path = write_tiny("qwen3moe", tmp_path / "moe.gguf", "Q8_0")
+    hybrid = load_model(path, gpu_memory=experts_on_cpu_budget(path), plan_ctx=CTX).model
+    eager = generate(hybrid, 12, monkeypatch, graphs=False)
+    first = generate(hybrid, 12, monkeypatch, graphs=True)
+    graph = hybrid._tandem_graph_decode
+    second = prefill_and_generate(hybrid, _Ids(), PROMPT, 12)  # a new cache, the same graph
+    assert graph.captures == 1 and graph.replays == 10 + 11  # every step of the second one
+    assert first.token_ids == second.token_ids == eager.token_ids
+
+
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_hybrid_experts_run_in_the_graph_and_keep_the_tokens(arch, tmp_path, monkeypatch):
     path = write_tiny(arch, tmp_path / "moe.gguf", "Q8_0")

@@ -102,6 +102,22 @@ def test_chunked_prefill_with_mask():
     assert rel(torch.cat([first, second], dim=1), full) < 1e-4
 
 
+@pytest.mark.parametrize("form", ["plain", "absorbed"])
+def test_bfloat16_mla_with_a_float32_mask_stays_bfloat16(form):
+    # The default on a GPU. The mask's float32 bias must not promote the probabilities
+    # (a bf16 @ float32 matmul fails), and the result follows float32.
+    model = tiny_model("v3", 12, True)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(ids).logits
+    swap(model, generate_op=form, prefill_op=form, dtype="bfloat16")
+    cache = {cache_kw(model): DynamicCache(config=model.config)}
+    with torch.no_grad():
+        first = model(ids[:, :4], use_cache=True, **cache).logits
+        second = model(ids[:, 4:], use_cache=True, **cache).logits
+    assert rel(torch.cat([first, second], dim=1), full) < 3e-2
+
+
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("family", ["v2", "v3"])
 @pytest.mark.parametrize(
