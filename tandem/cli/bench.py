@@ -71,9 +71,17 @@ def run(args: argparse.Namespace) -> int:
     if graph is not None:  # decode steps replayed from a CUDA graph (tandem/engine/graph_decode.py)
         report["cuda_graph"] = "replayed" if graph.broken is None else f"off: {graph.broken}"
         report["cuda_graph_replays"] = graph.replays
-        # Each run's first decode step captures (its cache is new): part of its decode time.
+        # A capture (and the eager step before it) happens in the first run's first decode
+        # step; later runs' caches move onto the captured buffers and replay at once.
         report["cuda_graph_captures"] = graph.captures
         report["cuda_graph_capture_s"] = graph.capture_seconds
+    streamed = [m for m in loaded.model.modules() if getattr(m, "_streamed", None)]
+    if streamed:  # hybrid experts in stream order: how the stream hands them to the engine
+        report["gpu_handover"] = (
+            "mailbox"
+            if any(b[3] is not None for m in streamed for b in m._streamed.values())
+            else "host-function"
+        )
     # After the runs, so the gigabyte read buffer does not disturb them.
     report.update(memory_floor(loaded.gguf, report["decode_tok_s"]))
     if args.json:

@@ -123,11 +123,14 @@ def unregister_host_memory(ranges: list[tuple[int, int]]) -> None:
                 lib.cudaGetLastError()
 
 
-def copy_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A contiguous CPU tensor copied to `device` without waiting (where page-locked), in
-    pieces that each lie in one registration or in none."""
+def copy_to_device(
+    tensor: torch.Tensor, device: torch.device, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A contiguous CPU tensor copied to `device` (into `out`, of as many elements, if
+    given) without waiting where it is page-locked, in pieces that each lie in one
+    registration or in none."""
     flat = tensor.reshape(-1)
-    out = torch.empty_like(flat, device=device)
+    out = torch.empty_like(flat, device=device) if out is None else out.view(-1)
     for a, b in registration_pieces(flat):
         out[a:b].copy_(flat[a:b], non_blocking=True)
     return out.view(tensor.shape)

@@ -41,6 +41,61 @@ def _to_device(blocks: torch.Tensor, device: torch.device) -> torch.Tensor:
     return blocks.to(device)
 
 
+class _Fetcher:
+    """A chunk's gate, up and down blocks on the device. From CPU memory to a CUDA device
+    they are copied on a side stream into one of two staging buffers, so that the next
+    chunk's copy overlaps this chunk's work; a buffer is written again only once the
+    chunk that used it was dequantized."""
+
+    def __init__(self, gate, up, down, device: torch.device, staging_bytes: int):
+        self.tensors = (gate, up, down)
+        self.device = device
+        self.pipelined = device.type == "cuda" and staging_bytes > 0
+        if self.pipelined:
+            self.stream = torch.cuda.Stream(device)
+            self.stream.wait_stream(torch.cuda.current_stream(device))
+            self.staging = [torch.empty(staging_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+            self.free: list[torch.cuda.Event | None] = [None, None]
+            self.count = 0
+
+    def __call__(self, e0: int, e1: int):
+        if not self.pipelined:
+            return [_to_device(_expert_range(qt, e0, e1), self.device) for qt in self.tensors], None
+        from tandem.gpu.cudart import copy_to_device
+
+        slot = self.count % 2
+        self.count += 1
+        views, offset = [], 0
+        with torch.cuda.stream(self.stream):
+            if self.free[slot] is not None:
+                self.stream.wait_event(self.free[slot])
+            for qt in self.tensors:
+                src = _expert_range(qt, e0, e1)
+                if src.device == self.device:
+                    views.append(src)
+                    continue
+                dst = self.staging[slot][offset : offset + src.numel()]
+                views.append(copy_to_device(src, self.device, out=dst))
+                offset += src.numel()
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        return views, (copied, slot)
+
+    def ready(self, fetched) -> list[torch.Tensor]:
+        views, tag = fetched
+        if tag is not None:
+            torch.cuda.current_stream(self.device).wait_event(tag[0])
+        return views
+
+    def release(self, fetched) -> None:
+        """The chunk is dequantized: its staging buffer may be written again."""
+        _, tag = fetched
+        if tag is not None:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            self.free[tag[1]] = done
+
+
 def batched_experts(
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -74,6 +129,52 @@ def batched_experts(
     out = torch.zeros(n_tok + 1, hidden, dtype=torch.float32, device=device)  # row T: the padding's
     if most == 0:
         return out[:n_tok]
+    # Each expert's slots in order: slot_at[e, i] is expert e's i-th slot (-1: padding).
+    order = torch.argsort(slots, stable=True)
+    sorted_experts = slots[order]
+    first = torch.cumsum(counts, 0) - counts
+    kept = sorted_experts < n_experts
+    rank = torch.arange(order.numel(), device=device) - first[sorted_experts.clamp(max=n_experts - 1)]
+    slot_at = torch.full((n_experts, most), -1, dtype=torch.int64, device=device)
+    slot_at[sorted_experts[kept], rank[kept]] = order[kept]
+    token_at = torch.where(slot_at >= 0, slot_at // k, n_tok)
+    weight_at = torch.where(
+        slot_at >= 0, weights.reshape(-1).to(device, torch.float32)[slot_at.clamp(min=0)], 0.0
+    )
+    padded_x = torch.cat([x.to(dtype), x.new_zeros(1, hidden, dtype=dtype)])
+
+    # An expert's blocks (when copied) and its dequantized matrices, alive together.
+    dense_bytes = torch.empty((), dtype=dtype).element_size() * 3 * inter * hidden
+    per_expert = sum(qt.shape[1] * qt.row_bytes for qt in (gate, up, down) if qt.data.device != device)
+    chunk = max(1, chunk_bytes // (per_expert + dense_bytes))
+    chunks = [
+        (e0, min(n_experts, e0 + chunk))
+        for e0 in range(0, n_experts, chunk)
+        if any(tokens_of[e0 : e0 + chunk])
+    ]
+    fetch = _Fetcher(gate, up, down, device, chunk * per_expert)
+    upcoming = fetch(*chunks[0])
+    for c, (e0, e1) in enumerate(chunks):
+        blocks = upcoming
+        if c + 1 < len(chunks):
+            upcoming = fetch(*chunks[c + 1])  # its copy runs while this chunk computes
+        mats = []
+        for qt, b, rows, cols in zip(
+            (gate, up, down),
+            fetch.ready(blocks),
+            (inter, inter, hidden),
+            (hidden, hidden, inter),
+            strict=True,
+        ):
+            dense = quant_triton.dequantize(b, qt.ggml_type, (e1 - e0) * rows, cols, dtype)
+            mats.append(dense.view(e1 - e0, rows, cols))
+        fetch.release(blocks)
+        w_gate, w_up, w_down = mats
+        xs = padded_x[token_at[e0:e1]]  # [c, most, H]
+        h = act_fn(torch.bmm(xs, w_gate.transpose(1, 2))) * torch.bmm(xs, w_up.transpose(1, 2))
+        y = torch.bmm(h.to(dtype), w_down.transpose(1, 2)).float()  # [c, most, H]
+        out.index_add_(0, token_at[e0:e1].reshape(-1), (y * weight_at[e0:e1, :, None]).reshape(-1, hidden))
+    return out[:n_tok]
     # Each expert's slots in order: slot_at[e, i] is expert e's i-th slot (-1: padding).
     order = torch.argsort(slots, stable=True)
     sorted_experts = slots[order]

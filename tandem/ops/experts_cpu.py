@@ -22,6 +22,7 @@ set (kwarg, or $TANDEM_GPU_PREFILL_EXPERTS for every layer).
 from __future__ import annotations
 
 import os
+import time
 import weakref
 
 import torch
@@ -122,20 +123,45 @@ class ExpertsCPU(QuantExperts):
         )
 
     def _on_gpu(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The layer's experts copied to the GPU chunk by chunk and computed there."""
+        """The layer's experts divided: those below a cut copied to the GPU chunk by chunk and
+        computed there, the rest on the engine at the same time (tandem.gpu.prefill_split)."""
         from tandem.gpu.cudart import register_host_memory, unregister_host_memory
         from tandem.gpu.moe_batched import batched_experts
+        from tandem.gpu.prefill_split import split_enabled, split_of
 
         if self._pinned is None:
             ranges = [register_host_memory(qt.data) for qt in (self.gate, self.up, self.down)]
             self._pinned = all(r is not None for r in ranges)
             # Unlocked with this module, while its blocks' mapping still exists.
             weakref.finalize(self, unregister_host_memory, [p for r in ranges if r for p in r])
-        n = hidden.shape[0]
+        n, n_experts = hidden.shape[0], self.num_experts
         flat = hidden.reshape(n, self.hidden_size)
-        out = batched_experts(
-            flat, ids.reshape(n, -1), weights.reshape(n, -1), self.gate, self.up, self.down, self.act_fn
-        )
+        ids = ids.reshape(n, -1)
+        weights = weights.reshape(n, -1)
+        valid = (ids >= 0) & (ids < n_experts)
+        tokens_of = torch.bincount(ids[valid].reshape(-1), minlength=n_experts).tolist()
+        engine = self.engine_experts.engine
+        expert_bytes = sum(qt.n_bytes for qt in (self.gate, self.up, self.down)) // n_experts
+        split = split_of(engine, expert_bytes)
+        cut = split.cut(tokens_of) if split_enabled() else n_experts
+        cpu_slots = sum(tokens_of[cut:])
+        started = time.perf_counter()
+        if cpu_slots:  # the engine's share first: it runs on the pool while the GPU works
+            on_cpu = torch.where(ids >= cut, ids, n_experts)  # id E: a dropped slot, skipped
+            self.engine_experts.submit(flat.float().cpu(), on_cpu.cpu(), weights.float().cpu())
+        gpu_experts = sum(1 for c in tokens_of[:cut] if c)
+        gpu_start, gpu_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        gpu_start.record()
+        on_gpu = torch.where(ids < cut, ids, n_experts)
+        out = batched_experts(flat, on_gpu, weights, self.gate, self.up, self.down, self.act_fn)
+        gpu_end.record()
+        cpu_s = 0.0
+        if cpu_slots:
+            cpu_out = self.engine_experts.sync()
+            cpu_s = time.perf_counter() - started
+            out += cpu_out.to(out.device)
+        gpu_end.synchronize()
+        split.measured(cpu_slots, cpu_s, gpu_experts, gpu_start.elapsed_time(gpu_end) / 1000)
         return out.reshape(hidden.shape).to(hidden.dtype)
 
     def _in_stream(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

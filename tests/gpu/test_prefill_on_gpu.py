@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tandem.gpu.prefill_split import SPLIT_ENV, PrefillSplit
 from tandem.inject.model import load_model
 from tandem.ops.experts_cpu import PREFILL_ON_GPU_ENV, ExpertsCPU
 from tandem.synth.tiny import write_tiny
@@ -16,7 +17,13 @@ BF16_REL_ERR = 2e-2  # bf16 products on the GPU against the engine's 8-bit activ
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe"])
-def test_prompt_experts_on_the_gpu_follow_the_engine(arch, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cut", ["cost", "half", "all-gpu"])
+def test_prompt_experts_on_the_gpu_follow_the_engine(arch, cut, tmp_path, monkeypatch):
+    """Whatever the cut between the GPU's experts and the engine's."""
+    if cut == "all-gpu":
+        monkeypatch.setenv(SPLIT_ENV, "0")
+    if cut == "half":
+        monkeypatch.setattr(PrefillSplit, "cut", lambda self, tokens_of: len(tokens_of) // 2)
     path = write_tiny(arch, tmp_path / "moe.gguf", "Q8_0")
     gib = experts_on_cpu_budget(path)
     ids = torch.randint(3, 60, (1, 24), generator=torch.Generator().manual_seed(0)).cuda()

@@ -1,0 +1,44 @@
+"""The cut between a long prompt's experts on the GPU and on the CPU engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from tandem.gpu.prefill_split import PrefillSplit, split_enabled
+
+
+def model(slot_s: float, expert_s: float) -> PrefillSplit:
+    split = PrefillSplit(threads=16, expert_bytes=1)
+    split.slot_s, split.expert_s = slot_s, expert_s
+    return split
+
+
+def test_the_cut_balances_the_two_sides():
+    # 8 experts of 10 slots: an expert costs the GPU 3 slots' CPU time, so the GPU takes
+    # 6 (18 units) and the CPU the last 2 (20 units).
+    assert model(1.0, 3.0).cut([10] * 8) == 6
+
+
+def test_a_slow_bus_leaves_everything_to_the_cpu_and_a_slow_cpu_everything_to_the_gpu():
+    assert model(1.0, 1000.0).cut([4] * 8) == 0
+    assert model(1000.0, 1.0).cut([4] * 8) == 8
+
+
+def test_experts_without_tokens_cost_nothing():
+    # Only experts 0 and 7 have work: the cut gives one to each side.
+    assert model(1.0, 5.0).cut([5, 0, 0, 0, 0, 0, 0, 5]) in range(1, 8)
+
+
+def test_measurements_move_the_costs_halfway():
+    split = model(1.0, 1.0)
+    split.measured(cpu_slots=10, cpu_s=30.0, gpu_experts=2, gpu_s=10.0)
+    assert split.slot_s == pytest.approx(2.0) and split.expert_s == pytest.approx(3.0)
+    split.measured(cpu_slots=0, cpu_s=0.0, gpu_experts=0, gpu_s=0.0)  # nothing ran: unchanged
+    assert split.slot_s == pytest.approx(2.0) and split.expert_s == pytest.approx(3.0)
+
+
+def test_the_split_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("TANDEM_GPU_PREFILL_SPLIT", "0")
+    assert not split_enabled()
+    monkeypatch.delenv("TANDEM_GPU_PREFILL_SPLIT")
+    assert split_enabled()
