@@ -31,6 +31,7 @@ _EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(?:gate|up|down|gate_up)_exps\.")
 # Types whose GGUF blocks the GPU kernels read in place (tandem/gpu/quant_triton.py),
 # with the columns one of their chunks covers.
 _GPU_BLOCK_TYPES = {"Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
+_ATTENTION = re.compile(r"^blk\.\d+\.attn_")
 
 
 class PlanError(TandemError):
@@ -152,6 +153,22 @@ def expert_classes_of(rules: list[Rule]) -> tuple[str, ...]:
     return tuple(found)
 
 
+def mla_element_bytes(rules: list[Rule]) -> int | None:
+    """Bytes per weight of the MLA operator the rules give (its `dtype`, float32 by
+    default), or None where no rule uses it."""
+    for rule in rules:
+        if rule.replace_class is not None and rule.replace_class.__name__ == "MLAttention":
+            return 2 if rule.kwargs.get("dtype") in ("bfloat16", "float16") else 4
+    return None
+
+
+def _elements(t) -> int:
+    n = 1
+    for d in t.shape:
+        n *= d
+    return n
+
+
 def default_reserve(budget: int) -> int:
     return RESERVE_FIXED + int(RESERVE_FRACTION * budget)
 
@@ -172,6 +189,7 @@ def plan_placement(
         )
     layer_bytes: dict[int, int] = {}
     dense_load = dense_none = 0
+    mla_bytes = mla_element_bytes(default_rules)
     tied = "output.weight" not in gguf.tensors
     for t in gguf.tensors.values():
         found = _EXPERT.match(t.name)
@@ -182,6 +200,8 @@ def plan_placement(
         if t.name == "token_embd.weight" and not tied:
             continue  # stays on the CPU with the embedding
         load, none = _gpu_bytes(t)
+        if mla_bytes and len(t.shape) >= 2 and _ATTENTION.match(t.name):  # MLAttention: its dtype
+            load = none = allocated(mla_bytes * _elements(t))
         dense_load += load
         dense_none += none
     # The rotary embeddings' inverse frequencies (inv_freq and its original; Gemma 3 has two
@@ -222,9 +242,7 @@ def plan_placement(
 
 def _gpu_bytes(t) -> tuple[int, int]:
     """A non-expert tensor on the GPU: (dequantized at load, kept as blocks where kernels read them)."""
-    n = 1
-    for d in t.shape:
-        n *= d
+    n = _elements(t)
     name = t.ggml_type.name
     if len(t.shape) < 2 or name == "F32" or "ffn_gate_inp" in t.name:  # norms, biases, routers: float32
         return allocated(4 * n), allocated(4 * n)

@@ -10,10 +10,14 @@ Face's. A decode step (one query position, no mask) of a model on the CPU engine
 runs on the engine's pool instead of torch's single decode thread, and so does a
 prompt's causal attention from ENGINE_PROMPT_MIN positions on: against itself, after a
 cached prefix, within a sliding window, whenever the mask is exactly that. Models are built with it by name
-(`attn_implementation=IMPLEMENTATION`).
+(`attn_implementation=IMPLEMENTATION`). On a CUDA GPU a decode step (one query
+position) runs tandem's split-key kernel (tandem.gpu.decode_attention), unless
+$TANDEM_GPU_ATTENTION=torch.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +35,9 @@ ENGINE_FLAG = "tandem_engine_attention"
 # Prompt positions from which a causal prompt's attention runs on the engine (below, torch's
 # SDPA was as fast or faster on two cores: 64 positions of Gemma 3 270M's heads).
 ENGINE_PROMPT_MIN = 128
+# A decode step's attention on a CUDA GPU runs tandem's split-key kernel
+# (tandem.gpu.decode_attention); "torch" keeps Hugging Face's SDPA path.
+GPU_ATTENTION_ENV = "TANDEM_GPU_ATTENTION"
 
 
 # The last mask checked (held, so that its memory is not reused meanwhile), its place and
@@ -80,6 +87,10 @@ def engine_prompt_attention(
     return default_engine().attention_prefill(query, key, value, scale, 0 if plain else window)
 
 
+def gpu_kernel_enabled() -> bool:
+    return os.environ.get(GPU_ATTENTION_ENV, "tandem").strip().lower() != "torch"
+
+
 def grouped_sdpa_attention(
     module: torch.nn.Module,
     query: torch.Tensor,  # [B, Hq, Tq, D]
@@ -96,6 +107,17 @@ def grouped_sdpa_attention(
         or kwargs.get("position_bias") is not None
         or kwargs.get("s_aux") is not None
     )
+    if (
+        query.device.type == "cuda"
+        and not special
+        and not (module.training and dropout)
+        and gpu_kernel_enabled()
+    ):
+        from tandem.gpu.decode_attention import decode_attention, supported
+
+        if supported(query, key, value, attention_mask):
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            return decode_attention(query, key, value, attention_mask, scale), None
     if query.device.type != "cpu" or special or query.shape[1] % key.shape[1]:
         return sdpa_attention_forward(
             module,

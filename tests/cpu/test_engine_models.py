@@ -84,7 +84,7 @@ def test_engine_can_be_switched_off_per_rule(tiny_dir, tmp_path):
 
 def test_prefill_on_gpu_is_a_token_count(tiny_dir, tmp_path, monkeypatch):
     from tandem.errors import RuleError
-    from tandem.ops.experts_cpu import PREFILL_ON_GPU_ENV
+    from tandem.ops.experts_cpu import DEFAULT_PREFILL_ON_GPU_FROM, PREFILL_ON_GPU_ENV
 
     path = write_tiny("qwen3moe", tiny_dir / "prefill.gguf", "Q8_0")
     monkeypatch.setenv(PREFILL_ON_GPU_ENV, "64")
@@ -94,6 +94,8 @@ def test_prefill_on_gpu_is_a_token_count(tiny_dir, tmp_path, monkeypatch):
     with pytest.raises(RuleError, match="token count"):
         load_model(path)
     monkeypatch.delenv(PREFILL_ON_GPU_ENV)
+    experts = [m for m in load_model(path).model.modules() if isinstance(m, ExpertsCPU)]
+    assert all(m.prefill_on_gpu_from == DEFAULT_PREFILL_ON_GPU_FROM for m in experts)
     rules = tmp_path / "rules.yaml"
     rules.write_text(
         "- match: {class: transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts}\n"
