@@ -436,11 +436,11 @@ void bind_engine(nb::module_& m) {
 
     nb::class_<StepMailbox>(m, "StepMailbox",
                             "A thread that runs the calls a CUDA stream requests through two page-locked words.")
-        .def(nb::new_([](uintptr_t words, int spin_us, int idle_sleep_us) {
+        .def(nb::new_([](uintptr_t words, int spin_us, int idle_sleep_us, int cpu) {
                  if (spin_us < 0 || spin_us > 1000000) throw std::invalid_argument("spin_us must be in 0 ... 1000000");
-                 return std::make_shared<StepMailbox>(ptr<uint32_t>(words), spin_us, idle_sleep_us);
+                 return std::make_shared<StepMailbox>(ptr<uint32_t>(words), spin_us, idle_sleep_us, cpu);
              }),
-             nb::arg("words"), nb::arg("spin_us"), nb::arg("idle_sleep_us") = 50)
+             nb::arg("words"), nb::arg("spin_us"), nb::arg("idle_sleep_us") = 50, nb::arg("cpu") = -1)
         .def(
             "add",
             [](StepMailbox& box, uintptr_t fn, uintptr_t data) {

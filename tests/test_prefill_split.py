@@ -42,3 +42,13 @@ def test_the_split_can_be_turned_off(monkeypatch):
     assert not split_enabled()
     monkeypatch.delenv("TANDEM_GPU_PREFILL_SPLIT")
     assert split_enabled()
+
+
+def test_layers_learn_which_one_follows_them():
+    from tandem.ops.experts_cpu import ExpertsCPU
+
+    a, b, c = (object.__new__(ExpertsCPU) for _ in range(3))
+    assert [layer._learn_order() for layer in (a, b, c)] == [None, None, None]  # the first pass learns
+    assert a._learn_order() is b  # ... and the next one knows: after c came a, after a came b
+    assert b._learn_order() is c
+    assert c._learn_order() is a

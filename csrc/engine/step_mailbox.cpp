@@ -1,5 +1,7 @@
 #include "step_mailbox.h"
 
+#include "thread_pool.h"
+
 #include <chrono>
 #include <stdexcept>
 
@@ -24,8 +26,8 @@ inline void store(uint32_t* word, uint32_t value) { __atomic_store_n(word, value
 
 }  // namespace
 
-StepMailbox::StepMailbox(uint32_t* words, int spin_us, int idle_sleep_us)
-    : words_(words), spin_us_(spin_us), idle_sleep_us_(idle_sleep_us), entries_(kCapacity) {
+StepMailbox::StepMailbox(uint32_t* words, int spin_us, int idle_sleep_us, int cpu)
+    : words_(words), spin_us_(spin_us), idle_sleep_us_(idle_sleep_us), cpu_(cpu), entries_(kCapacity) {
     if (words == nullptr) throw std::invalid_argument("mailbox words are null");
     if (spin_us < 0 || idle_sleep_us < 1) throw std::invalid_argument("spin_us >= 0 and idle_sleep_us >= 1");
     store(&words_[0], 0);
@@ -48,6 +50,7 @@ uint32_t StepMailbox::add(Fn fn, void* data) {
 }
 
 void StepMailbox::serve() {
+    if (cpu_ >= 0) pin_to(cpu_);
     using Clock = std::chrono::steady_clock;
     auto last = Clock::now();
     uint64_t polls = 0;

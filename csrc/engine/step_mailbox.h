@@ -29,7 +29,9 @@ public:
     // words[0]: request, words[1]: done; page-locked and outliving the mailbox.
     // spin_us: how long the serving thread polls without sleeping after a call;
     // past it, it sleeps idle_sleep_us between polls, and 1 ms after a second idle.
-    StepMailbox(uint32_t* words, int spin_us, int idle_sleep_us = 50);
+    // cpu >= 0: the serving thread is pinned there (the pool's thread-0 core, which it
+    // leads the loops from).
+    StepMailbox(uint32_t* words, int spin_us, int idle_sleep_us = 50, int cpu = -1);
     ~StepMailbox();
     StepMailbox(const StepMailbox&) = delete;
     StepMailbox& operator=(const StepMailbox&) = delete;
@@ -51,6 +53,7 @@ private:
     uint32_t* words_;
     int spin_us_;
     int idle_sleep_us_;
+    int cpu_;
     std::vector<Entry> entries_;
     std::atomic<uint32_t> count_{0};
     std::atomic<uint64_t> served_{0};

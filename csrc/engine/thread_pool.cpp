@@ -83,6 +83,8 @@ int node_of(int cpu) {
     return 0;
 }
 
+}  // namespace
+
 void pin_to(int cpu) {
 #if defined(__linux__)
     cpu_set_t set;
@@ -93,8 +95,6 @@ void pin_to(int cpu) {
     (void)cpu;
 #endif
 }
-
-}  // namespace
 
 std::vector<int> cores_in_order() {
     std::vector<int> allowed;

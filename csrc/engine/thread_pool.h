@@ -24,6 +24,9 @@
 
 namespace tandem {
 
+// Binds the calling thread to one logical CPU (best effort: a refusal only costs locality).
+void pin_to(int cpu);
+
 class ThreadPool {
 public:
     // task(ctx, index, thread): run by some thread for each index in [0, n_tasks).

@@ -314,7 +314,8 @@ class CPUEngine:
         """A thread that runs the calls a CUDA stream requests through words[0] (request)
         and words[1] (done), contiguous int32 CPU memory that must outlive it (the C++
         StepMailbox; tandem.gpu.mailbox queues the stream's side). It polls without
-        sleeping for as long as the pool's workers spin."""
+        sleeping for as long as the pool's workers spin, from the core of the pool's
+        thread 0, as which it leads the calls' parallel loops."""
         if (
             words.dtype != torch.int32
             or words.device.type != "cpu"
@@ -322,7 +323,10 @@ class CPUEngine:
             or words.numel() < 2
         ):
             raise ValueError("mailbox words must be at least two contiguous int32 CPU words")
-        native = _native().StepMailbox(words.data_ptr(), max(self.spin_us, GPU_STEP_SPIN_US))
+        cpus = list(self.pool.cpus)  # pinned to the core of the pool's thread 0, which it acts as
+        native = _native().StepMailbox(
+            words.data_ptr(), max(self.spin_us, GPU_STEP_SPIN_US), cpu=cpus[0] if cpus else -1
+        )
         return StepMailbox(native, words)
 
     def read_bandwidth(self, n_bytes: int = 1 << 30, repeats: int = 3) -> float:

@@ -81,6 +81,7 @@ class ExpertsCPU(QuantExperts):
             raise RuleError(f"{key}: prefill_on_gpu_from must be a token count, got {prefill_on_gpu_from!r}")
         self.prefill_on_gpu_from = prefill_on_gpu_from
         self._pinned: bool | None = None  # whether the blocks are page-locked (None: not tried)
+        self._gpu_timing: tuple | None = None  # events around the last prompt's GPU share
         if self.generate_device.type != "cpu":
             raise RuleError(
                 f"{key}: ExpertsCPU runs on the CPU, not {self.generate_device}; use QuantExperts"
@@ -155,19 +156,41 @@ class ExpertsCPU(QuantExperts):
             on_cpu = torch.where(ids >= cut, ids, n_experts)  # id E: a dropped slot, skipped
             self.engine_experts.submit(flat.float().cpu(), on_cpu.cpu(), weights.float().cpu())
         gpu_experts = sum(1 for c in tokens_of[:cut] if c)
-        gpu_start, gpu_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        gpu_start.record()
+        # The previous call's GPU time is read now, when its events are long done: no wait.
+        if self._gpu_timing is not None:
+            start, end, experts = self._gpu_timing
+            split.measured(0, 0.0, experts, start.elapsed_time(end) / 1000)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         on_gpu = torch.where(ids < cut, ids, n_experts)
-        out = batched_experts(flat, on_gpu, weights, self.gate, self.up, self.down, self.act_fn)
-        gpu_end.record()
-        cpu_s = 0.0
+        gpu_counts = tokens_of[:cut] + [0] * (n_experts - cut)
+        following = self._learn_order()
+        out = batched_experts(
+            flat, on_gpu, weights, self.gate, self.up, self.down, self.act_fn, tokens_of=gpu_counts,
+            then=None if following is None else (following.gate, following.up, following.down),
+        )  # fmt: skip
+        end.record()
+        self._gpu_timing = (start, end, gpu_experts)
         if cpu_slots:
             cpu_out = self.engine_experts.sync()
-            cpu_s = time.perf_counter() - started
+            split.measured(cpu_slots, time.perf_counter() - started, 0, 0.0)
             out += cpu_out.to(out.device)
-        gpu_end.synchronize()
-        split.measured(cpu_slots, cpu_s, gpu_experts, gpu_start.elapsed_time(gpu_end) / 1000)
         return out.reshape(hidden.shape).to(hidden.dtype)
+
+    # The layer whose prompt call came last, and each layer's successor seen so far: a
+    # prompt's layers follow one another in the same order, so a call can start copying
+    # the next layer's first chunk while its own last chunk computes.
+    _last_on_gpu: weakref.ref | None = None
+    _next_on_gpu: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def _learn_order(self) -> ExpertsCPU | None:
+        """Record this call's place after the previous one; the layer seen after this one."""
+        last = ExpertsCPU._last_on_gpu() if ExpertsCPU._last_on_gpu is not None else None
+        if last is not None and last is not self:
+            ExpertsCPU._next_on_gpu[last] = weakref.ref(self)
+        ExpertsCPU._last_on_gpu = weakref.ref(self)
+        following = ExpertsCPU._next_on_gpu.get(self)
+        return following() if following is not None else None
 
     def _in_stream(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The call queued on the current CUDA stream: copies, the engine's call, copy back."""

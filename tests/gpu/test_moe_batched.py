@@ -77,3 +77,31 @@ def test_no_routed_slot_gives_zeros():
     ids = torch.full((3, 2), E, device=DEVICE)
     out = batched_experts(x, ids, torch.ones(3, 2, device=DEVICE), gate, up, down, torch.nn.functional.silu)
     assert torch.equal(out.cpu(), torch.zeros(3, H))
+
+
+def test_a_call_prefetching_the_next_ones_first_chunk_changes_no_result():
+    """`then` starts the next call's first copy early: taken when the next call is that
+    one, dropped when it is not."""
+    layers = [
+        tuple(experts(t, shape, seed + 10 * i)[0] for t, shape, seed in
+              ((T.Q4_K, (E, INTER, H), 1), (T.Q4_K, (E, INTER, H), 2), (T.Q6_K, (E, H, INTER), 3)))
+        for i in range(3)
+    ]  # fmt: skip
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(12, H, generator=gen).to(DEVICE)
+    ids = torch.randint(0, E, (12, 2), generator=gen).to(DEVICE)
+    weights = torch.rand(12, 2, generator=gen).to(DEVICE)
+    silu = torch.nn.functional.silu
+
+    def run(layer, then=None):
+        return batched_experts(x, ids, weights, *layers[layer], silu, chunk_bytes=1, then=then).cpu()
+
+    def same(a, b):  # index_add_ on a GPU sums in any order
+        return torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    alone = [run(i) for i in range(3)]
+    assert same(run(0, then=layers[1]), alone[0])
+    assert same(run(1, then=layers[0]), alone[1])  # prefetched layer 0, but layer 2 comes
+    assert same(run(2), alone[2])
+    assert same(run(0, then=layers[1]), alone[0])
+    assert same(run(1), alone[1])  # the prefetched chunk taken
