@@ -20,6 +20,7 @@ from tandem.ops.attention_cpu import ENGINE_FLAG
 from tandem.ops.attention_cpu import IMPLEMENTATION as CPU_ATTENTION
 from tandem.ops.base import TandemModule
 from tandem.ops.decode_layer_cpu import fuse_decoder_layers
+from tandem.ops.linear_gpu_fused import fuse_shared_inputs
 from tandem.ops.rope_cpu import install as install_engine_rope
 from tandem.weights.arch import get_architecture
 from tandem.weights.gguf_file import GGUFFile
@@ -122,6 +123,7 @@ def optimize_and_load(
     rules = rule_path if isinstance(rule_path, list) else load_rules(rule_path)
     placements, devices = inject(model, rules, config, default_device)
     load_weights(model, weights, devices, progress)
+    fuse_shared_inputs(model)  # GPU projections of one input as one product
     # A model run on the CPU whose operators took the engine gets the engine's CPU-side
     # helpers too; a GPU model with its experts on the engine (a hybrid plan) keeps torch's.
     on_cpu = torch.device(default_device).type == "cpu"

@@ -97,6 +97,8 @@ class QuantLinearGPU(TandemModule):
         self.dtype = parse_dtype(dtype, key)
         self.parts: list[_Part] = []
         self.bias: nn.Parameter | None = None
+        self.shared = None  # a SharedInput computing this layer with its siblings
+        self.shared_index = 0
 
     def load(self, weights: GGUFWeights) -> None:
         shape = (self.out_features, self.in_features)
@@ -109,6 +111,8 @@ class QuantLinearGPU(TandemModule):
             self.bias = nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        if self.shared is not None:  # one product with its siblings (linear_gpu_fused.py)
+            return self.shared.take(self.shared_index, x).to(device=x.device, dtype=x.dtype)
         flat = x.reshape(-1, self.in_features).to(self.generate_device)
         outs = [part(flat, self.dtype) for part in self.parts]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
