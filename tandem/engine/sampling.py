@@ -154,13 +154,14 @@ class Sampler:
         n_keep = probs.shape[0]
         if p.top_p < 1.0:
             # Keep a token while the mass strictly above it is still short of top_p;
-            # the most likely token has nothing above it, so it always stays.
+            # the most likely token has nothing above it, so it always stays (also for a
+            # top_p that rounds to 0 in float32, such as 1e-46).
             above = torch.cumsum(probs, dim=0) - probs
-            n_keep = min(n_keep, int((above < p.top_p).sum()))
+            n_keep = min(n_keep, max(1, int((above < p.top_p).sum())))
         if p.min_p > 0.0:
             # The ratio to the top token does not change when the set is renormalised,
             # so testing against the top-k softmax is the same as after top-p.
-            n_keep = min(n_keep, int((probs >= p.min_p * probs[0]).sum()))
+            n_keep = min(n_keep, max(1, int((probs >= p.min_p * probs[0]).sum())))
         probs = probs[:n_keep]
         return ids[:n_keep], probs / probs.sum()
 

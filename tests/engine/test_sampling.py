@@ -74,6 +74,12 @@ def test_top_p_keeps_the_smallest_set_reaching_p(top_p, n_kept):
     assert _kept(SamplingParams(top_p=top_p)) == set(_BY_RANK[:n_kept])
 
 
+def test_a_top_p_below_float32s_smallest_keeps_the_best_token():
+    # 5e-324 is 0 in float32, where the mass above the top token (0) is compared with it.
+    assert _kept(SamplingParams(top_p=5e-324)) == set(_BY_RANK[:1])
+    assert Sampler(SamplingParams(top_p=5e-324, temperature=1.0, seed=3)).sample(_HALVING) == _BY_RANK[0]
+
+
 @pytest.mark.parametrize("min_p, n_kept", [(0.9, 1), (0.6, 1), (0.4, 2), (0.2, 3), (0.1, 4), (0.05, 6)])
 def test_min_p_drops_tokens_below_fraction_of_top(min_p, n_kept):
     kept = _kept(SamplingParams(min_p=min_p))
