@@ -7,7 +7,9 @@
 # source; its CUDA backend is built here) and .whl/qwen25-tokenizer.gguf carried, $OUT set.
 # TESTS=1 runs the GPU tests first; AB=none skips tandem's run with eager decode steps;
 # LLAMA=0 leaves llama.cpp out; SWEEP adds runs (below); PROFILE=1 splits a decode step
-# (benchmarks/profile_hybrid.py). The budget GIB keeps every layer's experts on the CPU
+# (benchmarks/profile_hybrid.py); EXTRA='shape:layers:gib ...' benches more files the same
+# way after the first (tandem's default settings and llama.cpp's), e.g.
+# EXTRA='deepseek-v2-lite:27:4.3'. The budget GIB keeps every layer's experts on the CPU
 # (the plan is printed).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -39,6 +41,15 @@ python -m tandem synth --shape "$SHAPE" --layers "$LAYERS" --quant Q4_K_M \
   --tokenizer-from .whl/qwen25-tokenizer.gguf -o /tmp/q3.gguf > "$OUT/synth.log" 2>&1
 log "synth rc=$?"
 python -m tandem inspect /tmp/q3.gguf --plan --gpu-memory "$GIB" --ctx 4096 2>&1 | sed -n '/placement/,/rules/p' >> "$OUT/steps.log"
+for extra in ${EXTRA:-}; do
+  IFS=: read -r xshape xlayers xgib <<< "$extra"
+  log "synth $xshape, $xlayers layers"
+  python -m tandem synth --shape "$xshape" --layers "$xlayers" --quant Q4_K_M \
+    --tokenizer-from .whl/qwen25-tokenizer.gguf -o "/tmp/$xshape.gguf" >> "$OUT/synth.log" 2>&1
+  log "synth rc=$?"
+  python -m tandem inspect "/tmp/$xshape.gguf" --plan --gpu-memory "$xgib" --ctx 4096 2>&1 |
+    sed -n '/placement/,/rules/p' >> "$OUT/steps.log"
+done
 # Nothing may compile while either tool is timed (the engine's workers are pinned).
 [ -n "$LLAMA_PID" ] && { wait $LLAMA_PID; log "llama build rc=$?"; }
 log "tandem bench --gpu-memory $GIB"
@@ -69,4 +80,14 @@ if [ -n "$LLAMA_PID" ] && [ -x /tmp/lc/b/bin/llama-bench ]; then
     -r "$R" -o md > "$OUT/llama_bench.txt" 2>&1
   log "llama-bench rc=$?"; cat "$OUT/llama_bench.txt" >> "$OUT/steps.log"
 fi
+for extra in ${EXTRA:-}; do
+  IFS=: read -r xshape xlayers xgib <<< "$extra"
+  log "tandem bench $xshape --gpu-memory $xgib"
+  timeout 300 python -m tandem bench -m "/tmp/$xshape.gguf" -t 16 -p "$NP" -n "$NG" -r "$R" \
+    --gpu-memory "$xgib" --json 2>&1 | tail -1 >> "$OUT/steps.log"
+  if [ -n "$LLAMA_PID" ] && [ -x /tmp/lc/b/bin/llama-bench ]; then
+    timeout 240 /tmp/lc/b/bin/llama-bench -m "/tmp/$xshape.gguf" -ngl 99 -ot exps=CPU -fa on -t 16 \
+      -p "$NP" -n "$NG" -r "$R" -o md 2>&1 | grep -E "^\|" >> "$OUT/steps.log"
+  fi
+done
 log done
