@@ -1,23 +1,13 @@
 #include "step_mailbox.h"
 
-#include "thread_pool.h"
-
 #include <chrono>
 #include <stdexcept>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#endif
+#include "thread_pool.h"
 
 namespace tandem {
 
 namespace {
-
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(_M_X64)
-    _mm_pause();
-#endif
-}
 
 // The words are written by the GPU over the bus, never by this thread's compiler-visible
 // stores alone: atomic accesses keep every poll a real load.

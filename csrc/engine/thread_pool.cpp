@@ -11,21 +11,9 @@
 #include <pthread.h>
 #include <sched.h>
 #endif
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#endif
 
 namespace tandem {
 namespace {
-
-
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(_M_X64)
-    _mm_pause();
-#else
-    std::this_thread::yield();
-#endif
-}
 
 // /sys is read with C stdio on purpose: iostreams depend on the C++ runtime's
 // locale machinery, and a process that also loads torch may hold two copies of

@@ -22,7 +22,20 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
 namespace tandem {
+
+// One iteration of a spin-wait: a pause hint to the core (or a yield elsewhere).
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+}
 
 // Binds the calling thread to one logical CPU (best effort: a refusal only costs locality).
 void pin_to(int cpu);
