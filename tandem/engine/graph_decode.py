@@ -32,7 +32,6 @@ on, with a one-line warning.
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 import time
 import weakref
@@ -41,12 +40,13 @@ import torch
 
 from tandem.engine.kv_cache import GrowingLayer
 from tandem.engine.model_io import input_device
+from tandem.env_switches import switch
 
 GRAPH_ENV = "TANDEM_CUDA_GRAPH"
 
 
 def graphs_enabled() -> bool:
-    return os.environ.get(GRAPH_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+    return switch(GRAPH_ENV, default=True)
 
 
 class GraphDecode:

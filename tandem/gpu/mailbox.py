@@ -14,10 +14,9 @@ operations work) or `host-function` (cudaLaunchHostFunc).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from tandem.env_switches import choice
 from tandem.errors import TandemError
 from tandem.gpu import cudart
 
@@ -49,16 +48,19 @@ class GPUMailbox:
 _mailboxes: dict[int, GPUMailbox] = {}
 
 
+def handover_asked() -> str:
+    """$TANDEM_GPU_HANDOVER: mailbox, host-function, or "" (the default)."""
+    return choice(HANDOVER_ENV, HANDOVERS, "")
+
+
 def handover() -> str:
     """The hand-over $TANDEM_GPU_HANDOVER asks for (default: mailbox where it works)."""
-    choice = os.environ.get(HANDOVER_ENV, "")
-    if choice and choice not in HANDOVERS:
-        raise TandemError(f"{HANDOVER_ENV} must be one of {', '.join(HANDOVERS)}, got {choice!r}")
-    if choice == "host-function":
-        return choice
+    asked = handover_asked()
+    if asked == "host-function":
+        return asked
     if cudart.stream_memory_ops_work():
         return "mailbox"
-    if choice == "mailbox":
+    if asked == "mailbox":
         raise TandemError(
             f"{HANDOVER_ENV}=mailbox: this GPU's driver cannot wait on host memory from a stream"
         )

@@ -14,7 +14,7 @@ $TANDEM_GPU_PREFILL_SPLIT=0 leaves every expert of such a call to the GPU.
 
 from __future__ import annotations
 
-import os
+from tandem.env_switches import switch
 
 SPLIT_ENV = "TANDEM_GPU_PREFILL_SPLIT"
 GUESS_SLOT_S_16_THREADS = 5e-6
@@ -23,7 +23,7 @@ SMOOTHING = 0.5  # weight of the newest measurement
 
 
 def split_enabled() -> bool:
-    return os.environ.get(SPLIT_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+    return switch(SPLIT_ENV, default=True)
 
 
 class PrefillSplit:

@@ -122,6 +122,8 @@ def optimize_and_load(
     """optimize_and_load_gguf for any weights object (GGUFWeights, SafetensorsWeights)."""
     rules = rule_path if isinstance(rule_path, list) else load_rules(rule_path)
     placements, devices = inject(model, rules, config, default_device)
+    if any(str(d).startswith("cuda") for d in (default_device, *devices.values())):
+        check_gpu_switches()  # a bad value fails here, before the weights load
     load_weights(model, weights, devices, progress)
     fuse_shared_inputs(model)  # GPU projections of one input as one product
     # A model run on the CPU whose operators took the engine gets the engine's CPU-side
@@ -134,6 +136,16 @@ def optimize_and_load(
         install_engine_rope(model)  # a prompt's RoPE too
         model._tandem_decode_layers = fuse_decoder_layers(model)  # each decode layer in one native call
     return placements
+
+
+def check_gpu_switches() -> None:
+    """Read every environment switch of the GPU path once, so that a bad value is an error now."""
+    from tandem.engine.graph_decode import graphs_enabled
+    from tandem.gpu.mailbox import handover_asked
+    from tandem.gpu.prefill_split import split_enabled
+    from tandem.ops.attention_cpu import gpu_kernel_enabled
+
+    graphs_enabled(), handover_asked(), split_enabled(), gpu_kernel_enabled()
 
 
 def load_weights(

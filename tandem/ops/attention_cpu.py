@@ -17,8 +17,6 @@ $TANDEM_GPU_ATTENTION=torch.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -26,6 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from tandem.cpu.engine import default_engine
+from tandem.env_switches import choice
 
 IMPLEMENTATION = "tandem_sdpa"
 # Set on a model's config when its CPU operators run on the engine: decode steps'
@@ -88,7 +87,7 @@ def engine_prompt_attention(
 
 
 def gpu_kernel_enabled() -> bool:
-    return os.environ.get(GPU_ATTENTION_ENV, "tandem").strip().lower() != "torch"
+    return choice(GPU_ATTENTION_ENV, ("tandem", "torch"), "tandem") == "tandem"
 
 
 def grouped_sdpa_attention(

@@ -77,3 +77,23 @@ def test_a_bad_hand_over_choice_is_refused_before_any_gpu_call(monkeypatch):
         handover()
     monkeypatch.setenv(HANDOVER_ENV, "host-function")
     assert handover() == "host-function"
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("TANDEM_CUDA_GRAPH", "sometimes"),
+        ("TANDEM_GPU_PREFILL_SPLIT", "half"),
+        ("TANDEM_GPU_ATTENTION", "flash"),
+        ("TANDEM_GPU_HANDOVER", "pigeon"),
+    ],
+)
+def test_a_bad_gpu_switch_is_a_one_line_error_before_loading(name, value, monkeypatch):
+    from tandem.errors import TandemError
+    from tandem.inject.loader import check_gpu_switches
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(TandemError, match=f"{name} must be"):
+        check_gpu_switches()
+    monkeypatch.setenv(name, "")
+    check_gpu_switches()  # empty: the default
