@@ -428,7 +428,7 @@ class EngineExperts:
         self._lock = threading.Lock()
         self._pending: tuple | None = None  # tensors of a submitted call, alive until sync
 
-    def _prepare(self, x, ids, weights):
+    def _prepare(self, x, ids, weights, pinned: bool = False):
         flat = _as_input(x, self.hidden, "experts")
         n = flat.shape[0]
         k = ids.shape[-1] if ids.dim() else 0
@@ -439,7 +439,7 @@ class EngineExperts:
         # transformers marks dropped slots with id E, which the engine skips; anything else is a bug.
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > self.n_experts):
             raise IndexError(f"experts: expert id outside [0, {self.n_experts})")
-        out = torch.empty(n, self.hidden, dtype=torch.float32)
+        out = torch.empty(n, self.hidden, dtype=torch.float32, pin_memory=pinned)
         return flat, ids, w, out
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -450,12 +450,16 @@ class EngineExperts:
         )
         return out.reshape(x.shape)
 
-    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        """Start the call on the pool's driver thread and return at once; sync() returns the result."""
+    def submit(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, pinned_output: bool = False
+    ) -> None:
+        """Start the call on the pool's driver thread and return at once; sync() returns the
+        result (in page-locked memory with `pinned_output`, for a copy to a GPU that does
+        not wait)."""
         with self._lock:
             if self._pending is not None:
                 raise TandemError("experts: submit() called twice without sync()")
-            flat, ids, w, out = self._prepare(x, ids, weights)
+            flat, ids, w, out = self._prepare(x, ids, weights, pinned_output)
             self._pending = (flat, ids, w, out, x.shape)
             self._op.submit(
                 flat.shape[0], ids.shape[1], flat.data_ptr(), ids.data_ptr(), w.data_ptr(), out.data_ptr()

@@ -154,7 +154,9 @@ class ExpertsCPU(QuantExperts):
         started = time.perf_counter()
         if cpu_slots:  # the engine's share first: it runs on the pool while the GPU works
             on_cpu = torch.where(ids >= cut, ids, n_experts)  # id E: a dropped slot, skipped
-            self.engine_experts.submit(flat.float().cpu(), on_cpu.cpu(), weights.float().cpu())
+            self.engine_experts.submit(
+                flat.float().cpu(), on_cpu.cpu(), weights.float().cpu(), pinned_output=True
+            )
         gpu_experts = sum(1 for c in tokens_of[:cut] if c)
         # The previous call's GPU time is read now, when its events are long done: no wait.
         if self._gpu_timing is not None:
@@ -174,7 +176,7 @@ class ExpertsCPU(QuantExperts):
         if cpu_slots:
             cpu_out = self.engine_experts.sync()
             split.measured(cpu_slots, time.perf_counter() - started, 0, 0.0)
-            out += cpu_out.to(out.device)
+            out += cpu_out.to(out.device, non_blocking=True)  # page-locked: the host goes on
         return out.reshape(hidden.shape).to(hidden.dtype)
 
     # The layer whose prompt call came last, and each layer's successor seen so far: a
