@@ -52,3 +52,19 @@ def test_layers_learn_which_one_follows_them():
     assert a._learn_order() is b  # ... and the next one knows: after c came a, after a came b
     assert b._learn_order() is c
     assert c._learn_order() is a
+
+
+def test_each_engine_has_one_cost_model_that_bench_can_read():
+    from tandem.gpu.prefill_split import learned, split_of
+
+    class Engine:
+        threads = 8
+
+    engine, other = Engine(), Engine()
+    assert learned(engine) is None
+    split = split_of(engine, expert_bytes=4_000_000)
+    assert split_of(engine, expert_bytes=1) is split and learned(engine) is split
+    assert split.slot_s == pytest.approx(10e-6) and split.expert_s == pytest.approx(
+        1e-4
+    )  # 8 threads, 40 GB/s
+    assert learned(other) is None

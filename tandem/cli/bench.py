@@ -82,6 +82,12 @@ def run(args: argparse.Namespace) -> int:
             if any(b[3] is not None for m in streamed for b in m._streamed.values())
             else "host-function"
         )
+        from tandem.gpu.prefill_split import learned
+
+        split = learned(streamed[0].engine_experts.engine)
+        if split is not None:  # the costs the prompts' GPU/engine cut settled on (docs/hybrid.md)
+            report["prefill_split_cpu_us_per_slot"] = split.slot_s * 1e6
+            report["prefill_split_gpu_ms_per_expert"] = split.expert_s * 1e3
     # After the runs, so the gigabyte read buffer does not disturb them.
     report.update(memory_floor(loaded.gguf, report["decode_tok_s"]))
     if args.json:

@@ -58,6 +58,12 @@ class PrefillSplit:
 _models: dict[int, tuple[object, PrefillSplit]] = {}
 
 
+def learned(engine) -> PrefillSplit | None:
+    """The engine's cost model, if a prompt used it."""
+    found = _models.get(id(engine))
+    return found[1] if found is not None and found[0] is engine else None
+
+
 def split_of(engine, expert_bytes: int) -> PrefillSplit:
     """The cost model shared by the layers on `engine` (made on first use)."""
     found = _models.get(id(engine))
