@@ -96,7 +96,8 @@ def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask:
         return False
     if key.stride(-1) != 1 or value.stride(-1) != 1 or query.stride(-1) != 1:
         return False
-    return mask is None or (mask.dtype == torch.bool and mask.shape[-2] == 1 and mask.numel() >= key.shape[2])
+    # A mask: one boolean row for every head and the query, at least as long as the keys.
+    return mask is None or (mask.dtype == torch.bool and mask.numel() == mask.shape[-1] >= key.shape[2])
 
 
 def decode_attention(

@@ -98,12 +98,12 @@ class _Stager:
     def take(self, tensors, e0: int, e1: int):
         """The copy `prefetch` started, if it covers experts [e0, e1) of these tensors."""
         ahead, self.ahead = self.ahead, None
-        if ahead is None or ahead[0] != _key(tensors) or ahead[1] != e0 or ahead[2] < e1:
+        if ahead is None or ahead[0] != _key(tensors) or not ahead[1] <= e0 < e1 <= ahead[2]:
             return None
         views, tag = ahead[3]
-        return [
-            v[: (e1 - e0) * qt.shape[1] * qt.row_bytes] for v, qt in zip(views, tensors, strict=True)
-        ], tag
+        first = e0 - ahead[1]
+        sizes = [qt.shape[1] * qt.row_bytes for qt in tensors]
+        return [v[first * size : (first + e1 - e0) * size] for v, size in zip(views, sizes, strict=True)], tag
 
     def ready(self, fetched) -> list[torch.Tensor]:
         views, tag = fetched

@@ -60,3 +60,5 @@ def test_what_the_kernel_does_not_take_is_refused():
     q2, k2, v2 = case(8, 2, 10, 48, 48, torch.float32)
     assert not supported(q2, k2, v2, None)  # head size not a power of two
     assert not supported(torch.cat([q, q], 2), k, v, None)  # two query positions
+    per_head = torch.ones(1, 8, 1, 10, dtype=torch.bool, device=DEVICE)
+    assert not supported(q, k, v, per_head)  # one row per head: not one mask for all

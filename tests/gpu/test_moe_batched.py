@@ -105,3 +105,26 @@ def test_a_call_prefetching_the_next_ones_first_chunk_changes_no_result():
     assert same(run(2), alone[2])
     assert same(run(0, then=layers[1]), alone[0])
     assert same(run(1), alone[1])  # the prefetched chunk taken
+
+
+def test_a_prefetched_range_serves_any_range_inside_it():
+    """The stager's bookkeeping (no device needed): experts [2, 4) out of a copy of [0, 6)."""
+    from tandem.gpu.moe_batched import _key, _Stager
+
+    (gate, _), (up, _), (down, _) = (
+        experts(T.Q8_0, (E, INTER, H), 1),
+        experts(T.Q8_0, (E, INTER, H), 2),
+        experts(T.Q8_0, (E, H, INTER), 3),
+    )
+    tensors = (gate, up, down)
+    stager = object.__new__(_Stager)
+    stager.ahead = (_key(tensors), 0, E, ([qt.data.clone() for qt in tensors], "tag"))
+    views, tag = stager.take(tensors, 2, 4)
+    assert tag == "tag" and stager.ahead is None  # taken once
+    for view, qt in zip(views, tensors, strict=True):
+        size = qt.shape[1] * qt.row_bytes
+        assert torch.equal(view, qt.data[2 * size : 4 * size])
+    stager.ahead = (_key(tensors), 1, 3, ([qt.data for qt in tensors], "tag"))
+    assert stager.take(tensors, 0, 2) is None  # starts before the copy
+    stager.ahead = (_key(tensors), 0, E, ([qt.data for qt in tensors], "tag"))
+    assert stager.take((up, gate, down), 0, 2) is None  # other tensors
