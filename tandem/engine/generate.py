@@ -114,6 +114,18 @@ def _prefill(
     return logits
 
 
+# Prompt tokens per forward pass of a model on a GPU: its activations must fit the plan's
+# headroom (docs/hybrid.md), and each pass of a hybrid model copies its experts over once,
+# so the passes are as long as that allows.
+GPU_PREFILL_CHUNK = 2048
+
+
+def default_prefill_chunk(model: torch.nn.Module, n_prompt: int) -> int:
+    """The whole prompt on the CPU; GPU_PREFILL_CHUNK tokens at a time on a GPU."""
+    on_gpu = any(p.device.type == "cuda" for p in model.parameters())
+    return min(n_prompt, GPU_PREFILL_CHUNK) if on_gpu else n_prompt
+
+
 def _check_args(
     max_new_tokens: int, prefill_chunk: int | None, stop_token_ids: Iterable[int]
 ) -> frozenset[int]:
@@ -146,7 +158,8 @@ def prefill_and_generate(
     sampling: None means greedy. Stops at the first stop token id or stop string
     ("stop"), else after `max_new_tokens` tokens ("length"). `on_text` receives the
     text as it becomes safe to show (never half a character, never what might yet
-    be a stop string). `prefill_chunk` bounds the tokens per prefill forward pass.
+    be a stop string). `prefill_chunk` bounds the tokens per prefill forward pass
+    (default: the whole prompt on the CPU, GPU_PREFILL_CHUNK tokens on a GPU).
     `prompt_cache` keeps the KV cache for the next call (see PromptCache).
     `cancel`: when set (from another thread), generation ends before the next decode step
     with finish_reason "cancelled" (a client that went away).
@@ -160,7 +173,7 @@ def prefill_and_generate(
     sampler = Sampler(sampling if sampling is not None else SamplingParams(temperature=0.0))
     stream = TextStream(tokenizer, stop_strings, context_ids=prompt)
     device = input_device(model)
-    chunk = prefill_chunk if prefill_chunk is not None else len(prompt)
+    chunk = prefill_chunk if prefill_chunk is not None else default_prefill_chunk(model, len(prompt))
 
     pieces: list[str] = []
 

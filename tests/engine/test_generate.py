@@ -193,3 +193,20 @@ def test_a_cancel_event_ends_generation_before_the_next_step(tiny_model, byte_to
     assert got.finish_reason == "cancelled"
     assert 3 <= got.n_generated < 32
     assert got.token_ids == greedy32.token_ids[: got.n_generated]
+
+
+def test_a_gpu_model_prefills_long_prompts_in_chunks_and_a_cpu_model_at_once():
+    from tandem.engine.generate import GPU_PREFILL_CHUNK, default_prefill_chunk
+
+    cpu_model = torch.nn.Linear(2, 2)
+    assert default_prefill_chunk(cpu_model, 10_000) == 10_000
+
+    class Gpu(torch.nn.Module):  # a model with a parameter on a GPU, without one here
+        def parameters(self, recurse=True):
+            class P:
+                device = torch.device("cuda:0")
+
+            yield P()
+
+    assert default_prefill_chunk(Gpu(), 10_000) == GPU_PREFILL_CHUNK
+    assert default_prefill_chunk(Gpu(), 100) == 100

@@ -76,6 +76,16 @@ def test_a_later_generation_replays_the_same_graph_without_a_capture(tmp_path, m
     assert first.token_ids == second.token_ids == eager.token_ids
 
 
+def test_a_gpu_models_prompt_in_chunks_gives_the_same_tokens(tmp_path, monkeypatch):
+    from tandem.engine import generate as generate_module
+
+    path = write_tiny("qwen3moe", tmp_path / "moe.gguf", "Q8_0")
+    hybrid = load_model(path, gpu_memory=experts_on_cpu_budget(path), plan_ctx=CTX).model
+    whole = prefill_and_generate(hybrid, _Ids(), PROMPT, 8).token_ids
+    monkeypatch.setattr(generate_module, "GPU_PREFILL_CHUNK", 3)  # 7 prompt tokens: 3 + 3 + 1
+    assert prefill_and_generate(hybrid, _Ids(), PROMPT, 8).token_ids == whole
+
+
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_hybrid_experts_run_in_the_graph_and_keep_the_tokens(arch, tmp_path, monkeypatch):
     path = write_tiny(arch, tmp_path / "moe.gguf", "Q8_0")
