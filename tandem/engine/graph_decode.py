@@ -38,7 +38,7 @@ import weakref
 
 import torch
 
-from tandem.engine.kv_cache import GrowingLayer
+from tandem.engine.kv_cache import GrowingLayer, same_kind
 from tandem.engine.model_io import input_device
 from tandem.env_switches import switch
 
@@ -123,16 +123,8 @@ class GraphDecode:
         pairs = list(zip(kv.layers, self.buffers, strict=True))
         if all(layer._k is k for layer, (k, _) in pairs):
             return end <= self.buffers[0][0].shape[2]
-        for layer, (k, v) in pairs:
-            if not (
-                end <= k.shape[2]
-                and layer._k.shape[:2] == k.shape[:2]
-                and layer._k.shape[3] == k.shape[3]
-                and layer._v.shape[3] == v.shape[3]
-                and layer._k.dtype == k.dtype
-                and layer._k.device == k.device
-            ):
-                return False
+        if not all(end <= k.shape[2] and same_kind(k, v, layer._k, layer._v) for layer, (k, v) in pairs):
+            return False
         owner = self.owner() if self.owner is not None else None
         if owner is not None and owner is not kv:
             for layer in owner.layers:

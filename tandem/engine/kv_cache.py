@@ -24,6 +24,17 @@ MIN_CAPACITY = 64
 HEADROOM = 256  # positions allocated past the ones a growth needs
 
 
+def same_kind(k: torch.Tensor, v: torch.Tensor, like_k: torch.Tensor, like_v: torch.Tensor) -> bool:
+    """Whether key/value buffers k, v can hold rows shaped like like_k, like_v (any length)."""
+    return (
+        k.shape[:2] == like_k.shape[:2]
+        and k.shape[3] == like_k.shape[3]
+        and v.shape[3] == like_v.shape[3]
+        and k.dtype == like_k.dtype
+        and k.device == like_k.device
+    )
+
+
 class GrowingLayer(DynamicLayer):
     """A full-attention layer's keys and values [B, H, capacity, D]; `keys`/`values` view the filled part."""
 
@@ -63,14 +74,7 @@ class GrowingLayer(DynamicLayer):
     def _reserve(self, end: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
         """Room for `end` positions in buffers shaped like like_k / like_v (except the length)."""
         k, v = self._k, self._v
-        fits = (
-            k is not None
-            and k.shape[:2] == like_k.shape[:2]
-            and k.shape[3] == like_k.shape[3]
-            and v.shape[3] == like_v.shape[3]
-            and k.dtype == like_k.dtype
-            and k.device == like_k.device
-        )
+        fits = k is not None and same_kind(k, v, like_k, like_v)
         if fits and k.shape[2] >= end:
             return
         if not fits and self.length:

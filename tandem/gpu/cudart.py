@@ -196,24 +196,22 @@ def device_pointer(tensor: torch.Tensor) -> int:
 
 def write_value32(device_address: int, value: int, stream: torch.cuda.Stream | None = None) -> None:
     """Queue on `stream` (default: current) a write of `value` to the 32-bit word at `device_address`."""
-    ops = _memory_ops()
-    if ops is None:
-        raise TandemError("this CUDA driver has no stream memory operations")
-    stream = stream if stream is not None else torch.cuda.current_stream()
-    err = ops[0](ctypes.c_void_p(stream.cuda_stream), device_address, value, 0)
-    if err != 0:
-        raise TandemError(f"cuStreamWriteValue32 failed with CUDA driver error {err}")
+    _memory_op(0, "cuStreamWriteValue32", device_address, value, 0, stream)
 
 
 def wait_value32(device_address: int, value: int, stream: torch.cuda.Stream | None = None) -> None:
     """Queue on `stream` (default: current) a wait until the word at `device_address` equals `value`."""
+    _memory_op(1, "cuStreamWaitValue32", device_address, value, WAIT_VALUE_EQ, stream)
+
+
+def _memory_op(which: int, name: str, address: int, value: int, flags: int, stream) -> None:
     ops = _memory_ops()
     if ops is None:
         raise TandemError("this CUDA driver has no stream memory operations")
     stream = stream if stream is not None else torch.cuda.current_stream()
-    err = ops[1](ctypes.c_void_p(stream.cuda_stream), device_address, value, WAIT_VALUE_EQ)
+    err = ops[which](ctypes.c_void_p(stream.cuda_stream), address, value, flags)
     if err != 0:
-        raise TandemError(f"cuStreamWaitValue32 failed with CUDA driver error {err}")
+        raise TandemError(f"{name} failed with CUDA driver error {err}")
 
 
 @functools.cache

@@ -14,6 +14,8 @@ operations work) or `host-function` (cudaLaunchHostFunc).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from tandem.env_switches import choice
@@ -45,7 +47,7 @@ class GPUMailbox:
         cudart.write_value32(self.done, 0)
 
 
-_mailboxes: dict[int, GPUMailbox] = {}
+_mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> its mailbox
 
 
 def handover_asked() -> str:
@@ -69,8 +71,6 @@ def handover() -> str:
 
 def mailbox_of(engine) -> GPUMailbox:
     """The engine's mailbox, made on first use (one per engine, used by one stream at a time)."""
-    box = _mailboxes.get(id(engine))
-    if box is None or box.engine is not engine:
-        box = GPUMailbox(engine)
-        _mailboxes[id(engine)] = box
-    return box
+    if engine not in _mailboxes:
+        _mailboxes[engine] = GPUMailbox(engine)
+    return _mailboxes[engine]

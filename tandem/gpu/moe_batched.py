@@ -31,16 +31,6 @@ def _expert_range(qt: QuantTensor, e0: int, e1: int) -> torch.Tensor:
     return qt.data[e0 * size : e1 * size]
 
 
-def _to_device(blocks: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if blocks.device == device:
-        return blocks
-    if blocks.device.type == "cpu" and device.type == "cuda":
-        from tandem.gpu.cudart import copy_to_device
-
-        return copy_to_device(blocks, device)
-    return blocks.to(device)
-
-
 def _chunk_experts(gate: QuantTensor, up: QuantTensor, down: QuantTensor, device, dtype, chunk_bytes: int):
     """(experts per chunk, bytes one expert's blocks take when copied)."""
     _, inter, hidden = gate.shape
@@ -118,13 +108,13 @@ class _Stager:
 
 
 class _Direct:
-    """Chunks copied (or already there) in the caller's stream: other devices, the interpreter."""
+    """Chunks already on the device (or copied in the caller's stream, off CUDA: the interpreter)."""
 
     def __init__(self, device: torch.device):
         self.device = device
 
     def fetch(self, tensors, e0: int, e1: int):
-        return [_to_device(_expert_range(qt, e0, e1), self.device) for qt in tensors], None
+        return [_expert_range(qt, e0, e1).to(self.device) for qt in tensors], None
 
     def prefetch(self, tensors, e0: int, e1: int) -> None:
         pass

@@ -14,6 +14,8 @@ $TANDEM_GPU_PREFILL_SPLIT=0 leaves every expert of such a call to the GPU.
 
 from __future__ import annotations
 
+import weakref
+
 from tandem.env_switches import switch
 
 SPLIT_ENV = "TANDEM_GPU_PREFILL_SPLIT"
@@ -55,19 +57,16 @@ class PrefillSplit:
             self.expert_s += SMOOTHING * (gpu_s / gpu_experts - self.expert_s)
 
 
-_models: dict[int, tuple[object, PrefillSplit]] = {}
+_models: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> its cost model
 
 
 def learned(engine) -> PrefillSplit | None:
     """The engine's cost model, if a prompt used it."""
-    found = _models.get(id(engine))
-    return found[1] if found is not None and found[0] is engine else None
+    return _models.get(engine)
 
 
 def split_of(engine, expert_bytes: int) -> PrefillSplit:
     """The cost model shared by the layers on `engine` (made on first use)."""
-    found = _models.get(id(engine))
-    if found is None or found[0] is not engine:
-        found = (engine, PrefillSplit(engine.threads, expert_bytes))
-        _models[id(engine)] = found
-    return found[1]
+    if engine not in _models:
+        _models[engine] = PrefillSplit(engine.threads, expert_bytes)
+    return _models[engine]

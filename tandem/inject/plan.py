@@ -16,6 +16,7 @@ the KTransformers schema, placed before the family's default rules (`rules_yaml`
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -162,13 +163,6 @@ def mla_element_bytes(rules: list[Rule]) -> int | None:
     return None
 
 
-def _elements(t) -> int:
-    n = 1
-    for d in t.shape:
-        n *= d
-    return n
-
-
 def default_reserve(budget: int) -> int:
     return RESERVE_FIXED + int(RESERVE_FRACTION * budget)
 
@@ -201,7 +195,7 @@ def plan_placement(
             continue  # stays on the CPU with the embedding
         load, none = _gpu_bytes(t)
         if mla_bytes and len(t.shape) >= 2 and _ATTENTION.match(t.name):  # MLAttention: its dtype
-            load = none = allocated(mla_bytes * _elements(t))
+            load = none = allocated(mla_bytes * math.prod(t.shape))
         dense_load += load
         dense_none += none
     # The rotary embeddings' inverse frequencies (inv_freq and its original; Gemma 3 has two
@@ -242,7 +236,7 @@ def plan_placement(
 
 def _gpu_bytes(t) -> tuple[int, int]:
     """A non-expert tensor on the GPU: (dequantized at load, kept as blocks where kernels read them)."""
-    n = _elements(t)
+    n = math.prod(t.shape)
     name = t.ggml_type.name
     if len(t.shape) < 2 or name == "F32" or "ffn_gate_inp" in t.name:  # norms, biases, routers: float32
         return allocated(4 * n), allocated(4 * n)
