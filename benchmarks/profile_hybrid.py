@@ -57,9 +57,10 @@ def main() -> None:
             torch.cuda.synchronize()
         kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
         gpu_us = sum(e.self_device_time_total for e in kernels) / 5
-        print(f"GPU kernels per step: {gpu_us / 1000:.2f} ms ({len(kernels)} kinds); the largest:")
-        for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]:
-            print(f"  {e.self_device_time_total / 5 / 1000:8.3f} ms  {e.count // 5:5d}x  {e.key[:70]}")
+        launches = sum(e.count for e in kernels) // 5
+        print(f"GPU kernels per step: {gpu_us / 1000:.2f} ms, {launches} launches ({len(kernels)} kinds):")
+        for e in sorted(kernels, key=lambda e: -e.self_device_time_total):
+            print(f"  {e.self_device_time_total / 5 / 1000:8.3f} ms  {e.count // 5:5d}x  {e.key[:90]}")
     experts = [m for m in model.modules() if isinstance(m, ExpertsCPU) and m.engine_experts is not None]
     if experts:
         k = model.config.num_experts_per_tok

@@ -37,6 +37,16 @@ def test_measurements_move_the_costs_halfway():
     assert split.slot_s == pytest.approx(2.0) and split.expert_s == pytest.approx(3.0)
 
 
+def test_an_engine_share_taken_without_a_wait_only_bounds_its_time():
+    split = model(1.0, 1.0)
+    split.engine_timed(slots=2, elapsed_s=40.0, waited=False)  # done while the GPU's work was queued
+    assert split.slot_s == pytest.approx(1.0)
+    split.engine_timed(slots=10, elapsed_s=5.0, waited=False)  # a bound below the estimate: learnt
+    assert split.slot_s == pytest.approx(0.75)
+    split.engine_timed(slots=10, elapsed_s=40.0, waited=True)  # waited for: its time
+    assert split.slot_s == pytest.approx(2.375)
+
+
 def test_the_split_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("TANDEM_GPU_PREFILL_SPLIT", "0")
     assert not split_enabled()

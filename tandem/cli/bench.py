@@ -67,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
     if layers:  # how many decoder layers ran fused at decode (docs/cpu-engine.md)
         report["decode_layers_fused"] = sum(why == "fused" for why in layers.values())
         report["decode_layers"] = len(layers)
+    gpu_layers = getattr(loaded.model, "_tandem_gpu_decode_layers", None)
+    if gpu_layers:  # decoder layers with the fused GPU decode step (tandem/ops/decode_layer_gpu.py)
+        report["gpu_decode_layers_fused"] = sum(why == "fused" for why in gpu_layers.values())
     graph = getattr(loaded.model, "_tandem_graph_decode", None)
     if graph is not None:  # decode steps replayed from a CUDA graph (tandem/engine/graph_decode.py)
         report["cuda_graph"] = "replayed" if graph.broken is None else f"off: {graph.broken}"
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if streamed:  # hybrid experts in stream order: how the stream hands them to the engine
         report["gpu_handover"] = (
             "mailbox"
-            if any(b[3] is not None for m in streamed for b in m._streamed.values())
+            if any(call.box is not None for m in streamed for call in m._streamed.values())
             else "host-function"
         )
         from tandem.gpu.prefill_split import learned

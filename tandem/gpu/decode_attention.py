@@ -9,7 +9,8 @@ values, in float32), and a second kernel merges the slices of each head. Key and
 heads are read where they are: query head h uses key head h // (Hq / Hkv).
 
 A boolean mask over the keys (a captured decode step hides its buffers' unwritten rows
-that way) is read per key; without one every key counts. The torch reference
+that way) is read per key; without one every key counts. A position read from the GPU
+(the step's) ends the keys instead: slices past it do nothing. The torch reference
 `decode_attention_reference` is what the tests compare against.
 """
 
@@ -25,10 +26,11 @@ TARGET_PROGRAMS = 264  # about two per SM of an H100/H200: enough slices to fill
 
 @triton.jit
 def _slice_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, part_ptr,
     stride_qh, stride_kh, stride_ks, stride_vh, stride_vs,
     n_keys, keys_per_slice, n_slices, scale,
-    GROUP: tl.constexpr, HAS_MASK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr,
+    GROUP: tl.constexpr, HAS_MASK: tl.constexpr, HAS_POS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     head = tl.program_id(0)
     piece = tl.program_id(1)
@@ -38,6 +40,8 @@ def _slice_kernel(
     q = tl.load(q_ptr + head * stride_qh + d).to(tl.float32) * scale
     start = piece * keys_per_slice
     end = tl.minimum(start + keys_per_slice, n_keys)
+    if HAS_POS:  # keys up to the step's position, read on the GPU (a graph replays at any position)
+        end = tl.minimum(end, tl.load(pos_ptr).to(tl.int32) + 1)
     top = tl.full((), -1.0e30, tl.float32)  # finite: a slice of hidden keys keeps exp() defined
     total = tl.zeros((), tl.float32)
     acc = tl.zeros((DV,), tl.float32)
@@ -101,10 +105,17 @@ def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask:
 
 
 def decode_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    position: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """query [1, Hq, 1, D], key [1, Hkv, S, D], value [1, Hkv, S, Dv], mask [.., S'] bool
-    (True: attend; S' >= S, its first S used) or None -> [1, 1, Hq, Dv] in the query's dtype."""
+    (True: attend; S' >= S, its first S used) or None; position: int64 [1] on the GPU, keys
+    past it unseen, or None -> [1, 1, Hq, Dv] in out_dtype (default the query's)."""
     _, hq, _, d = query.shape
     hkv, n_keys, dv = key.shape[1], key.shape[2], value.shape[-1]
     slices = max(1, min(_ceil_div(n_keys, BLOCK_KEYS), TARGET_PROGRAMS // hq))
@@ -113,20 +124,30 @@ def decode_attention(
     parts = torch.empty(hq, slices, dv + 2, dtype=torch.float32, device=query.device)
     flat_mask = mask.reshape(-1).contiguous() if mask is not None else parts  # (unused without a mask)
     _slice_kernel[(hq, slices)](
-        query, key, value, flat_mask, parts,
+        query, key, value, flat_mask, position if position is not None else parts, parts,
         query.stride(1), key.stride(1), key.stride(2), value.stride(1), value.stride(2),
         n_keys, per_slice, slices, float(scale),
-        GROUP=hq // hkv, HAS_MASK=mask is not None, D=d, DV=dv, BLOCK=BLOCK_KEYS,
+        GROUP=hq // hkv, HAS_MASK=mask is not None, HAS_POS=position is not None, D=d, DV=dv,
+        BLOCK=BLOCK_KEYS,
     )  # fmt: skip
-    out = torch.empty(1, 1, hq, dv, dtype=query.dtype, device=query.device)
+    out = torch.empty(1, 1, hq, dv, dtype=out_dtype or query.dtype, device=query.device)
     _merge_kernel[(hq,)](parts, out, slices, DV=dv, SLICES=triton.next_power_of_2(slices))
     return out
 
 
 def decode_attention_reference(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    position: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The same in float64 torch: softmax(q·k·scale, hidden keys out) · v."""
+    if position is not None:
+        last = int(position.item()) + 1
+        key, value = key[:, :, :last], value[:, :, :last]
     group = query.shape[1] // key.shape[1]
     k = key.double().repeat_interleave(group, dim=1)
     v = value.double().repeat_interleave(group, dim=1)
@@ -134,4 +155,4 @@ def decode_attention_reference(
     if mask is not None:
         scores = scores.masked_fill(~mask.reshape(-1)[: key.shape[2]].view(1, 1, 1, -1), float("-inf"))
     out = torch.softmax(scores, dim=-1) @ v  # [1, Hq, 1, Dv]
-    return out.transpose(1, 2).to(query.dtype)
+    return out.transpose(1, 2).to(out_dtype or query.dtype)

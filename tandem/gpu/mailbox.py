@@ -3,7 +3,8 @@
 A hybrid decode step queues, per MoE layer: the copy of the inputs to pinned memory,
 then a write of the call's code into the request word and a wait until the done word
 holds it (stream memory operations, tandem.gpu.cudart), then a write clearing the done
-word and the copy of the output back. The engine's serving thread (the C++ StepMailbox)
+word and the copy of the output back. GPU work queued between the request and the wait
+(a shared expert) runs while the engine computes. The engine's serving thread (the C++ StepMailbox)
 polls the request word, runs the call, and answers in the done word. Unlike a host
 function, no driver thread runs in between and the GPU resumes by itself, also inside a
 CUDA graph.
@@ -34,17 +35,20 @@ class GPUMailbox:
         self.words = torch.zeros(16, dtype=torch.int32, pin_memory=True)  # request, done; 64 bytes
         self.server = engine.step_mailbox(self.words)
         base = cudart.device_pointer(self.words)
-        self.request, self.done = base, base + 4
+        self.request_word, self.done_word = base, base + 4
 
     def add(self, fn_address: int, data_address: int) -> int:
         """Register fn(data); returns the code `queue` requests it by."""
         return int(self.server.add(fn_address, data_address))
 
-    def queue(self, code: int) -> None:
-        """On the current stream: request call `code`, wait for its answer, clear it."""
-        cudart.write_value32(self.request, code)
-        cudart.wait_value32(self.done, code)
-        cudart.write_value32(self.done, 0)
+    def request(self, code: int) -> None:
+        """On the current stream: ask for call `code`; the stream goes on meanwhile."""
+        cudart.write_value32(self.request_word, code)
+
+    def wait(self, code: int) -> None:
+        """On the current stream: wait until call `code` has answered, then clear the answer."""
+        cudart.wait_value32(self.done_word, code)
+        cudart.write_value32(self.done_word, 0)
 
 
 _mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> its mailbox

@@ -20,6 +20,7 @@ from tandem.ops.attention_cpu import ENGINE_FLAG
 from tandem.ops.attention_cpu import IMPLEMENTATION as CPU_ATTENTION
 from tandem.ops.base import TandemModule
 from tandem.ops.decode_layer_cpu import fuse_decoder_layers
+from tandem.ops.decode_layer_gpu import fuse_gpu_decoder_layers
 from tandem.ops.linear_gpu_fused import fuse_shared_inputs
 from tandem.ops.rope_cpu import install as install_engine_rope
 from tandem.weights.arch import get_architecture
@@ -126,6 +127,8 @@ def optimize_and_load(
         check_gpu_switches()  # a bad value fails here, before the weights load
     load_weights(model, weights, devices, progress)
     fuse_shared_inputs(model)  # GPU projections of one input as one product
+    if any(str(d).startswith("cuda") for d in (default_device, *devices.values())):
+        model._tandem_gpu_decode_layers = fuse_gpu_decoder_layers(model)  # a decode step in fewer kernels
     # A model run on the CPU whose operators took the engine gets the engine's CPU-side
     # helpers too; a GPU model with its experts on the engine (a hybrid plan) keeps torch's.
     on_cpu = torch.device(default_device).type == "cpu"
@@ -144,8 +147,9 @@ def check_gpu_switches() -> None:
     from tandem.gpu.mailbox import handover_asked
     from tandem.gpu.prefill_split import split_enabled
     from tandem.ops.attention_cpu import gpu_kernel_enabled
+    from tandem.ops.decode_layer_gpu import fused_decode_enabled
 
-    graphs_enabled(), handover_asked(), split_enabled(), gpu_kernel_enabled()
+    graphs_enabled(), handover_asked(), split_enabled(), gpu_kernel_enabled(), fused_decode_enabled()
 
 
 def load_weights(

@@ -46,6 +46,8 @@ PREFILL_ON_GPU_ENV = "TANDEM_GPU_PREFILL_EXPERTS"
 # 11.0 ms at 128 tokens and the GPU with the copies 9.5 (4.7 and 9.7 at 32 tokens);
 # below, the calls stay on the engine. Above, prefill_split divides them.
 DEFAULT_PREFILL_ON_GPU_FROM = 128
+# A sync that took longer waited for the engine (its time is then the elapsed time).
+SYNC_WAITED_S = 100e-6
 
 
 class ExpertsCPU(QuantExperts):
@@ -90,7 +92,7 @@ class ExpertsCPU(QuantExperts):
         use_engine = self.generate_op != "torch" and engine_enabled() and silu and self.dtype == torch.float32
         self.backend = "engine" if use_engine else "torch"
         self.engine_experts = None
-        self._streamed: dict[tuple[int, int], tuple] = {}  # (tokens, k) -> pinned buffers, call record
+        self._streamed: dict[tuple[int, int], StreamCall] = {}  # (tokens, k) -> its buffers and call
 
     @property
     def capturable(self) -> bool:
@@ -174,8 +176,10 @@ class ExpertsCPU(QuantExperts):
         end.record()
         self._gpu_timing = (start, end, gpu_experts)
         if cpu_slots:
+            queued = time.perf_counter()
             cpu_out = self.engine_experts.sync()
-            split.measured(cpu_slots, time.perf_counter() - started, 0, 0.0)
+            done = time.perf_counter()
+            split.engine_timed(cpu_slots, done - started, waited=done - queued > SYNC_WAITED_S)
             out += cpu_out.to(out.device, non_blocking=True)  # page-locked: the host goes on
         return out.reshape(hidden.shape).to(hidden.dtype)
 
@@ -194,32 +198,19 @@ class ExpertsCPU(QuantExperts):
         following = ExpertsCPU._next_on_gpu.get(self)
         return following() if following is not None else None
 
+    def stream_call(self, n: int, k: int) -> StreamCall:
+        """The page-locked buffers and the engine's call record for n tokens of k experts on a
+        CUDA stream, made on first use (outside a capture: a graph's first run is an ordinary one)."""
+        call = self._streamed.get((n, k))
+        if call is None:
+            call = StreamCall(self.engine_experts, n, k, self.hidden_size)
+            self._streamed[(n, k)] = call
+        return call
+
     def _in_stream(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The call queued on the current CUDA stream: copies, the engine's call, copy back."""
-        from tandem.cpu.engine import host_run_fn
-        from tandem.gpu.cudart import launch_host_func
-        from tandem.gpu.mailbox import handover, mailbox_of
-
         n, k, h = hidden.shape[0], ids.shape[-1], self.hidden_size
-        buffers = self._streamed.get((n, k))
-        if buffers is None:  # made outside capture: a graph's first run is an ordinary one
-            engine = self.engine_experts.engine
-            engine.serve_gpu_steps()
-            # One pinned buffer of 32-bit words, ids first (8-byte aligned), then x and the
-            # weights, so that one copy moves all three.
-            packed = torch.empty(2 * n * k + n * h + n * k, dtype=torch.int32, pin_memory=True)
-            ids_b = packed[: 2 * n * k].view(torch.int64).view(n, k)
-            x = packed[2 * n * k : 2 * n * k + n * h].view(torch.float32).view(n, h)
-            w_b = packed[2 * n * k + n * h :].view(torch.float32).view(n, k)
-            out = torch.empty(n, h, pin_memory=True)
-            record = self.engine_experts.host_call(x, ids_b, w_b, out)
-            # The mailbox's serving thread or a host function runs the call and leads its
-            # parallel loops; the stream waits for it either way.
-            box = mailbox_of(engine) if handover() == "mailbox" else None
-            code = box.add(host_run_fn(), record.address) if box is not None else 0
-            buffers = (packed, out, record, box, code)
-            self._streamed[(n, k)] = buffers
-        packed, out, record, box, code = buffers
+        call = self.stream_call(n, k)
         # Ids past the expert count are transformers' dropped slots, which the engine skips;
         # nothing here can check them without waiting for the GPU.
         words = [
@@ -227,13 +218,52 @@ class ExpertsCPU(QuantExperts):
             hidden.reshape(n * h).float().view(torch.int32),
             weights.reshape(n * k).float().view(torch.int32),
         ]
-        packed.copy_(torch.cat(words), non_blocking=True)
-        if box is not None:
-            box.queue(code)
-        else:
-            launch_host_func(host_run_fn(), record.address)
-        result = out.to(hidden.device, non_blocking=True)
-        return result.reshape(hidden.shape).to(hidden.dtype)
+        call.packed.copy_(torch.cat(words), non_blocking=True)
+        call.request()
+        return call.finish(hidden.device).reshape(hidden.shape).to(hidden.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend}"
+
+
+class StreamCall:
+    """One shape of a GPU model's experts call run by the engine in a CUDA stream's order.
+
+    One page-locked buffer of 32-bit words holds the ids (int64, first: 8-byte aligned),
+    the hidden states and the weights, so that one copy (or one kernel writing host
+    memory) fills all three; the engine writes `out`. `request()` queues the call on the
+    current stream and `finish(device)` the wait for it and the copy of its output: GPU
+    work queued in between runs while the engine computes.
+    """
+
+    def __init__(self, engine_experts, n: int, k: int, hidden: int):
+        from tandem.cpu.engine import host_run_fn
+        from tandem.gpu.mailbox import handover, mailbox_of
+
+        engine = engine_experts.engine
+        engine.serve_gpu_steps()
+        self.packed = torch.empty(2 * n * k + n * hidden + n * k, dtype=torch.int32, pin_memory=True)
+        self.ids = self.packed[: 2 * n * k].view(torch.int64).view(n, k)
+        self.x = self.packed[2 * n * k : 2 * n * k + n * hidden].view(torch.float32).view(n, hidden)
+        self.weights = self.packed[2 * n * k + n * hidden :].view(torch.float32).view(n, k)
+        self.out = torch.empty(n, hidden, pin_memory=True)
+        self.record = engine_experts.host_call(self.x, self.ids, self.weights, self.out)
+        # The mailbox's serving thread or a host function runs the call and leads its
+        # parallel loops; the stream waits for it either way.
+        self.box = mailbox_of(engine) if handover() == "mailbox" else None
+        self.code = self.box.add(host_run_fn(), self.record.address) if self.box is not None else 0
+
+    def request(self) -> None:
+        from tandem.cpu.engine import host_run_fn
+        from tandem.gpu.cudart import launch_host_func
+
+        if self.box is not None:
+            self.box.request(self.code)
+        else:  # a host function holds the stream until the call returns
+            launch_host_func(host_run_fn(), self.record.address)
+
+    def finish(self, device: torch.device) -> torch.Tensor:
+        """-> the output [n, H] float32 on `device`, in stream order."""
+        if self.box is not None:
+            self.box.wait(self.code)
+        return self.out.to(device, non_blocking=True)

@@ -62,3 +62,14 @@ def test_what_the_kernel_does_not_take_is_refused():
     assert not supported(torch.cat([q, q], 2), k, v, None)  # two query positions
     per_head = torch.ones(1, 8, 1, 10, dtype=torch.bool, device=DEVICE)
     assert not supported(q, k, v, per_head)  # one row per head: not one mask for all
+
+
+@pytest.mark.parametrize("position", [0, 37, 699])
+def test_a_position_read_on_the_gpu_ends_the_keys(position):
+    q, k, v = case(8, 2, 700, 64, 64, torch.float32, seed=2)
+    k[:, :, position + 1 :] = 1e4  # rows past the position: would dominate any softmax they entered
+    pos = torch.tensor([position], device=DEVICE)
+    got = decode_attention(q, k, v, None, 0.125, position=pos, out_dtype=torch.bfloat16)
+    want = decode_attention_reference(q, k, v, None, 0.125, position=pos, out_dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - want.double()).norm() / want.double().norm()).item() < 1e-2

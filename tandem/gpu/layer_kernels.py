@@ -1,0 +1,228 @@
+"""A decode step's small per-layer operations on the GPU, each fused into one kernel.
+
+At one token a decoder layer's norms, rotary embedding, cache writes and residual adds
+move a few kilobytes each, but in torch they are dozens of kernels a layer (a Qwen3-MoE
+step launched about 37 a layer, 1,790 in all, each a couple of microseconds whatever
+its size). These kernels do the same arithmetic in one launch each:
+
+- `rms_norm`: y = x · rsqrt(mean(x²) + eps) · scale, optionally after h = x + d (+ bias)
+  (the residual add before a norm, h written too). Float32 math; y in any dtype.
+- `qkv_rope_append`: from one token's fused q|k|v projection: bias, the per-head q/k
+  norms (Qwen3), the rotary embedding in Hugging Face's rotate-half form with the
+  step's cos/sin, and the key and value written into the cache at a position read from
+  the GPU (so that a captured graph replays at every position).
+- `route_pack`: softmax over the router's logits, the top-k experts (ties to the lower
+  index), optional renormalisation, and the ids, weights and hidden state written where
+  the CPU engine reads them (page-locked memory, written by the GPU directly).
+
+Each has its torch reference (`*_reference`), which the tests compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, d_ptr, bias_ptr, h_ptr, scale_ptr, y_ptr, n, eps,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    i = tl.arange(0, BLOCK)
+    used = i < n
+    x = tl.load(x_ptr + row * n + i, mask=used, other=0.0).to(tl.float32)
+    if HAS_D:
+        d = tl.load(d_ptr + row * n + i, mask=used, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            d += tl.load(bias_ptr + i, mask=used, other=0.0)
+        x += d
+        tl.store(h_ptr + row * n + i, x, mask=used)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, 0) / n + eps)
+    w = tl.load(scale_ptr + i, mask=used, other=0.0)
+    tl.store(y_ptr + row * n + i, (x * r * w).to(y_ptr.dtype.element_ty), mask=used)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype = torch.float32,
+    d: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """x [T, n] (+ d [T, n] + bias [n]) -> (h = x + d + bias float32, or None without d;
+    y = norm(h or x) · scale in out_dtype). Contiguous inputs."""
+    t, n = x.shape
+    y = torch.empty(t, n, dtype=out_dtype, device=x.device)
+    h = torch.empty(t, n, dtype=torch.float32, device=x.device) if d is not None else None
+    block = triton.next_power_of_2(n)
+    _rms_norm_kernel[(t,)](
+        x, d if d is not None else x, bias if bias is not None else scale, h if h is not None else y,
+        scale, y, n, float(eps),
+        HAS_D=d is not None, HAS_BIAS=bias is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+    )  # fmt: skip
+    return h, y
+
+
+def rms_norm_reference(x, scale, eps, out_dtype=torch.float32, d=None, bias=None):
+    h = None
+    if d is not None:
+        h = x.float() + (d.float() + bias if bias is not None else d.float())
+    src = h if h is not None else x.float()
+    y = torch.nn.functional.rms_norm(src, (src.shape[-1],), scale, eps).to(out_dtype)
+    return h, y
+
+
+@triton.jit
+def _norm_rope(x, xp, w_ptr, cos_ptr, sin_ptr, d, partner, eps, NORM: tl.constexpr, D: tl.constexpr):
+    """One q or k head: the optional head norm (scales w), then rotate-half RoPE."""
+    if NORM:
+        r = 1.0 / tl.sqrt(tl.sum(x * x, 0) / D + eps)
+        x = x * r * tl.load(w_ptr + d)
+        xp = xp * r * tl.load(w_ptr + partner)
+    rotated = tl.where(d < D // 2, -xp, xp)  # (x1, x2) -> (-x2, x1)
+    return x * tl.load(cos_ptr + d) + rotated * tl.load(sin_ptr + d)
+
+
+@triton.jit
+def _qkv_rope_append_kernel(
+    qkv_ptr, bias_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
+    stride_kh, stride_ks, stride_vh, stride_vs, eps,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
+):  # fmt: skip
+    head = tl.program_id(0)  # q heads, then k heads, then v heads
+    d = tl.arange(0, D)
+    partner = tl.where(d < D // 2, d + D // 2, d - D // 2)
+    base = head * D
+    x = tl.load(qkv_ptr + base + d).to(tl.float32)
+    xp = tl.load(qkv_ptr + base + partner).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + base + d)
+        xp += tl.load(bias_ptr + base + partner)
+    pos = tl.load(pos_ptr)
+    if head < HQ:
+        y = _norm_rope(x, xp, qn_ptr, cos_ptr, sin_ptr, d, partner, eps, Q_NORM, D)
+        tl.store(q_ptr + base + d, y.to(q_ptr.dtype.element_ty))
+    elif head < HQ + HKV:
+        y = _norm_rope(x, xp, kn_ptr, cos_ptr, sin_ptr, d, partner, eps, K_NORM, D)
+        tl.store(k_ptr + (head - HQ) * stride_kh + pos * stride_ks + d, y.to(k_ptr.dtype.element_ty))
+    else:  # a value head: into the cache as it is
+        vh = head - HQ - HKV
+        tl.store(v_ptr + vh * stride_vh + pos * stride_vs + d, x.to(v_ptr.dtype.element_ty))
+
+
+def qkv_rope_append(
+    qkv: torch.Tensor,
+    bias: torch.Tensor | None,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    n_heads: int,
+) -> torch.Tensor:
+    """qkv [(Hq + 2 Hkv) · D] (one token's projections, any float dtype), bias likewise or
+    None, q_norm/k_norm scales [D] or None, cos/sin [D] float32, position int64 [1] on the
+    GPU, keys/values [1, Hkv, capacity, D] -> queries [1, Hq, 1, D] float32; the key and
+    value rows at `position` are written."""
+    hkv, d = keys.shape[1], keys.shape[3]
+    q = torch.empty(1, n_heads, 1, d, dtype=torch.float32, device=qkv.device)
+    _qkv_rope_append_kernel[(n_heads + 2 * hkv,)](
+        qkv, bias if bias is not None else cos, q_norm if q_norm is not None else cos,
+        k_norm if k_norm is not None else cos, cos, sin, position, q, keys, values,
+        keys.stride(1), keys.stride(2), values.stride(1), values.stride(2), float(eps),
+        HQ=n_heads, HKV=hkv, D=d, HAS_BIAS=bias is not None, Q_NORM=q_norm is not None,
+        K_NORM=k_norm is not None, num_warps=1 if d <= 128 else 2,
+    )  # fmt: skip
+    return q
+
+
+def qkv_rope_append_reference(qkv, bias, q_norm, k_norm, eps, cos, sin, position, keys, values, n_heads):
+    """Hugging Face's order of operations in torch (Qwen3's attention forward)."""
+    hkv, d = keys.shape[1], keys.shape[3]
+    x = qkv.float() + (bias if bias is not None else 0.0)
+    q, k, v = x.split([n_heads * d, hkv * d, hkv * d])
+    q, k, v = q.view(1, n_heads, 1, d), k.view(1, hkv, 1, d), v.view(1, hkv, 1, d)
+    if q_norm is not None:
+        q = torch.nn.functional.rms_norm(q, (d,), q_norm, eps)
+    if k_norm is not None:
+        k = torch.nn.functional.rms_norm(k, (d,), k_norm, eps)
+
+    def rotate(t):
+        return torch.cat((-t[..., d // 2 :], t[..., : d // 2]), dim=-1)
+
+    q = q * cos + rotate(q) * sin
+    k = k * cos + rotate(k) * sin
+    keys.index_copy_(2, position, k.to(keys.dtype))
+    values.index_copy_(2, position, v.to(values.dtype))
+    return q
+
+
+@triton.jit
+def _route_pack_kernel(
+    logits_ptr, x_ptr, ids_ptr, w_ptr, x_out_ptr, n_experts, hidden, scaling,
+    K: tl.constexpr, RENORM: tl.constexpr, E_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
+    H_BLOCK: tl.constexpr,
+):  # fmt: skip
+    e = tl.arange(0, E_BLOCK)
+    used = e < n_experts
+    logits = tl.load(logits_ptr + e, mask=used, other=float("-inf")).to(tl.float32)
+    p = tl.exp(logits - tl.max(logits, 0))
+    p = tl.where(used, p / tl.sum(p, 0), -1.0)
+    kk = tl.arange(0, K_BLOCK)
+    top_w = tl.zeros((K_BLOCK,), tl.float32)
+    top_i = tl.zeros((K_BLOCK,), tl.int64)
+    for j in tl.static_range(K):
+        best = tl.max(p, 0)
+        pick = tl.min(tl.where(p == best, e, E_BLOCK), 0)  # ties: the lower index, as torch's sort
+        top_w = tl.where(kk == j, best, top_w)
+        top_i = tl.where(kk == j, pick.to(tl.int64), top_i)
+        p = tl.where(e == pick, -2.0, p)
+    if RENORM:
+        top_w = top_w / tl.sum(top_w, 0)
+    top_w = top_w * scaling
+    tl.store(ids_ptr + kk, top_i, mask=kk < K)
+    tl.store(w_ptr + kk, top_w, mask=kk < K)
+    for first in range(0, hidden, H_BLOCK):
+        h = first + tl.arange(0, H_BLOCK)
+        tl.store(x_out_ptr + h, tl.load(x_ptr + h, mask=h < hidden), mask=h < hidden)
+
+
+def route_pack(
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    ids_out: torch.Tensor,
+    weights_out: torch.Tensor,
+    x_out: torch.Tensor,
+    scaling: float = 1.0,
+) -> None:
+    """logits [E] float32 and x [H] float32 of one token -> ids_out [k] int64, weights_out [k]
+    float32 (softmax probabilities of the top k, renormalised to sum 1 if asked, times
+    `scaling`) and x_out [H] = x. The outputs may be page-locked host memory."""
+    n_experts, hidden = logits.numel(), x.numel()
+    _route_pack_kernel[(1,)](
+        logits, x, ids_out, weights_out, x_out, n_experts, hidden, float(scaling),
+        K=top_k, RENORM=renormalize, E_BLOCK=triton.next_power_of_2(n_experts),
+        K_BLOCK=triton.next_power_of_2(top_k), H_BLOCK=min(4096, triton.next_power_of_2(hidden)),
+        num_warps=4,
+    )  # fmt: skip
+
+
+def route_pack_reference(logits, x, top_k, renormalize, ids_out, weights_out, x_out, scaling=1.0):
+    """Hugging Face's Qwen3-MoE router after its logits, in torch."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    top, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        top = top / top.sum(dim=-1, keepdim=True)
+    ids_out.copy_(ids)
+    weights_out.copy_(top * scaling)
+    x_out.copy_(x)

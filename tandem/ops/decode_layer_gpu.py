@@ -1,0 +1,267 @@
+"""A decode step's decoder layers on the GPU, in a dozen launches each instead of three dozen.
+
+Hugging Face's layer at one token is many tiny kernels: casts around every product,
+separate q/k norms, the rotary embedding as a handful of element-wise ops per tensor,
+two index copies into the cache, the router's softmax, top-k, sum and division, and the
+experts' inputs concatenated and copied. Each costs a couple of microseconds however
+small (a Qwen3-30B-A3B step launched 1,790, 37 a layer). After loading, every decoder
+layer of a Llama-style family on a CUDA device gets a fused forward for one new token
+of one sequence in a growable KV cache (tandem.engine.kv_cache):
+
+    norm (bf16 out) → q|k|v product → qkv_rope_append (bias, q/k norms, RoPE, cache rows)
+    → decode attention up to the step's position (bf16 out) → o product
+    → residual add + norm → feed-forward → residual add
+
+with the kernels of tandem.gpu.layer_kernels and tandem.gpu.decode_attention. The
+position comes from the GPU (the captured graph's, tandem.engine.graph_decode), so the
+same launches replay at every step. A feed-forward of routed experts on the CPU engine
+behind a softmax top-k router (Qwen3-MoE, Mixtral, Qwen2-MoE) takes one router product
+and `route_pack`, which writes the engine's inputs into page-locked memory directly;
+a shared expert (Qwen2-MoE) runs on the GPU while the engine computes. Any other
+feed-forward runs as its module. Anything else (prompts, batches, other caches, masks
+other than the causal one) takes the layer's own forward.
+
+Families: the attention classes of ATTENTION_CLASSES (pre-norm, q/k/v with or without
+biases, optional per-head q/k norms, rotate-half RoPE over the whole head, GQA), with
+q/k/v as one stacked bf16 product (tandem.ops.linear_gpu_fused) and o_proj dequantized.
+$TANDEM_GPU_FUSED_DECODE=0 keeps every layer on its modules (the A/B switch).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.engine.kv_cache import GrowingLayer
+from tandem.env_switches import switch
+from tandem.ops.decode_layer_cpu import Unfusable, decoder_layers
+from tandem.ops.experts_cpu import ExpertsCPU
+from tandem.ops.linear_gpu import QuantLinearGPU
+from tandem.ops.norm import RMSNorm
+
+FUSED_ENV = "TANDEM_GPU_FUSED_DECODE"
+ATTENTION_CLASSES = {
+    "LlamaAttention",
+    "MixtralAttention",
+    "Qwen2Attention",
+    "Qwen2MoeAttention",
+    "Qwen3Attention",
+    "Qwen3MoeAttention",
+}
+# Routers computing softmax → top-k (→ renormalised when the attribute named says so; True: always).
+ROUTERS = {
+    "Qwen3MoeTopKRouter": "norm_topk_prob",
+    "Qwen2MoeTopKRouter": "norm_topk_prob",
+    "MixtralTopKRouter": True,
+}
+
+
+def fused_decode_enabled() -> bool:
+    return switch(FUSED_ENV, default=True)
+
+
+def _norm(module: nn.Module | None, size: int, name: str) -> RMSNorm:
+    if not isinstance(module, RMSNorm) or module.hidden_size != size or module.scale.device.type != "cuda":
+        raise Unfusable(f"{name} is not an RMSNorm of {size} on a GPU")
+    return module
+
+
+def _dense(module: nn.Module | None, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A QuantLinearGPU's one dequantized weight and its bias."""
+    if not isinstance(module, QuantLinearGPU) or module.shared is not None or len(module.parts) != 1:
+        raise Unfusable(f"{name} is not one GPU linear layer")
+    weight = module.parts[0].dense
+    if weight is None:
+        raise Unfusable(f"{name} keeps its blocks (dequant: none)")
+    return weight, module.bias
+
+
+class FusedDecodeLayerGPU:
+    """The fused forward of one decoder layer (see the module's docstring)."""
+
+    def __init__(self, layer: nn.Module, config):
+        attn = getattr(layer, "self_attn", None)
+        mlp = getattr(layer, "mlp", None)
+        if type(attn).__name__ not in ATTENTION_CLASSES or mlp is None:
+            raise Unfusable(f"attention {type(attn).__name__} is not of a Llama-style family")
+        self.layer_idx = int(attn.layer_idx)
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types and layer_types[self.layer_idx] != "full_attention":
+            raise Unfusable(f"{layer_types[self.layer_idx]} layer")
+        if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+            raise Unfusable("RoPE over part of the head")
+        self.hidden = int(config.hidden_size)
+        self.n_heads = int(config.num_attention_heads)
+        self.n_kv = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(attn.head_dim)
+        if self.head_dim & (self.head_dim - 1) or self.head_dim > 512:
+            raise Unfusable(f"head size {self.head_dim} is not a power of two up to 512")
+        self.scaling = float(attn.scaling)
+        shared = getattr(attn.q_proj, "shared", None)
+        if (
+            shared is None
+            or len(shared.bounds) != 4
+            or any(getattr(attn, f"{n}_proj", None).shared is not shared for n in "kv")
+        ):
+            raise Unfusable("q/k/v are not one stacked product")
+        self.qkv = shared
+        self.o_weight, self.o_bias = _dense(attn.o_proj, "self_attn.o_proj")
+        self.in_norm = _norm(getattr(layer, "input_layernorm", None), self.hidden, "input_layernorm")
+        self.post_norm = _norm(
+            getattr(layer, "post_attention_layernorm", None), self.hidden, "post_attention_layernorm"
+        )
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.q_norm = _norm(q_norm, self.head_dim, "q_norm") if q_norm is not None else None
+        self.k_norm = _norm(k_norm, self.head_dim, "k_norm") if k_norm is not None else None
+        eps = {m.eps for m in (self.q_norm, self.k_norm) if m is not None}
+        if len(eps) > 1:
+            raise Unfusable("q and k norms of different eps")
+        self.head_eps = eps.pop() if eps else 0.0
+        self.mlp = mlp
+        self.route = self._route_of(mlp)
+
+    @staticmethod
+    def _route_of(mlp: nn.Module):
+        """(experts, router, renormalize) where route_pack serves the feed-forward, else None."""
+        experts, router = getattr(mlp, "experts", None), getattr(mlp, "gate", None)
+        if not isinstance(experts, ExpertsCPU) or not experts.capturable:
+            return None
+        renorm = ROUTERS.get(type(router).__name__)
+        weight = getattr(router, "weight", None)
+        if renorm is None or not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32:
+            return None
+        if weight.device.type != "cuda" or any(hasattr(mlp, n) for n in ("shared_experts",)):
+            return None
+        renormalize = renorm if isinstance(renorm, bool) else bool(getattr(router, renorm))
+        return experts, router, renormalize
+
+    def step(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: GrowingLayer,
+        position: torch.Tensor,
+    ) -> torch.Tensor:
+        """x [1, 1, H] float32 -> the layer's output; writes the cache's rows at `position`."""
+        from tandem.gpu.decode_attention import decode_attention
+        from tandem.gpu.layer_kernels import qkv_rope_append, rms_norm
+
+        flat = x.reshape(1, self.hidden)
+        _, n1 = rms_norm(flat, self.in_norm.scale, self.in_norm.eps, self.qkv.weight.dtype)
+        qkv = F.linear(n1, self.qkv.weight)  # [1, (Hq + 2 Hkv) D] bf16, as the modules' product
+        q = qkv_rope_append(
+            qkv.reshape(-1), self.qkv.bias,
+            self.q_norm.scale if self.q_norm is not None else None,
+            self.k_norm.scale if self.k_norm is not None else None,
+            self.head_eps, cos.reshape(-1), sin.reshape(-1), position, cache._k, cache._v, self.n_heads,
+        )  # fmt: skip
+        attn = decode_attention(
+            q, cache._k, cache._v, None, self.scaling, position=position, out_dtype=self.o_weight.dtype
+        )
+        o = F.linear(attn.reshape(1, -1), self.o_weight)  # [1, H] bf16
+        h, n2 = rms_norm(flat, self.post_norm.scale, self.post_norm.eps, torch.float32, o, self.o_bias)
+        return (h + self._feed_forward(n2)).view(1, 1, self.hidden)
+
+    def _feed_forward(self, n2: torch.Tensor) -> torch.Tensor:  # [1, H] float32 -> [1, H]
+        if self.route is None:
+            return self.mlp(n2.view(1, 1, self.hidden)).reshape(1, self.hidden).float()
+        from tandem.gpu.layer_kernels import route_pack
+
+        experts, router, renormalize = self.route
+        logits = F.linear(n2, router.weight)  # [1, E] float32, as the router's
+        call = experts.stream_call(1, router.top_k)
+        route_pack(logits.reshape(-1), n2.reshape(-1), router.top_k, renormalize,
+                   call.ids.reshape(-1), call.weights.reshape(-1), call.x.reshape(-1))  # fmt: skip
+        call.request()
+        shared = self._shared_expert(n2)  # on the GPU while the engine computes
+        out = call.finish(n2.device)
+        return out if shared is None else out + shared
+
+    def _shared_expert(self, n2: torch.Tensor) -> torch.Tensor | None:
+        """Qwen2-MoE's shared expert: sigmoid(gate(x)) · expert(x); None without one."""
+        shared = getattr(self.mlp, "shared_expert", None)
+        if shared is None:
+            return None
+        out = shared(n2)
+        gate = getattr(self.mlp, "shared_expert_gate", None)
+        return out if gate is None else torch.sigmoid(gate(n2)) * out
+
+
+class _Forward:
+    """A decoder layer's forward: the fused step where it applies, the original otherwise."""
+
+    def __init__(self, fused: FusedDecodeLayerGPU, original):
+        self.fused = fused
+        self.original = original
+        self.calls = 0  # fused steps taken (tests, benchmarks)
+
+    def _layer(self, hidden_states, args, kwargs) -> GrowingLayer | None:
+        """The cache layer this call writes, where the fused step applies."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        rotary = kwargs.get("position_embeddings")
+        layers = getattr(cache, "layers", None)
+        if (
+            args
+            or not isinstance(hidden_states, torch.Tensor)
+            or hidden_states.shape != (1, 1, self.fused.hidden)
+            or hidden_states.dtype != torch.float32
+            or hidden_states.device.type != "cuda"
+            or not isinstance(rotary, tuple)
+            or len(rotary) != 2
+            or any(t.numel() != self.fused.head_dim or t.device != hidden_states.device for t in rotary)
+            or layers is None
+            or len(layers) <= self.fused.layer_idx
+        ):
+            return None
+        layer = layers[self.fused.layer_idx]
+        if type(layer) is not GrowingLayer or layer._k is None or layer._k.device != hidden_states.device:
+            return None
+        if layer.graph_position is not None:  # a captured step: its mask is the position's
+            return layer
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            return layer
+        causal = (
+            isinstance(mask, torch.Tensor)
+            and mask.dtype == torch.bool
+            and mask.shape == (1, 1, 1, layer.length + 1)
+            and bool(mask.all())
+        )
+        return layer if causal else None
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        layer = self._layer(hidden_states, args, kwargs)
+        if layer is None:
+            return self.original(hidden_states, *args, **kwargs)
+        self.calls += 1
+        cos, sin = (t.float() for t in kwargs["position_embeddings"])
+        position = layer.graph_position
+        if position is not None:  # the graph's step: its caller advances the cache
+            return self.fused.step(hidden_states, cos, sin, layer, position)
+        layer.reserve(layer.length + 1)
+        position = torch.tensor([layer.length], device=hidden_states.device)
+        out = self.fused.step(hidden_states, cos, sin, layer, position)
+        layer.advance()
+        return out
+
+
+def fuse_gpu_decoder_layers(model: nn.Module) -> dict[int, str]:
+    """Give every fusable decoder layer on a GPU the fused decode forward.
+
+    Returns, per layer index, "fused" or the reason it kept its modules."""
+    layers = decoder_layers(model)
+    if not fused_decode_enabled():
+        return {i: f"{FUSED_ENV} is off" for i in range(len(layers))}
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    report: dict[int, str] = {}
+    for i, layer in enumerate(layers):
+        try:
+            fused = FusedDecodeLayerGPU(layer, config)
+        except Unfusable as why:
+            report[i] = str(why)
+            continue
+        layer.forward = _Forward(fused, layer.forward)
+        report[i] = "fused"
+    return report

@@ -1,0 +1,73 @@
+"""The fused GPU decode layers give the modules' logits and tokens, eager and replayed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tandem.engine.kv_cache import new_cache
+from tandem.inject.model import load_model
+from tandem.ops.decode_layer_cpu import decoder_layers
+from tandem.ops.decode_layer_gpu import FUSED_ENV
+from tandem.synth.tiny import MOE_ARCHS, write_tiny
+from tests.gpu.test_graph_decode import CTX, PROMPT, experts_on_cpu_budget, generate
+
+pytestmark = pytest.mark.gpu
+
+ARCHS = ("llama", "qwen2", *MOE_ARCHS)  # Qwen2-MoE: a shared expert beside the engine's call
+# Both paths multiply in bf16 with the same roundings; the norms and softmaxes sum in
+# another order, and the few tiny-model logits that move, move by far less than this.
+LOGIT_REL_ERR = 2e-3
+
+
+def load(arch: str, tmp_path, monkeypatch, fused: bool):
+    path = tmp_path / "m.gguf"
+    if not path.exists():
+        write_tiny(arch, path, "Q8_0")
+    monkeypatch.setenv(FUSED_ENV, "1" if fused else "0")
+    if arch in MOE_ARCHS:  # the hybrid placement: every layer's experts on the CPU engine
+        return load_model(path, gpu_memory=experts_on_cpu_budget(path), plan_ctx=CTX).model
+    return load_model(path, device="cuda:0").model
+
+
+def step_logits(model) -> list[torch.Tensor]:
+    """The prompt, then three single-token steps on the modules' forward; each step's logits."""
+    cache = new_cache(model)
+    device = next(p.device for p in model.parameters() if p.device.type == "cuda")
+    ids = torch.tensor([PROMPT], device=device)
+    out = []
+    with torch.inference_mode():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        for token in (7, 11, 2):
+            logits = model(
+                input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True
+            )
+            out.append(logits.logits[0, -1].float().cpu())
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_layers_equal_the_modules(arch, tmp_path, monkeypatch):
+    plain = load(arch, tmp_path, monkeypatch, fused=False)
+    fused = load(arch, tmp_path, monkeypatch, fused=True)
+    assert set(fused._tandem_gpu_decode_layers.values()) == {"fused"}, fused._tandem_gpu_decode_layers
+    assert set(plain._tandem_gpu_decode_layers.values()) == {f"{FUSED_ENV} is off"}
+    for got, want in zip(step_logits(fused), step_logits(plain), strict=True):
+        assert ((got - want).norm() / want.norm()).item() < LOGIT_REL_ERR
+    assert all(layer.forward.calls == 3 for layer in decoder_layers(fused))  # the prompt took the modules
+    for graphs in (False, True):
+        assert (
+            generate(fused, 12, monkeypatch, graphs).token_ids
+            == generate(plain, 12, monkeypatch, graphs).token_ids
+        )
+    assert fused._tandem_graph_decode.broken is None and fused._tandem_graph_decode.replays == 10
+
+
+def test_a_masked_or_batched_step_takes_the_modules(tmp_path, monkeypatch):
+    fused = load("qwen3moe", tmp_path, monkeypatch, fused=True)
+    cache = new_cache(fused)
+    ids = torch.tensor([PROMPT, PROMPT], device="cuda:0")  # a batch of two
+    with torch.inference_mode():
+        fused(input_ids=ids, past_key_values=cache, use_cache=True)
+        fused(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+    assert all(layer.forward.calls == 0 for layer in decoder_layers(fused))

@@ -1,0 +1,93 @@
+"""The fused per-layer decode kernels against their torch references.
+
+Compiled on a GPU; elsewhere under Triton's interpreter on CPU tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # without a GPU, under its interpreter (tests/conftest.py)
+
+from tandem.gpu.layer_kernels import (
+    qkv_rope_append,
+    qkv_rope_append_reference,
+    rms_norm,
+    rms_norm_reference,
+    route_pack,
+    route_pack_reference,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def randn(*shape, gen, dtype=torch.float32):
+    return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("n", [64, 100, 2048, 7168])
+@pytest.mark.parametrize("residual", ["none", "add", "add+bias"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rms_norm_equals_the_reference(n, residual, out_dtype):
+    gen = torch.Generator().manual_seed(n)
+    x, scale = randn(2, n, gen=gen), randn(n, gen=gen).abs() + 0.5
+    d = randn(2, n, gen=gen, dtype=torch.bfloat16) if residual != "none" else None
+    bias = randn(n, gen=gen) if residual == "add+bias" else None
+    h, y = rms_norm(x, scale, 1e-6, out_dtype, d, bias)
+    h_ref, y_ref = rms_norm_reference(x, scale, 1e-6, out_dtype, d, bias)
+    if d is None:
+        assert h is None
+    else:
+        torch.testing.assert_close(h, h_ref, rtol=0, atol=0)  # one float32 add per element, both ways
+    assert y.dtype == out_dtype
+    bound = 1e-6 if out_dtype == torch.float32 else 8e-3  # bf16: half an ulp of rounding either way
+    assert ((y.double() - y_ref.double()).norm() / y_ref.double().norm()).item() < bound
+
+
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(32, 4, 128), (8, 8, 64), (4, 1, 16)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("head_norms", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_qkv_rope_append_equals_the_reference(hq, hkv, d, bias, head_norms, dtype):
+    gen = torch.Generator().manual_seed(hq * d)
+    width = (hq + 2 * hkv) * d
+    qkv = randn(width, gen=gen, dtype=dtype)
+    b = randn(width, gen=gen) if bias else None
+    qn = randn(d, gen=gen).abs() + 0.5 if head_norms else None
+    kn = randn(d, gen=gen).abs() + 0.5 if head_norms else None
+    angle = torch.rand(d // 2, generator=gen).repeat(2) * 6.28
+    cos, sin = angle.cos().to(DEVICE), angle.sin().to(DEVICE)
+    position = torch.tensor([5], device=DEVICE)
+    keys, values = randn(1, hkv, 9, d, gen=gen), randn(1, hkv, 9, d, gen=gen)
+    caches = [(keys.clone(), values.clone()) for _ in range(2)]
+    q = qkv_rope_append(qkv, b, qn, kn, 1e-6, cos, sin, position, *caches[0], hq)
+    q_ref = qkv_rope_append_reference(qkv, b, qn, kn, 1e-6, cos, sin, position, *caches[1], hq)
+    assert q.shape == (1, hq, 1, d)
+    torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(caches[0], caches[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # row 5 written, the rest kept
+
+
+@pytest.mark.parametrize(("n_experts", "k"), [(128, 8), (60, 4), (256, 8), (8, 2)])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_route_pack_equals_the_routers_torch_calls(n_experts, k, renormalize):
+    gen = torch.Generator().manual_seed(n_experts + k)
+    logits, x = randn(n_experts, gen=gen), randn(2048, gen=gen)
+    outs = [
+        (torch.empty(k, dtype=torch.int64, device=DEVICE), torch.empty(k, device=DEVICE), torch.empty_like(x))
+        for _ in range(2)
+    ]
+    route_pack(logits, x, k, renormalize, *outs[0], scaling=2.5)
+    route_pack_reference(logits, x, k, renormalize, *outs[1], scaling=2.5)
+    assert torch.equal(outs[0][0], outs[1][0])  # the same experts in the same order
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-6, atol=1e-7)
+    assert torch.equal(outs[0][2], x)
+
+
+def test_route_pack_breaks_ties_to_the_lower_expert():
+    logits = torch.zeros(16, device=DEVICE)
+    logits[[3, 9, 12]] = 1.0
+    ids = torch.empty(2, dtype=torch.int64, device=DEVICE)
+    route_pack(logits, torch.zeros(4, device=DEVICE), 2, True, ids, torch.empty(2, device=DEVICE),
+               torch.empty(4, device=DEVICE))  # fmt: skip
+    assert ids.tolist() == [3, 9]
