@@ -15,9 +15,10 @@ from tests.gpu.test_graph_decode import CTX, PROMPT, experts_on_cpu_budget, gene
 pytestmark = pytest.mark.gpu
 
 ARCHS = ("llama", "qwen2", *MOE_ARCHS)  # Qwen2-MoE: a shared expert beside the engine's call
-# Both paths multiply in bf16 with the same roundings; the norms and softmaxes sum in
-# another order, and the few tiny-model logits that move, move by far less than this.
-LOGIT_REL_ERR = 2e-3
+# Both paths round the products' inputs to bf16 (a relative step of 2^-8 = 3.9e-3); the
+# norms and softmaxes sum in another order, which can flip single roundings. On the H200
+# that moved the tiny models' logits by up to 2.3e-3 (Qwen3-MoE).
+LOGIT_REL_ERR = 5e-3
 
 
 def load(arch: str, tmp_path, monkeypatch, fused: bool):
@@ -25,9 +26,9 @@ def load(arch: str, tmp_path, monkeypatch, fused: bool):
     if not path.exists():
         write_tiny(arch, path, "Q8_0")
     monkeypatch.setenv(FUSED_ENV, "1" if fused else "0")
-    if arch in MOE_ARCHS:  # the hybrid placement: every layer's experts on the CPU engine
-        return load_model(path, gpu_memory=experts_on_cpu_budget(path), plan_ctx=CTX).model
-    return load_model(path, device="cuda:0").model
+    # The planned placement: MoE layers' experts on the CPU engine, all else on the GPU.
+    budget = experts_on_cpu_budget(path) if arch in MOE_ARCHS else 8.0
+    return load_model(path, gpu_memory=budget, plan_ctx=CTX).model
 
 
 def step_logits(model) -> list[torch.Tensor]:

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# DeepSeek-V3-shaped files from tandem synth (Q4_K_M, 3 dense layers + 2 or 6 MoE layers) on the
+# GPU machine, tandem against llama.cpp built with CUDA (-ngl 99 -ot exps=CPU -fa on -t 16), one
+# file at a time (the 9-layer file is about 42 GB of a 64 GB disk). The time of one MoE layer is
+# the difference of the two files' decode steps over the 4 layers between them. Expects
+# .whl/gguf-*.whl, .whl/llamacpp-cuda-src.tar.xz and .whl/qwen25-tokenizer.gguf carried, $OUT set.
+# FILES: layers:GiB pairs (GiB: a budget that keeps every layer's experts on the CPU); the last
+# file is also measured with a prompt of P2 tokens (llama.cpp with -ub P2).
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+FILES=${FILES:-5:10 9:14}; NP=${NP:-512}; NG=${NG:-32}; R=${R:-2}; P2=${P2:-2048}
+log() { echo "[$(date +%T)] $*" | tee -a "$OUT/steps.log"; }
+
+python -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
+log "build llama.cpp with CUDA (background)"
+( mkdir -p /tmp/lc && tar xJf .whl/llamacpp-cuda-src.tar.xz -C /tmp/lc &&
+  cmake -S /tmp/lc/llama.cpp -B /tmp/lc/b -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
+    -DGGML_NATIVE=ON &&
+  cmake --build /tmp/lc/b -j 14 --target llama-bench ) > "$OUT/llama_build.log" 2>&1 &
+LLAMA_PID=$!
+log "build tandem"
+python -m pip install --no-build-isolation --no-deps -e . > "$OUT/tandem_build.log" 2>&1 || { log "tandem build failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+last=${FILES##* }
+for spec in $FILES; do
+  IFS=: read -r layers gib <<< "$spec"
+  log "synth deepseek-v3, $layers layers"
+  python -m tandem synth --shape deepseek-v3 --layers "$layers" --quant Q4_K_M \
+    --tokenizer-from .whl/qwen25-tokenizer.gguf -o /tmp/v3.gguf >> "$OUT/synth.log" 2>&1
+  log "synth rc=$?"
+  python -m tandem inspect /tmp/v3.gguf --plan --gpu-memory "$gib" --ctx 4096 2>&1 | sed -n '/placement/,/rules/p' >> "$OUT/steps.log"
+  # Nothing may compile while either tool is timed (the engine's workers are pinned).
+  [ -n "$LLAMA_PID" ] && { wait $LLAMA_PID; log "llama build rc=$?"; LLAMA_PID=; }
+  log "tandem bench, $layers layers, --gpu-memory $gib"
+  timeout 300 python -m tandem bench -m /tmp/v3.gguf -t 16 -p "$NP" -n "$NG" -r "$R" --gpu-memory "$gib" --json \
+    2>&1 | tail -1 >> "$OUT/steps.log"
+  timeout 240 /tmp/lc/b/bin/llama-bench -m /tmp/v3.gguf -ngl 99 -ot exps=CPU -fa on -t 16 -p "$NP" -n "$NG" \
+    -r "$R" -o md 2>&1 | grep -E "^\|" >> "$OUT/steps.log"
+  if [ "$spec" = "$last" ] && [ "$P2" != 0 ]; then
+    log "prompt of $P2 tokens"
+    timeout 300 python -m tandem bench -m /tmp/v3.gguf -t 16 -p "$P2" -n 4 -r "$R" --gpu-memory "$gib" --json \
+      2>&1 | tail -1 >> "$OUT/steps.log"
+    timeout 240 /tmp/lc/b/bin/llama-bench -m /tmp/v3.gguf -ngl 99 -ot exps=CPU -fa on -t 16 -p "$P2" -ub "$P2" \
+      -n 0 -r "$R" -o md 2>&1 | grep -E "^\|" >> "$OUT/steps.log"
+  fi
+  rm -f /tmp/v3.gguf
+done
+log done
