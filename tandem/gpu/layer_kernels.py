@@ -11,14 +11,17 @@ its size). These kernels do the same arithmetic in one launch each:
   norms (Qwen3), the rotary embedding in Hugging Face's rotate-half form with the
   step's cos/sin, and the key and value written into the cache at a position read from
   the GPU (so that a captured graph replays at every position).
-- `route_pack`: softmax over the router's logits, the top-k experts (ties to the lower
-  index), optional renormalisation, and the ids, weights and hidden state written where
-  the CPU engine reads them (page-locked memory, written by the GPU directly).
+- `route_pack`: the router's choice of k experts from its logits (softmax or sigmoid
+  scores, DeepSeek's bias and expert groups, ties to the lower index, renormalisation,
+  scaling; `Routing`), and the ids, weights and hidden state written where the CPU
+  engine reads them (page-locked memory, written by the GPU directly).
 
 Each has its torch reference (`*_reference`), which the tests compare against.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -165,28 +168,84 @@ def qkv_rope_append_reference(qkv, bias, q_norm, k_norm, eps, cos, sin, position
     return q
 
 
+@dataclass(frozen=True)
+class Routing:
+    """How a router turns its logits into k experts and weights (the families' routers):
+
+    scores = softmax(logits), or sigmoid(logits) with `sigmoid`; the choice is scores +
+    `bias` (DeepSeek-V3's correction); with `groups` > 1, only experts of the best
+    `topk_group` groups of E / groups experts compete, a group scored by its best choice
+    (DeepSeek-V2) or the sum of its best two (`group_top2`, DeepSeek-V3); the k best
+    choices win (ties to the lower index); their weights are their scores, divided by
+    their sum (+ renorm_eps) with `renormalize`, times `scaling`."""
+
+    top_k: int
+    renormalize: bool = False
+    sigmoid: bool = False
+    groups: int = 1
+    topk_group: int = 1
+    group_top2: bool = False
+    renorm_eps: float = 0.0
+    scaling: float = 1.0
+
+    def supported(self, n_experts: int) -> bool:
+        """Grouped routing reshapes the experts into [groups, E / groups]: powers of two only."""
+        if not 0 < self.top_k <= n_experts:
+            return False
+        if self.groups == 1:
+            return True
+        pow2 = n_experts & (n_experts - 1) == 0 and self.groups & (self.groups - 1) == 0
+        return pow2 and n_experts % self.groups == 0 and 0 < self.topk_group <= self.groups
+
+
 @triton.jit
 def _route_pack_kernel(
-    logits_ptr, x_ptr, ids_ptr, w_ptr, x_out_ptr, n_experts, hidden, scaling,
-    K: tl.constexpr, RENORM: tl.constexpr, E_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
-    H_BLOCK: tl.constexpr,
+    logits_ptr, bias_ptr, x_ptr, ids_ptr, w_ptr, x_out_ptr, n_experts, hidden, scaling, renorm_eps,
+    K: tl.constexpr, RENORM: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr,
+    E_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr,
 ):  # fmt: skip
     e = tl.arange(0, E_BLOCK)
     used = e < n_experts
-    logits = tl.load(logits_ptr + e, mask=used, other=float("-inf")).to(tl.float32)
-    p = tl.exp(logits - tl.max(logits, 0))
-    p = tl.where(used, p / tl.sum(p, 0), -1.0)
+    logits = tl.load(logits_ptr + e, mask=used, other=0.0).to(tl.float32)
+    if SIGMOID:
+        score = 1.0 / (1.0 + tl.exp(-logits))
+    else:
+        p = tl.exp(tl.where(used, logits, float("-inf")) - tl.max(tl.where(used, logits, float("-inf")), 0))
+        score = p / tl.sum(p, 0)
+    choice = score
+    if HAS_BIAS:
+        choice += tl.load(bias_ptr + e, mask=used, other=0.0)
+    choice = tl.where(used, choice, float("-inf"))
+    if GROUPS > 1:  # E_BLOCK == E here (powers of two)
+        SIZE: tl.constexpr = E_BLOCK // GROUPS
+        c2 = tl.reshape(choice, (GROUPS, SIZE))
+        j = tl.arange(0, SIZE)[None, :]
+        best = tl.max(c2, 1)
+        if GROUP_TOP2:
+            first = tl.min(tl.where(c2 == best[:, None], j, SIZE), 1)
+            best += tl.max(tl.where(j == first[:, None], float("-inf"), c2), 1)
+        g = tl.arange(0, GROUPS)
+        kept = tl.zeros((GROUPS,), tl.int32)
+        for _ in tl.static_range(TOPK_GROUP):
+            top = tl.max(best, 0)
+            pick = tl.min(tl.where(best == top, g, GROUPS), 0)
+            kept = tl.where(g == pick, 1, kept)
+            best = tl.where(g == pick, float("-inf"), best)
+        keep = tl.reshape(tl.broadcast_to(kept[:, None], (GROUPS, SIZE)), (E_BLOCK,))
+        choice = tl.where(keep != 0, choice, float("-inf"))
     kk = tl.arange(0, K_BLOCK)
     top_w = tl.zeros((K_BLOCK,), tl.float32)
     top_i = tl.zeros((K_BLOCK,), tl.int64)
     for j in tl.static_range(K):
-        best = tl.max(p, 0)
-        pick = tl.min(tl.where(p == best, e, E_BLOCK), 0)  # ties: the lower index, as torch's sort
-        top_w = tl.where(kk == j, best, top_w)
+        top = tl.max(choice, 0)
+        pick = tl.min(tl.where(choice == top, e, E_BLOCK), 0)  # ties: the lower index
+        weight = tl.sum(tl.where(e == pick, score, 0.0), 0)
+        top_w = tl.where(kk == j, weight, top_w)
         top_i = tl.where(kk == j, pick.to(tl.int64), top_i)
-        p = tl.where(e == pick, -2.0, p)
+        choice = tl.where(e == pick, float("-inf"), choice)
     if RENORM:
-        top_w = top_w / tl.sum(top_w, 0)
+        top_w = top_w / (tl.sum(top_w, 0) + renorm_eps)
     top_w = top_w * scaling
     tl.store(ids_ptr + kk, top_i, mask=kk < K)
     tl.store(w_ptr + kk, top_w, mask=kk < K)
@@ -198,31 +257,45 @@ def _route_pack_kernel(
 def route_pack(
     logits: torch.Tensor,
     x: torch.Tensor,
-    top_k: int,
-    renormalize: bool,
+    routing: Routing,
     ids_out: torch.Tensor,
     weights_out: torch.Tensor,
     x_out: torch.Tensor,
-    scaling: float = 1.0,
+    bias: torch.Tensor | None = None,
 ) -> None:
-    """logits [E] float32 and x [H] float32 of one token -> ids_out [k] int64, weights_out [k]
-    float32 (softmax probabilities of the top k, renormalised to sum 1 if asked, times
-    `scaling`) and x_out [H] = x. The outputs may be page-locked host memory."""
+    """logits [E] float32 and x [H] float32 of one token -> ids_out [k] int64 and weights_out
+    [k] float32 as `routing` says (bias [E]: DeepSeek-V3's correction), and x_out [H] = x.
+    The outputs may be page-locked host memory."""
     n_experts, hidden = logits.numel(), x.numel()
+    if not routing.supported(n_experts):
+        raise ValueError(f"route_pack: {routing} does not take {n_experts} experts")
     _route_pack_kernel[(1,)](
-        logits, x, ids_out, weights_out, x_out, n_experts, hidden, float(scaling),
-        K=top_k, RENORM=renormalize, E_BLOCK=triton.next_power_of_2(n_experts),
-        K_BLOCK=triton.next_power_of_2(top_k), H_BLOCK=min(4096, triton.next_power_of_2(hidden)),
-        num_warps=4,
+        logits, bias if bias is not None else logits, x, ids_out, weights_out, x_out, n_experts, hidden,
+        float(routing.scaling), float(routing.renorm_eps),
+        K=routing.top_k, RENORM=routing.renormalize, SIGMOID=routing.sigmoid, HAS_BIAS=bias is not None,
+        GROUPS=routing.groups, TOPK_GROUP=routing.topk_group, GROUP_TOP2=routing.group_top2,
+        E_BLOCK=triton.next_power_of_2(n_experts), K_BLOCK=triton.next_power_of_2(routing.top_k),
+        H_BLOCK=min(4096, triton.next_power_of_2(hidden)), num_warps=4,
     )  # fmt: skip
 
 
-def route_pack_reference(logits, x, top_k, renormalize, ids_out, weights_out, x_out, scaling=1.0):
-    """Hugging Face's Qwen3-MoE router after its logits, in torch."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    top, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        top = top / top.sum(dim=-1, keepdim=True)
-    ids_out.copy_(ids)
-    weights_out.copy_(top * scaling)
+def route_pack_reference(logits, x, routing, ids_out, weights_out, x_out, bias=None):
+    """The routers' torch calls (transformers' Qwen3-MoE, DeepSeek-V2 and -V3 routers) on one token."""
+    logits = logits.float().view(1, -1)
+    n_experts = logits.shape[1]
+    scores = logits.sigmoid() if routing.sigmoid else torch.softmax(logits, dim=-1)
+    choice = scores + bias if bias is not None else scores
+    if routing.groups > 1:
+        grouped = choice.view(1, routing.groups, n_experts // routing.groups)
+        group_scores = grouped.topk(2, dim=-1)[0].sum(-1) if routing.group_top2 else grouped.max(-1).values
+        kept = torch.topk(group_scores, routing.topk_group, dim=-1)[1]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+        keep = keep.unsqueeze(-1).expand_as(grouped).reshape(1, n_experts)
+        choice = choice.masked_fill(~keep, float("-inf"))
+    ids = torch.topk(choice, routing.top_k, dim=-1)[1]
+    top = scores.gather(1, ids)
+    if routing.renormalize:
+        top = top / (top.sum(dim=-1, keepdim=True) + routing.renorm_eps)
+    ids_out.copy_(ids.view(-1))
+    weights_out.copy_((top * routing.scaling).view(-1))
     x_out.copy_(x)

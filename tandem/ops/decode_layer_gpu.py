@@ -14,14 +14,16 @@ of one sequence in a growable KV cache (tandem.engine.kv_cache):
 
 with the kernels of tandem.gpu.layer_kernels and tandem.gpu.decode_attention. The
 position comes from the GPU (the captured graph's, tandem.engine.graph_decode), so the
-same launches replay at every step. A feed-forward of routed experts on the CPU engine
-behind a softmax top-k router (Qwen3-MoE, Mixtral, Qwen2-MoE) takes one router product
-and `route_pack`, which writes the engine's inputs into page-locked memory directly;
-a shared expert (Qwen2-MoE) runs on the GPU while the engine computes. Any other
-feed-forward runs as its module. Anything else (prompts, batches, other caches, masks
-other than the causal one) takes the layer's own forward.
+same launches replay at every step. DeepSeek's layers keep MLA as their module (tandem's
+MLAttention) between the fused norm and add+norm. A feed-forward of routed experts on
+the CPU engine behind a router route_pack computes (softmax top-k: Qwen3-MoE, Mixtral,
+Qwen2-MoE; DeepSeek-V2's greedy and group-limited, DeepSeek-V3's biased sigmoid groups)
+takes one router product and `route_pack`, which writes the engine's inputs into
+page-locked memory directly; shared experts (Qwen2-MoE, DeepSeek) run on the GPU while
+the engine computes. Any other feed-forward runs as its module. Anything else (prompts,
+batches, other caches, masks other than the causal one) takes the layer's own forward.
 
-Families: the attention classes of ATTENTION_CLASSES (pre-norm, q/k/v with or without
+Fused attention: the classes of ATTENTION_CLASSES (pre-norm, q/k/v with or without
 biases, optional per-head q/k norms, rotate-half RoPE over the whole head, GQA), with
 q/k/v as one stacked bf16 product (tandem.ops.linear_gpu_fused) and o_proj dequantized.
 $TANDEM_GPU_FUSED_DECODE=0 keeps every layer on its modules (the A/B switch).
@@ -38,7 +40,9 @@ from tandem.env_switches import switch
 from tandem.ops.decode_layer_cpu import Unfusable, decoder_layers
 from tandem.ops.experts_cpu import ExpertsCPU
 from tandem.ops.linear_gpu import QuantLinearGPU
+from tandem.ops.mla import MLAttention
 from tandem.ops.norm import RMSNorm
+from tandem.ops.routers import DeepseekV2Router, DeepseekV3Router, SoftmaxTopKRouter
 
 FUSED_ENV = "TANDEM_GPU_FUSED_DECODE"
 ATTENTION_CLASSES = {
@@ -49,8 +53,9 @@ ATTENTION_CLASSES = {
     "Qwen3Attention",
     "Qwen3MoeAttention",
 }
-# Routers computing softmax → top-k (→ renormalised when the attribute named says so; True: always).
-ROUTERS = {
+# Hugging Face's routers computing softmax → top-k (→ renormalised when the attribute
+# named says so; True: always). tandem's routers are read by routing_of.
+HF_ROUTERS = {
     "Qwen3MoeTopKRouter": "norm_topk_prob",
     "Qwen2MoeTopKRouter": "norm_topk_prob",
     "MixtralTopKRouter": True,
@@ -77,13 +82,63 @@ def _dense(module: nn.Module | None, name: str) -> tuple[torch.Tensor, torch.Ten
     return weight, module.bias
 
 
+def routing_of(router: nn.Module):
+    """The router's Routing (tandem.gpu.layer_kernels) and correction bias, or None where
+    route_pack does not compute it."""
+    from tandem.gpu.layer_kernels import Routing
+
+    weight = getattr(router, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32 or weight.device.type != "cuda":
+        return None
+    bias = None
+    name = type(router).__name__
+    if name in HF_ROUTERS:
+        renorm = HF_ROUTERS[name]
+        routing = Routing(
+            int(router.top_k), renorm if isinstance(renorm, bool) else bool(getattr(router, renorm))
+        )
+    elif isinstance(router, SoftmaxTopKRouter):
+        routing = Routing(router.top_k, router.renormalize)
+    elif isinstance(router, DeepseekV2Router):
+        grouped = router.topk_method == "group_limited_greedy"
+        routing = Routing(
+            router.top_k,
+            groups=router.num_group if grouped else 1,
+            topk_group=router.topk_group if grouped else 1,
+            scaling=router.routed_scaling_factor,
+        )
+    elif isinstance(router, DeepseekV3Router):
+        routing = Routing(
+            router.top_k, router.renormalize, sigmoid=True, groups=router.num_group,
+            topk_group=router.topk_group, group_top2=True, renorm_eps=1e-20,
+            scaling=router.routed_scaling_factor,
+        )  # fmt: skip
+        bias = router.e_score_correction_bias
+    else:
+        return None
+    return (routing, bias) if routing.supported(weight.shape[0]) else None
+
+
 class FusedDecodeLayerGPU:
     """The fused forward of one decoder layer (see the module's docstring)."""
 
     def __init__(self, layer: nn.Module, config):
         attn = getattr(layer, "self_attn", None)
         mlp = getattr(layer, "mlp", None)
-        if type(attn).__name__ not in ATTENTION_CLASSES or mlp is None:
+        if mlp is None:
+            raise Unfusable("no feed-forward module")
+        self.hidden = int(config.hidden_size)
+        self.in_norm = _norm(getattr(layer, "input_layernorm", None), self.hidden, "input_layernorm")
+        self.post_norm = _norm(
+            getattr(layer, "post_attention_layernorm", None), self.hidden, "post_attention_layernorm"
+        )
+        self.mlp = mlp
+        self.route = self._route_of(mlp)
+        if isinstance(attn, MLAttention):  # DeepSeek: MLA runs as its module, between the fused norms
+            self.attn, self.layer_idx = attn, -1
+            return
+        self.attn = None
+        if type(attn).__name__ not in ATTENTION_CLASSES:
             raise Unfusable(f"attention {type(attn).__name__} is not of a Llama-style family")
         self.layer_idx = int(attn.layer_idx)
         layer_types = getattr(config, "layer_types", None)
@@ -91,7 +146,6 @@ class FusedDecodeLayerGPU:
             raise Unfusable(f"{layer_types[self.layer_idx]} layer")
         if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
             raise Unfusable("RoPE over part of the head")
-        self.hidden = int(config.hidden_size)
         self.n_heads = int(config.num_attention_heads)
         self.n_kv = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
         self.head_dim = int(attn.head_dim)
@@ -107,10 +161,6 @@ class FusedDecodeLayerGPU:
             raise Unfusable("q/k/v are not one stacked product")
         self.qkv = shared
         self.o_weight, self.o_bias = _dense(attn.o_proj, "self_attn.o_proj")
-        self.in_norm = _norm(getattr(layer, "input_layernorm", None), self.hidden, "input_layernorm")
-        self.post_norm = _norm(
-            getattr(layer, "post_attention_layernorm", None), self.hidden, "post_attention_layernorm"
-        )
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         self.q_norm = _norm(q_norm, self.head_dim, "q_norm") if q_norm is not None else None
         self.k_norm = _norm(k_norm, self.head_dim, "k_norm") if k_norm is not None else None
@@ -118,69 +168,78 @@ class FusedDecodeLayerGPU:
         if len(eps) > 1:
             raise Unfusable("q and k norms of different eps")
         self.head_eps = eps.pop() if eps else 0.0
-        self.mlp = mlp
-        self.route = self._route_of(mlp)
 
     @staticmethod
     def _route_of(mlp: nn.Module):
-        """(experts, router, renormalize) where route_pack serves the feed-forward, else None."""
+        """(experts, router, Routing, correction bias) where route_pack serves the
+        feed-forward, else None (the module runs)."""
         experts, router = getattr(mlp, "experts", None), getattr(mlp, "gate", None)
-        if not isinstance(experts, ExpertsCPU) or not experts.capturable:
+        if not isinstance(experts, ExpertsCPU) or not experts.capturable or router is None:
             return None
-        renorm = ROUTERS.get(type(router).__name__)
-        weight = getattr(router, "weight", None)
-        if renorm is None or not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32:
-            return None
-        if weight.device.type != "cuda" or any(hasattr(mlp, n) for n in ("shared_experts",)):
-            return None
-        renormalize = renorm if isinstance(renorm, bool) else bool(getattr(router, renorm))
-        return experts, router, renormalize
+        found = routing_of(router)
+        return None if found is None else (experts, router, *found)
+
+    @property
+    def fused_attention(self) -> bool:
+        return self.attn is None
 
     def step(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: GrowingLayer,
-        position: torch.Tensor,
+        self, x: torch.Tensor, cache: GrowingLayer | None, position: torch.Tensor | None, kwargs
     ) -> torch.Tensor:
-        """x [1, 1, H] float32 -> the layer's output; writes the cache's rows at `position`."""
+        """x [1, 1, H] float32 -> the layer's output. Fused attention writes the cache's rows at
+        `position`; a module's attention gets the layer's keywords and updates the cache itself."""
+        from tandem.gpu.layer_kernels import rms_norm
+
+        flat = x.reshape(1, self.hidden)
+        if self.fused_attention:
+            o, o_bias = self._attention(flat, cache, position, kwargs["position_embeddings"])
+        else:
+            _, n1 = rms_norm(flat, self.in_norm.scale, self.in_norm.eps)
+            o = self.attn(hidden_states=n1.view(1, 1, self.hidden), **kwargs)[0].reshape(1, self.hidden)
+            o_bias = None
+        h, n2 = rms_norm(flat, self.post_norm.scale, self.post_norm.eps, torch.float32, o, o_bias)
+        return (h + self._feed_forward(n2)).view(1, 1, self.hidden)
+
+    def _attention(self, flat, cache, position, rotary) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused attention: its o product [1, H] (bf16) and o_proj's bias."""
         from tandem.gpu.decode_attention import decode_attention
         from tandem.gpu.layer_kernels import qkv_rope_append, rms_norm
 
-        flat = x.reshape(1, self.hidden)
+        cos, sin = (t.float().reshape(-1) for t in rotary)
         _, n1 = rms_norm(flat, self.in_norm.scale, self.in_norm.eps, self.qkv.weight.dtype)
         qkv = F.linear(n1, self.qkv.weight)  # [1, (Hq + 2 Hkv) D] bf16, as the modules' product
         q = qkv_rope_append(
             qkv.reshape(-1), self.qkv.bias,
             self.q_norm.scale if self.q_norm is not None else None,
             self.k_norm.scale if self.k_norm is not None else None,
-            self.head_eps, cos.reshape(-1), sin.reshape(-1), position, cache._k, cache._v, self.n_heads,
+            self.head_eps, cos, sin, position, cache._k, cache._v, self.n_heads,
         )  # fmt: skip
         attn = decode_attention(
             q, cache._k, cache._v, None, self.scaling, position=position, out_dtype=self.o_weight.dtype
         )
-        o = F.linear(attn.reshape(1, -1), self.o_weight)  # [1, H] bf16
-        h, n2 = rms_norm(flat, self.post_norm.scale, self.post_norm.eps, torch.float32, o, self.o_bias)
-        return (h + self._feed_forward(n2)).view(1, 1, self.hidden)
+        return F.linear(attn.reshape(1, -1), self.o_weight), self.o_bias  # [1, H] bf16
 
     def _feed_forward(self, n2: torch.Tensor) -> torch.Tensor:  # [1, H] float32 -> [1, H]
         if self.route is None:
             return self.mlp(n2.view(1, 1, self.hidden)).reshape(1, self.hidden).float()
         from tandem.gpu.layer_kernels import route_pack
 
-        experts, router, renormalize = self.route
+        experts, router, routing, bias = self.route
         logits = F.linear(n2, router.weight)  # [1, E] float32, as the router's
-        call = experts.stream_call(1, router.top_k)
-        route_pack(logits.reshape(-1), n2.reshape(-1), router.top_k, renormalize,
-                   call.ids.reshape(-1), call.weights.reshape(-1), call.x.reshape(-1))  # fmt: skip
+        call = experts.stream_call(1, routing.top_k)
+        route_pack(logits.reshape(-1), n2.reshape(-1), routing, call.ids.reshape(-1),
+                   call.weights.reshape(-1), call.x.reshape(-1), bias)  # fmt: skip
         call.request()
-        shared = self._shared_expert(n2)  # on the GPU while the engine computes
+        shared = self._shared_experts(n2)  # on the GPU while the engine computes
         out = call.finish(n2.device)
         return out if shared is None else out + shared
 
-    def _shared_expert(self, n2: torch.Tensor) -> torch.Tensor | None:
-        """Qwen2-MoE's shared expert: sigmoid(gate(x)) · expert(x); None without one."""
+    def _shared_experts(self, n2: torch.Tensor) -> torch.Tensor | None:
+        """DeepSeek's shared experts, or Qwen2-MoE's shared expert times sigmoid(its gate);
+        None without."""
+        deepseek = getattr(self.mlp, "shared_experts", None)
+        if deepseek is not None:
+            return deepseek(n2).float()
         shared = getattr(self.mlp, "shared_expert", None)
         if shared is None:
             return None
@@ -197,27 +256,35 @@ class _Forward:
         self.original = original
         self.calls = 0  # fused steps taken (tests, benchmarks)
 
-    def _layer(self, hidden_states, args, kwargs) -> GrowingLayer | None:
-        """The cache layer this call writes, where the fused step applies."""
+    def _layer(self, hidden_states, args, kwargs):
+        """Whether the fused step applies: False, or the cache layer it writes (None for a
+        module's attention, which writes its own)."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        rotary = kwargs.get("position_embeddings")
         layers = getattr(cache, "layers", None)
+        fused = self.fused
         if (
             args
             or not isinstance(hidden_states, torch.Tensor)
-            or hidden_states.shape != (1, 1, self.fused.hidden)
+            or hidden_states.shape != (1, 1, fused.hidden)
             or hidden_states.dtype != torch.float32
             or hidden_states.device.type != "cuda"
-            or not isinstance(rotary, tuple)
-            or len(rotary) != 2
-            or any(t.numel() != self.fused.head_dim or t.device != hidden_states.device for t in rotary)
-            or layers is None
-            or len(layers) <= self.fused.layer_idx
+            or not layers
+            or not all(type(layer) is GrowingLayer for layer in layers)
         ):
-            return None
-        layer = layers[self.fused.layer_idx]
-        if type(layer) is not GrowingLayer or layer._k is None or layer._k.device != hidden_states.device:
-            return None
+            return False
+        if not fused.fused_attention:
+            return None  # the module takes the keywords, mask and all
+        rotary = kwargs.get("position_embeddings")
+        if (
+            not isinstance(rotary, tuple)
+            or len(rotary) != 2
+            or any(t.numel() != fused.head_dim or t.device != hidden_states.device for t in rotary)
+            or len(layers) <= fused.layer_idx
+        ):
+            return False
+        layer = layers[fused.layer_idx]
+        if layer._k is None or layer._k.device != hidden_states.device:
+            return False
         if layer.graph_position is not None:  # a captured step: its mask is the position's
             return layer
         mask = kwargs.get("attention_mask")
@@ -229,20 +296,21 @@ class _Forward:
             and mask.shape == (1, 1, 1, layer.length + 1)
             and bool(mask.all())
         )
-        return layer if causal else None
+        return layer if causal else False
 
     def __call__(self, hidden_states, *args, **kwargs):
         layer = self._layer(hidden_states, args, kwargs)
-        if layer is None:
+        if layer is False:
             return self.original(hidden_states, *args, **kwargs)
         self.calls += 1
-        cos, sin = (t.float() for t in kwargs["position_embeddings"])
+        if layer is None:  # the attention module writes the cache
+            return self.fused.step(hidden_states, None, None, kwargs)
         position = layer.graph_position
         if position is not None:  # the graph's step: its caller advances the cache
-            return self.fused.step(hidden_states, cos, sin, layer, position)
+            return self.fused.step(hidden_states, layer, position, kwargs)
         layer.reserve(layer.length + 1)
         position = torch.tensor([layer.length], device=hidden_states.device)
-        out = self.fused.step(hidden_states, cos, sin, layer, position)
+        out = self.fused.step(hidden_states, layer, position, kwargs)
         layer.advance()
         return out
 

@@ -14,20 +14,22 @@ from tests.gpu.test_graph_decode import CTX, PROMPT, experts_on_cpu_budget, gene
 
 pytestmark = pytest.mark.gpu
 
-ARCHS = ("llama", "qwen2", *MOE_ARCHS)  # Qwen2-MoE: a shared expert beside the engine's call
+# (arch, DeepSeek routing): Qwen2-MoE and DeepSeek have shared experts beside the engine's
+# call; DeepSeek's MLA runs as its module between the fused norms.
+ARCHS = [(a, "v3") for a in ("llama", "qwen2", *MOE_ARCHS)] + [("deepseek2", "v3"), ("deepseek2", "v2")]
 # Both paths round the products' inputs to bf16 (a relative step of 2^-8 = 3.9e-3); the
 # norms and softmaxes sum in another order, which can flip single roundings. On the H200
 # that moved the tiny models' logits by up to 2.3e-3 (Qwen3-MoE).
 LOGIT_REL_ERR = 5e-3
 
 
-def load(arch: str, tmp_path, monkeypatch, fused: bool):
+def load(arch: str, tmp_path, monkeypatch, fused: bool, variant: str = "v3"):
     path = tmp_path / "m.gguf"
     if not path.exists():
-        write_tiny(arch, path, "Q8_0")
+        write_tiny(arch, path, "Q8_0", variant=variant)
     monkeypatch.setenv(FUSED_ENV, "1" if fused else "0")
     # The planned placement: MoE layers' experts on the CPU engine, all else on the GPU.
-    budget = experts_on_cpu_budget(path) if arch in MOE_ARCHS else 8.0
+    budget = experts_on_cpu_budget(path) if arch in (*MOE_ARCHS, "deepseek2") else 8.0
     return load_model(path, gpu_memory=budget, plan_ctx=CTX).model
 
 
@@ -47,10 +49,10 @@ def step_logits(model) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_fused_layers_equal_the_modules(arch, tmp_path, monkeypatch):
-    plain = load(arch, tmp_path, monkeypatch, fused=False)
-    fused = load(arch, tmp_path, monkeypatch, fused=True)
+@pytest.mark.parametrize(("arch", "variant"), ARCHS)
+def test_fused_layers_equal_the_modules(arch, variant, tmp_path, monkeypatch):
+    plain = load(arch, tmp_path, monkeypatch, fused=False, variant=variant)
+    fused = load(arch, tmp_path, monkeypatch, fused=True, variant=variant)
     assert set(fused._tandem_gpu_decode_layers.values()) == {"fused"}, fused._tandem_gpu_decode_layers
     assert set(plain._tandem_gpu_decode_layers.values()) == {f"{FUSED_ENV} is off"}
     for got, want in zip(step_logits(fused), step_logits(plain), strict=True):

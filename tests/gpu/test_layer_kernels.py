@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("triton")  # without a GPU, under its interpreter (tests/conftest.py)
 
 from tandem.gpu.layer_kernels import (
+    Routing,
     qkv_rope_append,
     qkv_rope_append_reference,
     rms_norm,
@@ -68,26 +69,67 @@ def test_qkv_rope_append_equals_the_reference(hq, hkv, d, bias, head_norms, dtyp
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # row 5 written, the rest kept
 
 
-@pytest.mark.parametrize(("n_experts", "k"), [(128, 8), (60, 4), (256, 8), (8, 2)])
-@pytest.mark.parametrize("renormalize", [False, True])
-def test_route_pack_equals_the_routers_torch_calls(n_experts, k, renormalize):
+ROUTINGS = {
+    "qwen3": lambda k: Routing(top_k=k, renormalize=True),
+    "qwen2moe": lambda k: Routing(top_k=k),
+    "deepseek-v2-lite": lambda k: Routing(top_k=k, scaling=2.5),
+    "deepseek-v2": lambda k: Routing(top_k=k, groups=8, topk_group=3, scaling=16.0),
+    "deepseek-v3": lambda k: Routing(
+        top_k=k,
+        renormalize=True,
+        sigmoid=True,
+        groups=8,
+        topk_group=4,
+        group_top2=True,
+        renorm_eps=1e-20,
+        scaling=2.5,
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(ROUTINGS))
+@pytest.mark.parametrize(("n_experts", "k"), [(256, 8), (64, 6), (128, 8)])
+def test_route_pack_equals_the_routers_torch_calls(family, n_experts, k):
     gen = torch.Generator().manual_seed(n_experts + k)
+    routing = ROUTINGS[family](k)
     logits, x = randn(n_experts, gen=gen), randn(2048, gen=gen)
+    bias = randn(n_experts, gen=gen) * 0.1 if routing.sigmoid else None
     outs = [
         (torch.empty(k, dtype=torch.int64, device=DEVICE), torch.empty(k, device=DEVICE), torch.empty_like(x))
         for _ in range(2)
     ]
-    route_pack(logits, x, k, renormalize, *outs[0], scaling=2.5)
-    route_pack_reference(logits, x, k, renormalize, *outs[1], scaling=2.5)
+    route_pack(logits, x, routing, *outs[0], bias=bias)
+    route_pack_reference(logits, x, routing, *outs[1], bias=bias)
     assert torch.equal(outs[0][0], outs[1][0])  # the same experts in the same order
-    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-6, atol=1e-6)
     assert torch.equal(outs[0][2], x)
+
+
+def test_route_pack_groups_keep_only_the_best_groups():
+    # 4 groups of 4; the two best groups by their two best choices are 2 and 0, although
+    # group 1 holds the single best expert.
+    logits = torch.tensor([2.0, 2.0, 0, 0, 5.0, -9, -9, -9, 3.0, 3.0, 0, 0, 0, 0, 0, 0], device=DEVICE)
+    routing = Routing(top_k=3, sigmoid=True, groups=4, topk_group=2, group_top2=True)
+    ids = torch.empty(3, dtype=torch.int64, device=DEVICE)
+    route_pack(logits, torch.zeros(4, device=DEVICE), routing, ids, torch.empty(3, device=DEVICE),
+               torch.empty(4, device=DEVICE))  # fmt: skip
+    assert ids.tolist() == [8, 9, 0]
 
 
 def test_route_pack_breaks_ties_to_the_lower_expert():
     logits = torch.zeros(16, device=DEVICE)
     logits[[3, 9, 12]] = 1.0
     ids = torch.empty(2, dtype=torch.int64, device=DEVICE)
-    route_pack(logits, torch.zeros(4, device=DEVICE), 2, True, ids, torch.empty(2, device=DEVICE),
-               torch.empty(4, device=DEVICE))  # fmt: skip
+    route_pack(logits, torch.zeros(4, device=DEVICE), Routing(top_k=2, renormalize=True), ids,
+               torch.empty(2, device=DEVICE), torch.empty(4, device=DEVICE))  # fmt: skip
     assert ids.tolist() == [3, 9]
+
+
+def test_grouped_routing_takes_powers_of_two_only():
+    assert Routing(top_k=8, groups=8, topk_group=4).supported(256)
+    assert not Routing(top_k=8, groups=8, topk_group=4).supported(160)  # DeepSeek-V2's 160 experts
+    assert Routing(top_k=6).supported(160)
+    with pytest.raises(ValueError, match="does not take"):
+        route_pack(torch.zeros(160, device=DEVICE), torch.zeros(4, device=DEVICE),
+                   Routing(top_k=6, groups=8, topk_group=3), torch.empty(6, dtype=torch.int64, device=DEVICE),
+                   torch.empty(6, device=DEVICE), torch.empty(4, device=DEVICE))  # fmt: skip
