@@ -10,6 +10,12 @@ token) and `generate_op` (one token):
   Per token it reads kv_lora_rank + qk_rope_head_dim numbers instead of
   heads * (qk_head_dim + v_head_dim): the decode form.
 
+On the CPU with the engine on, a decode step's projections other than kv_b_proj run on
+the engine's linear op over the file's blocks (ENGINE_PROJECTIONS) instead of torch,
+which multiplies float32 copies on one thread at decode (on the 2-core machine that was
+most of a DeepSeek-V2-Lite layer's step). Prompts keep torch's float32 products, which
+use every thread.
+
 Cache: both forms keep exactly what transformers' DeepSeek attention keeps (5.17 and 5.24):
 the normalised latent c [B, 1, S, kv_lora_rank] in the cache layer's key slot and the
 rotated shared rope key [B, 1, S, qk_rope_head_dim] in its value slot, through the
@@ -24,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from tandem.cpu.engine import default_engine
 from tandem.cpu.engine import enabled as engine_enabled
 from tandem.errors import RuleError
 from tandem.ops.attention_cpu import engine_prompt_attention
@@ -33,6 +40,10 @@ from tandem.ops.mla_math import apply_rope, attend, mask_bias, softmax_scale
 from tandem.weights.source import GGUFWeights
 
 FORMS = ("plain", "absorbed")
+# Projections that run on the CPU engine at one token (8-bit activations, the file's
+# blocks, every thread) when MLA runs on the CPU with the engine on; kv_b_proj stays a
+# float32 matrix, which the absorbed form takes apart per head.
+ENGINE_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj")
 
 
 class MLAttention(TandemModule):
@@ -103,6 +114,7 @@ class MLAttention(TandemModule):
         device = self.generate_device
         # A long prompt's attention on the engine's pool (decided at load, as the engine's operators are).
         self._engine_attention = device.type == "cpu" and engine_enabled()
+        self._engine_linears: dict[str, list] = {}
         for name, shape in self._shapes().items():
             # Norm weights stay float32: they scale a float32-normalised vector.
             dtype = torch.float32 if name.endswith("layernorm") else self.dtype
@@ -111,9 +123,27 @@ class MLAttention(TandemModule):
             if self.has_bias.get(name):
                 b = weights.dense(f"{self.key}.{name}.bias", (shape[0],), self.dtype, device)
                 self.register_buffer(f"{name}_bias", b)
+            if self._engine_attention and self.dtype == torch.float32 and name in ENGINE_PROJECTIONS:
+                self._take_engine(weights, name, shape)
+
+    def _take_engine(self, weights, name: str, shape: tuple[int, ...]) -> None:
+        """The projection `name` at one token as the engine's linear op(s) over the file's
+        blocks, where the engine has kernels for them."""
+        if not isinstance(weights, GGUFWeights):
+            return
+        engine = default_engine()
+        parts = weights.quant_parts(f"{self.key}.{name}.weight", shape)
+        if all(engine.supports(p.ggml_type) for p in parts):
+            self._engine_linears[name] = [engine.linear(p) for p in parts]
 
     def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias", None))
+        ops = getattr(self, "_engine_linears", {}).get(name)
+        if ops is None or x.numel() != x.shape[-1]:  # a prompt: torch's product on every thread
+            return F.linear(x, getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias", None))
+        outs = [op(x) for op in ops]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        bias = getattr(self, f"{name}_bias", None)
+        return y if bias is None else y + bias
 
     def _rms(self, name: str, x: torch.Tensor, eps: float) -> torch.Tensor:
         h = x.float()
