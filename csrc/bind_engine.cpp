@@ -252,6 +252,27 @@ void bind_engine(nb::module_& m) {
         },
         "out = x / sqrt(mean(x^2) + eps) * w per row of n floats (out may be x); the pool takes many rows.");
     m.def(
+        "head_matvec",
+        [](ThreadPool& pool, const std::string& variant, uintptr_t a, int64_t a_head, uintptr_t x, uintptr_t out,
+           int64_t heads, int64_t rows, int64_t k) {
+            // Per head h: out[h, :rows] = A_h x_h, A_h float32 rows of k at a + h * a_head floats.
+            // MLA's absorbed decode (W_UK folded into the query, W_UV applied to the output): at
+            // one token torch runs such per-head products on one thread.
+            const TypeKernel* f32 = kernels_named(variant).find(GGML_F32);
+            if (f32 == nullptr || heads < 1 || rows < 1 || k < 1 || a_head < rows * k)
+                throw nb::value_error("head_matvec: heads, rows and k must be positive, heads apart by >= rows * k");
+            nb::gil_scoped_release release;
+            const int64_t chunk = 16, per_head = (rows + chunk - 1) / chunk;
+            const size_t row_bytes = static_cast<size_t>(k) * sizeof(float);
+            pool.parallel_for(heads * per_head, [&](int64_t i, int) {
+                const int64_t h = i / per_head, r0 = i % per_head * chunk, nr = std::min(chunk, rows - r0);
+                f32->dot_rows(ptr<const uint8_t>(a) + (h * a_head + r0 * k) * sizeof(float), row_bytes, nr, k,
+                              ptr<const uint8_t>(x) + h * row_bytes, row_bytes, 1, ptr<float>(out) + h * rows + r0,
+                              0);
+            });
+        },
+        "out[h] = A_h x[h] for float32 heads A_h [rows, k] (a_head floats apart), x [heads, k], on the pool.");
+    m.def(
         "attention_prefill",
         [](ThreadPool& pool, const std::string& variant, uintptr_t q, int64_t q_head, int64_t q_row, uintptr_t k,
            int64_t k_head, int64_t k_row, uintptr_t v, int64_t v_head, int64_t v_row, uintptr_t out, int64_t out_head,

@@ -248,6 +248,29 @@ class CPUEngine:
         )
         return out
 
+    def head_matvec(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per head h: a[h] [rows, k] @ x[h] [k] -> [heads, rows], float32 on the CPU; a's rows
+        contiguous (its heads may lie further apart), x contiguous."""
+        heads, rows, k = a.shape
+        if (
+            a.dtype != torch.float32
+            or x.dtype != torch.float32
+            or a.device.type != "cpu"
+            or x.device.type != "cpu"
+            or x.shape != (heads, k)
+            or not x.is_contiguous()
+            or a.stride(2) != 1
+            or a.stride(1) != k
+        ):
+            raise ValueError(
+                "head_matvec: float32 CPU a [heads, rows, k] with contiguous rows and x [heads, k]"
+            )
+        out = torch.empty(heads, rows, dtype=torch.float32)
+        _native().head_matvec(
+            self.pool, self.kernels, a.data_ptr(), a.stride(0), x.data_ptr(), out.data_ptr(), heads, rows, k
+        )
+        return out
+
     def attention_decode(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor | None:

@@ -13,8 +13,9 @@ token) and `generate_op` (one token):
 On the CPU with the engine on, a decode step's projections other than kv_b_proj run on
 the engine's linear op over the file's blocks (ENGINE_PROJECTIONS) instead of torch,
 which multiplies float32 copies on one thread at decode (on the 2-core machine that was
-most of a DeepSeek-V2-Lite layer's step). Prompts keep torch's float32 products, which
-use every thread.
+most of a DeepSeek-V2-Lite layer's step), and the absorbed form's two per-head products
+with kv_b_proj run on the engine's pool (`head_matvec`, float32). Prompts keep torch's
+float32 products, which use every thread.
 
 Cache: both forms keep exactly what transformers' DeepSeek attention keeps (5.17 and 5.24):
 the normalised latent c [B, 1, S, kv_lora_rank] in the cache layer's key slot and the
@@ -125,6 +126,10 @@ class MLAttention(TandemModule):
                 self.register_buffer(f"{name}_bias", b)
             if self._engine_attention and self.dtype == torch.float32 and name in ENGINE_PROJECTIONS:
                 self._take_engine(weights, name, shape)
+        # W_UK transposed per head [H, r, nope], for the engine's per-head products at decode.
+        self._w_uk_t = None
+        if self._engine_attention and self.dtype == torch.float32:
+            self._w_uk_t = self._kv_b_heads()[0].transpose(1, 2).contiguous()
 
     def _take_engine(self, weights, name: str, shape: tuple[int, ...]) -> None:
         """The projection `name` at one token as the engine's linear op(s) over the file's
@@ -212,11 +217,25 @@ class MLAttention(TandemModule):
         p = attend(torch.matmul(q, k.transpose(2, 3)) * self.scaling, bias)  # [B, H, T, S]
         return torch.matmul(p, v).transpose(1, 2)
 
+    def _kv_b_heads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of kv_b_proj: W_UK [H, nope, r] and W_UV [H, v, r]; no copy of the weight."""
+        kv_b = self.kv_b_proj_weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return kv_b[:, : self.nope_dim], kv_b[:, self.nope_dim :]
+
     def _absorbed(self, q_nope, q_rope, latent, k_rope, bias) -> torch.Tensor:
         """Attention on the latent: W_UK folded into q, W_UV applied after. Returns [B, T, H, v]."""
-        # Views of kv_b_proj: W_UK [H, nope, r] and W_UV [H, v, r]; no copy of the weight.
-        kv_b = self.kv_b_proj_weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = kv_b[:, : self.nope_dim], kv_b[:, self.nope_dim :]
+        w_uk, w_uv = self._kv_b_heads()
+        h, r = self.num_heads, self.kv_lora_rank
+        if getattr(self, "_w_uk_t", None) is not None and q_nope.shape[0] == 1 and q_nope.shape[2] == 1:
+            # One token on the CPU: the two per-head products on the engine's pool (torch has
+            # one thread at decode), the small score and value products over the cache in torch.
+            engine = default_engine()
+            q_lat = engine.head_matvec(self._w_uk_t, q_nope.reshape(h, self.nope_dim).contiguous())
+            scores = torch.matmul(q_lat.view(1, h, 1, r), latent.transpose(2, 3))
+            scores = scores + torch.matmul(q_rope, k_rope.transpose(2, 3))
+            p = attend(scores * self.scaling, bias)  # [1, H, 1, S]
+            out_lat = torch.matmul(p, latent).reshape(h, r)
+            return engine.head_matvec(w_uv, out_lat.contiguous()).view(1, 1, h, self.v_dim)
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # [B, H, T, r]
         scores = torch.matmul(q_lat, latent.transpose(2, 3)) + torch.matmul(q_rope, k_rope.transpose(2, 3))
         p = attend(scores * self.scaling, bias)  # [B, H, T, S]

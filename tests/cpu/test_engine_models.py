@@ -172,16 +172,18 @@ def test_torch_takes_one_thread_for_decode_steps_and_all_for_prefill(tiny_dir):
 
 
 def test_mla_decode_steps_take_the_engines_projections(tiny_dir):
-    """A decode step's MLA projections run on the engine (torch multiplies on one thread
-    there); prompts keep torch's float32 products. On Q8_0 weights each step's logits stay
+    """A decode step's MLA projections and per-head absorbed products run on the engine
+    (torch multiplies on one thread there); prompts keep torch's float32 products. On Q8_0 weights each step's logits stay
     near the torch path's (measured 1.5-3.0%, the same greedy token at all four steps). A
     step where the sigmoid router picks another expert moves far more (34% with another
     prompt), so the median of the four is held, and three greedy tokens of four."""
     fast, ref = load_both(write_tiny("deepseek2", tiny_dir / "mla.gguf", "Q8_0"))
     mla = [m for m in fast.model.modules() if isinstance(m, MLAttention)]
     projections = {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"}
-    assert mla and all(set(m._engine_linears) == projections for m in mla)
-    assert not any(m._engine_linears for m in ref.model.modules() if isinstance(m, MLAttention))
+    assert mla and all(set(m._engine_linears) == projections and m._w_uk_t is not None for m in mla)
+    assert not any(
+        m._engine_linears or m._w_uk_t is not None for m in ref.model.modules() if isinstance(m, MLAttention)
+    )
     steps = []
     for loaded in (fast, ref):
         cache, logits = new_cache(loaded.model), []

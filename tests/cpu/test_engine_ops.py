@@ -356,3 +356,29 @@ def test_many_token_calls_time_their_phases_when_asked():
     op.set_profiling(False)
     experts(x, ids, weights)
     assert op.profiled_calls == 0
+
+
+VARIANT_ENGINES: dict[str, CPUEngine] = {}
+
+
+@pytest.mark.parametrize("variant", _testable_variants())
+@pytest.mark.parametrize(("heads", "rows", "k"), [(16, 512, 128), (16, 128, 512), (3, 5, 7), (128, 512, 128)])
+def test_head_matvec_matches_torch(variant, heads, rows, k):
+    g = torch.Generator().manual_seed(rows + k)
+    a, x = torch.randn(heads, rows, k, generator=g), torch.randn(heads, k, generator=g)
+    if variant not in VARIANT_ENGINES:
+        VARIANT_ENGINES[variant] = CPUEngine(threads=2, variant=variant, prefill="off")
+    got = VARIANT_ENGINES[variant].head_matvec(a, x)
+    exact = torch.einsum("hrk,hk->hr", a.double(), x.double())
+    assert ((got.double() - exact).norm() / exact.norm()).item() < 1e-6  # float32 sums in another order
+
+
+def test_head_matvec_reads_heads_apart_and_refuses_other_layouts():
+    g = torch.Generator().manual_seed(0)
+    kv_b = torch.randn(4, 96, 32, generator=g)  # MLA's kv_b_proj per head: 64 nope rows, then 32 value rows
+    w_uv, x = kv_b[:, 64:], torch.randn(4, 32, generator=g)
+    torch.testing.assert_close(engine(2).head_matvec(w_uv, x), torch.einsum("hrk,hk->hr", w_uv, x))
+    with pytest.raises(ValueError, match="head_matvec"):
+        engine(2).head_matvec(kv_b[:, :64].transpose(1, 2), torch.randn(4, 64))  # columns, not rows
+    with pytest.raises(ValueError, match="head_matvec"):
+        engine(2).head_matvec(w_uv, torch.randn(4, 31))
