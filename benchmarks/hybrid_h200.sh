@@ -20,11 +20,7 @@ python -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
 LLAMA_PID=
 if [ "${LLAMA:-1}" != 0 ]; then
 log "build llama.cpp with CUDA (background)"
-( mkdir -p /tmp/lc && tar xJf .whl/llamacpp-cuda-src.tar.xz -C /tmp/lc &&
-  cmake -S /tmp/lc/llama.cpp -B /tmp/lc/b -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
-    -DGGML_NATIVE=ON &&
-  cmake --build /tmp/lc/b -j 14 --target llama-bench ) > "$OUT/llama_build.log" 2>&1 &
+bash benchmarks/build_llama_cuda.sh > "$OUT/llama_build.log" 2>&1 &
 LLAMA_PID=$!
 fi
 log "build tandem"

@@ -13,11 +13,7 @@ log() { echo "[$(date +%T)] $*" | tee -a "$OUT/steps.log"; }
 
 python -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
 log "build llama.cpp with CUDA (background)"
-( mkdir -p /tmp/lc && tar xJf .whl/llamacpp-cuda-src.tar.xz -C /tmp/lc &&
-  cmake -S /tmp/lc/llama.cpp -B /tmp/lc/b -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
-    -DGGML_NATIVE=ON &&
-  cmake --build /tmp/lc/b -j 14 --target llama-bench ) > "$OUT/llama_build.log" 2>&1 &
+bash benchmarks/build_llama_cuda.sh > "$OUT/llama_build.log" 2>&1 &
 LLAMA_PID=$!
 log "build tandem"
 python -m pip install --no-build-isolation --no-deps -e . > "$OUT/tandem_build.log" 2>&1 || { log "tandem build failed"; exit 1; }
