@@ -15,7 +15,8 @@ of one sequence in a growable KV cache (tandem.engine.kv_cache):
 with the kernels of tandem.gpu.layer_kernels and tandem.gpu.decode_attention. The
 position comes from the GPU (the captured graph's, tandem.engine.graph_decode), so the
 same launches replay at every step. DeepSeek's layers keep MLA as their module (tandem's
-MLAttention) between the fused norm and add+norm. A feed-forward of routed experts on
+MLAttention) between the fused norm and add+norm, and set it to take its fused
+one-token step (tandem.gpu.mla_kernels). A feed-forward of routed experts on
 the CPU engine behind a router route_pack computes (softmax top-k: Qwen3-MoE, Mixtral,
 Qwen2-MoE; DeepSeek-V2's greedy and group-limited, DeepSeek-V3's biased sigmoid groups)
 takes one router product and `route_pack`, which writes the engine's inputs into
@@ -136,6 +137,7 @@ class FusedDecodeLayerGPU:
         self.route = self._route_of(mlp)
         if isinstance(attn, MLAttention):  # DeepSeek: MLA runs as its module, between the fused norms
             self.attn, self.layer_idx = attn, -1
+            attn.fused_gpu_step = True  # its own one-token step in fused kernels (tandem.gpu.mla_kernels)
             return
         self.attn = None
         if type(attn).__name__ not in ATTENTION_CLASSES:

@@ -17,6 +17,11 @@ most of a DeepSeek-V2-Lite layer's step), and the absorbed form's two per-head p
 with kv_b_proj run on the engine's pool (`head_matvec`, float32). Prompts keep torch's
 float32 products, which use every thread.
 
+On a GPU, a one-token step of the absorbed form runs the fused kernels of
+tandem.gpu.mla_kernels (the latent's norm, the rotary embeddings and the cache rows in
+one launch; the scores, softmax and value product as a split-key attention) around
+torch's projections and per-head products.
+
 Cache: both forms keep exactly what transformers' DeepSeek attention keeps (5.17 and 5.24):
 the normalised latent c [B, 1, S, kv_lora_rank] in the cache layer's key slot and the
 rotated shared rope key [B, 1, S, qk_rope_head_dim] in its value slot, through the
@@ -58,6 +63,10 @@ class MLAttention(TandemModule):
     Weights, arithmetic and the cache live on generate_device; prefill_device is not used,
     since the cache a prefill writes is what decode reads.
     """
+
+    # Set by tandem.ops.decode_layer_gpu on the layers it fuses: one-token steps on a GPU
+    # then take the fused kernels ($TANDEM_GPU_FUSED_DECODE=0 leaves it off).
+    fused_gpu_step = False
 
     def __init__(
         self, key: str, orig: nn.Module, config: PretrainedConfig, *, dtype: str = "float32", **base
@@ -173,16 +182,14 @@ class MLAttention(TandemModule):
         x = hidden_states.to(device=device, dtype=self.dtype)
         bsz, q_len = x.shape[:2]
 
-        if self.q_lora_rank:
-            q = self._linear(
-                "q_b_proj", self._rms("q_a_layernorm", self._linear("q_a_proj", x), self.q_norm_eps)
-            )
-        else:
-            q = self._linear("q_proj", x)
+        q, kv = self._project(x)
+        layer = self._gpu_step_layer(cache, x, attention_mask, position_embeddings)
+        if layer is not None:  # one token on a GPU: the fused kernels (tandem.gpu.mla_kernels)
+            out = self._gpu_step(q, kv, position_embeddings, layer)
+            return out.to(device=hidden_states.device, dtype=hidden_states.dtype), None
         q = q.view(bsz, q_len, self.num_heads, self.qk_dim).transpose(1, 2)  # [B, H, T, qk]
         q_nope, q_rope = torch.split(q, [self.nope_dim, self.rope_dim], dim=-1)
 
-        kv = self._linear("kv_a_proj_with_mqa", x)  # [B, T, r + rope]
         latent, k_rope = torch.split(kv, [self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self._rms("kv_a_layernorm", latent, self.kv_norm_eps).view(bsz, 1, q_len, self.kv_lora_rank)
         k_rope = k_rope.reshape(bsz, 1, q_len, self.rope_dim)
@@ -200,6 +207,81 @@ class MLAttention(TandemModule):
             out = self._plain(q_nope, q_rope, latent, k_rope, bias, attention_mask)
         out = self._linear("o_proj", out.reshape(bsz, q_len, self.num_heads * self.v_dim))
         return out.to(device=hidden_states.device, dtype=hidden_states.dtype), None
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] -> the queries [B, T, H · qk] and kv_a's output [B, T, r + rope]."""
+        if self.q_lora_rank:
+            q = self._linear(
+                "q_b_proj", self._rms("q_a_layernorm", self._linear("q_a_proj", x), self.q_norm_eps)
+            )
+        else:
+            q = self._linear("q_proj", x)
+        return q, self._linear("kv_a_proj_with_mqa", x)
+
+    def _gpu_step_layer(self, cache, x: torch.Tensor, mask, rotary):
+        """The cache layer a one-token step on a GPU writes through the fused kernels, or None
+        where the torch path runs (prompts, batches, masks other than the causal one, other
+        caches, sizes the kernels do not take, or a layer left unfused: `fused_gpu_step`)."""
+        from tandem.engine.kv_cache import GrowingLayer
+
+        if (
+            x.device.type != "cuda"
+            or x.shape[:2] != (1, 1)
+            or self.generate_op != "absorbed"
+            or self.dtype != torch.float32
+            or any(n & (n - 1) for n in (self.kv_lora_rank, self.rope_dim))
+            or not (isinstance(rotary, tuple) or (isinstance(rotary, torch.Tensor) and rotary.is_complex()))
+        ):
+            return None
+        layers = getattr(cache, "layers", None)
+        if not self.fused_gpu_step or not layers or len(layers) <= self.layer_idx:
+            return None
+        layer = layers[self.layer_idx]
+        if type(layer) is not GrowingLayer or layer._k is None or layer._k.device != x.device:
+            return None
+        if layer.graph_position is not None or mask is None:  # a captured step's mask is its position's
+            return layer
+        causal = (
+            isinstance(mask, torch.Tensor)
+            and mask.dtype == torch.bool
+            and mask.shape[-1] == layer.length + 1
+            and mask.numel() == mask.shape[-1]
+            and bool(mask.all())
+        )
+        return layer if causal else None
+
+    def _gpu_step(self, q: torch.Tensor, kv: torch.Tensor, rotary, layer) -> torch.Tensor:
+        """One token's absorbed attention and o_proj with the fused kernels -> [1, 1, hidden]."""
+        from tandem.gpu.mla_kernels import (
+            ROPE_HALF,
+            ROPE_V2_COMPLEX,
+            ROPE_V3_INTERLEAVED,
+            mla_decode_attention,
+            mla_rope_append,
+        )
+
+        h = self.num_heads
+        mode = ROPE_V2_COMPLEX if isinstance(rotary, torch.Tensor) else ROPE_HALF
+        if mode == ROPE_HALF and self.rope_interleave:
+            mode = ROPE_V3_INTERLEAVED
+        position = layer.graph_position
+        eager = position is None
+        if eager:  # the graph's steps come with their position; an eager one makes its own
+            layer.reserve(layer.length + 1)
+            position = torch.tensor([layer.length], device=q.device)
+        q_flat = q.reshape(-1)
+        q_rope = mla_rope_append(
+            q_flat, kv.reshape(-1), self.kv_a_layernorm_weight, self.kv_norm_eps, rotary, mode, position,
+            layer._k, layer._v, h,
+        )  # fmt: skip
+        if eager:
+            layer.advance()
+        w_uk, w_uv = self._kv_b_heads()
+        q_nope = q_flat.view(h, self.qk_dim)[:, : self.nope_dim]
+        q_lat = torch.einsum("hd,hdr->hr", q_nope, w_uk)  # [H, r]
+        out_lat = mla_decode_attention(q_lat, q_rope, layer._k, layer._v, position, self.scaling)
+        out = torch.einsum("hr,hvr->hv", out_lat, w_uv)  # [H, v]
+        return self._linear("o_proj", out.reshape(1, 1, h * self.v_dim))
 
     def _plain(self, q_nope, q_rope, latent, k_rope, bias, mask=None) -> torch.Tensor:
         """Per-head keys and values from the latent. Returns [B, T, H, v]."""
