@@ -111,6 +111,7 @@ def mla_rope_append(
     the rotated query rope parts [H, R] float32; the cache rows at `position` are written."""
     lat, r = latents.shape[-1], rope_keys.shape[-1]
     nope = q.numel() // heads - r
+    q, kv = q.contiguous(), kv.contiguous()
     cos, sin = rope_tables(position_embeddings, mode)
     q_rope = torch.empty(heads, r, dtype=torch.float32, device=q.device)
     _rope_append_kernel[(heads + 1,)](
@@ -169,6 +170,7 @@ def mla_decode_attention(
     (the cache, keys 0..position attended) -> Σ_j softmax_j · c_j, [H, LAT] float32."""
     heads, lat = q_lat.shape
     r, n_keys = rope_keys.shape[-1], latents.shape[2]
+    q_lat, q_rope = q_lat.contiguous(), q_rope.contiguous()  # rows read at head · width
     slices = max(1, min(_ceil_div(n_keys, BLOCK_KEYS), TARGET_PROGRAMS // heads))
     per_slice = _ceil_div(_ceil_div(n_keys, slices), BLOCK_KEYS) * BLOCK_KEYS
     slices = _ceil_div(n_keys, per_slice)
