@@ -124,6 +124,28 @@ class GrowingLayer(DynamicLayer):
         self._reserve(self.length + 1, like, like)
         return self._k, self._v, self.length
 
+    def sees_every_row(self, mask) -> bool:
+        """Whether a one-token step with this attention mask attends to every cached position
+        and its own: no mask, a captured step's (its position's), or a boolean one all true."""
+        if mask is None or self.graph_position is not None:
+            return True
+        return (
+            isinstance(mask, torch.Tensor)
+            and mask.dtype == torch.bool
+            and mask.shape[-1] == self.length + 1
+            and mask.numel() == mask.shape[-1]
+            and bool(mask.all())
+        )
+
+    def step_position(self, device: torch.device) -> tuple[torch.Tensor, bool]:
+        """Where a one-token step written outside `update` goes, as an int64 [1] on `device`:
+        a captured step's position (its caller advances the cache), or else the next row,
+        with room reserved; True then: call advance() after writing it."""
+        if self.graph_position is not None:
+            return self.graph_position, False
+        self.reserve(self.length + 1)
+        return torch.tensor([self.length], device=device), True
+
     def reserve(self, end: int) -> None:
         """Room for `end` positions without moving the buffers again (before a captured step)."""
         if self._k is not None:

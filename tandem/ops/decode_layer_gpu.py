@@ -287,18 +287,7 @@ class _Forward:
         layer = layers[fused.layer_idx]
         if layer._k is None or layer._k.device != hidden_states.device:
             return False
-        if layer.graph_position is not None:  # a captured step: its mask is the position's
-            return layer
-        mask = kwargs.get("attention_mask")
-        if mask is None:
-            return layer
-        causal = (
-            isinstance(mask, torch.Tensor)
-            and mask.dtype == torch.bool
-            and mask.shape == (1, 1, 1, layer.length + 1)
-            and bool(mask.all())
-        )
-        return layer if causal else False
+        return layer if layer.sees_every_row(kwargs.get("attention_mask")) else False
 
     def __call__(self, hidden_states, *args, **kwargs):
         layer = self._layer(hidden_states, args, kwargs)
@@ -307,13 +296,10 @@ class _Forward:
         self.calls += 1
         if layer is None:  # the attention module writes the cache
             return self.fused.step(hidden_states, None, None, kwargs)
-        position = layer.graph_position
-        if position is not None:  # the graph's step: its caller advances the cache
-            return self.fused.step(hidden_states, layer, position, kwargs)
-        layer.reserve(layer.length + 1)
-        position = torch.tensor([layer.length], device=hidden_states.device)
+        position, eager = layer.step_position(hidden_states.device)
         out = self.fused.step(hidden_states, layer, position, kwargs)
-        layer.advance()
+        if eager:
+            layer.advance()
         return out
 
 

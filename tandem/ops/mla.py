@@ -101,6 +101,9 @@ class MLAttention(TandemModule):
             for n in ("q_a_proj", "q_proj", "kv_a_proj_with_mqa", "o_proj")
         }
         self.is_causal = True
+        # On the CPU engine (set at load): a decode step's projections and W_UK per head, transposed.
+        self._engine_linears: dict[str, list] = {}
+        self._w_uk_t: torch.Tensor | None = None
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         h, hd = self.num_heads, self.hidden_size
@@ -124,7 +127,6 @@ class MLAttention(TandemModule):
         device = self.generate_device
         # A long prompt's attention on the engine's pool (decided at load, as the engine's operators are).
         self._engine_attention = device.type == "cpu" and engine_enabled()
-        self._engine_linears: dict[str, list] = {}
         for name, shape in self._shapes().items():
             # Norm weights stay float32: they scale a float32-normalised vector.
             dtype = torch.float32 if name.endswith("layernorm") else self.dtype
@@ -136,7 +138,6 @@ class MLAttention(TandemModule):
             if self._engine_attention and self.dtype == torch.float32 and name in ENGINE_PROJECTIONS:
                 self._take_engine(weights, name, shape)
         # W_UK transposed per head [H, r, nope], for the engine's per-head products at decode.
-        self._w_uk_t = None
         if self._engine_attention and self.dtype == torch.float32:
             self._w_uk_t = self._kv_b_heads()[0].transpose(1, 2).contiguous()
 
@@ -151,7 +152,7 @@ class MLAttention(TandemModule):
             self._engine_linears[name] = [engine.linear(p) for p in parts]
 
     def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        ops = getattr(self, "_engine_linears", {}).get(name)
+        ops = self._engine_linears.get(name)
         if ops is None or x.numel() != x.shape[-1]:  # a prompt: torch's product on every thread
             return F.linear(x, getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias", None))
         outs = [op(x) for op in ops]
@@ -239,16 +240,7 @@ class MLAttention(TandemModule):
         layer = layers[self.layer_idx]
         if type(layer) is not GrowingLayer or layer._k is None or layer._k.device != x.device:
             return None
-        if layer.graph_position is not None or mask is None:  # a captured step's mask is its position's
-            return layer
-        causal = (
-            isinstance(mask, torch.Tensor)
-            and mask.dtype == torch.bool
-            and mask.shape[-1] == layer.length + 1
-            and mask.numel() == mask.shape[-1]
-            and bool(mask.all())
-        )
-        return layer if causal else None
+        return layer if layer.sees_every_row(mask) else None
 
     def _gpu_step(self, q: torch.Tensor, kv: torch.Tensor, rotary, layer) -> torch.Tensor:
         """One token's absorbed attention and o_proj with the fused kernels -> [1, 1, hidden]."""
@@ -264,11 +256,7 @@ class MLAttention(TandemModule):
         mode = ROPE_V2_COMPLEX if isinstance(rotary, torch.Tensor) else ROPE_HALF
         if mode == ROPE_HALF and self.rope_interleave:
             mode = ROPE_V3_INTERLEAVED
-        position = layer.graph_position
-        eager = position is None
-        if eager:  # the graph's steps come with their position; an eager one makes its own
-            layer.reserve(layer.length + 1)
-            position = torch.tensor([layer.length], device=q.device)
+        position, eager = layer.step_position(q.device)
         q_flat = q.reshape(-1)
         q_rope = mla_rope_append(
             q_flat, kv.reshape(-1), self.kv_a_layernorm_weight, self.kv_norm_eps, rotary, mode, position,
@@ -308,7 +296,7 @@ class MLAttention(TandemModule):
         """Attention on the latent: W_UK folded into q, W_UV applied after. Returns [B, T, H, v]."""
         w_uk, w_uv = self._kv_b_heads()
         h, r = self.num_heads, self.kv_lora_rank
-        if getattr(self, "_w_uk_t", None) is not None and q_nope.shape[0] == 1 and q_nope.shape[2] == 1:
+        if self._w_uk_t is not None and q_nope.shape[0] == 1 and q_nope.shape[2] == 1:
             # One token on the CPU: the two per-head products on the engine's pool (torch has
             # one thread at decode), the small score and value products over the cache in torch.
             engine = default_engine()

@@ -176,3 +176,19 @@ def test_sliding_window_layers_keep_their_window_and_give_the_same_logits(
     for layer in cache.layers:
         if isinstance(layer, WindowLayer):  # the window, not the 40 positions
             assert layer.attended() == 7 and layer._k.shape[2] <= 7 + 1 + 3 + 8
+
+
+def test_a_step_outside_update_gets_its_position_and_mask_check():
+    layer = GrowingLayer()
+    layer.update(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8))
+    position, eager = layer.step_position(torch.device("cpu"))
+    assert eager and position.tolist() == [3] and layer._k.shape[2] >= 4 and layer.length == 3
+    assert layer.sees_every_row(None) and layer.sees_every_row(torch.ones(1, 1, 1, 4, dtype=torch.bool))
+    hidden = torch.ones(1, 1, 1, 4, dtype=torch.bool)
+    hidden[..., 1] = False
+    assert not layer.sees_every_row(hidden)
+    assert not layer.sees_every_row(torch.ones(1, 1, 1, 5, dtype=torch.bool))  # another length
+    assert not layer.sees_every_row(torch.zeros(1, 1, 1, 4))  # an additive mask
+    layer.graph_position = torch.tensor([7])  # a captured step: its mask is its position's
+    position, eager = layer.step_position(torch.device("cpu"))
+    assert not eager and position is layer.graph_position and layer.sees_every_row(hidden)
