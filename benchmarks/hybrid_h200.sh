@@ -7,8 +7,8 @@
 # source; its CUDA backend is built here) and .whl/qwen25-tokenizer.gguf carried, $OUT set.
 # TESTS=1 runs the GPU tests first; AB=none skips tandem's run with eager decode steps;
 # LLAMA=0 leaves llama.cpp out; SWEEP adds runs (below); PROFILE=1 splits a decode step
-# (benchmarks/profile_hybrid.py); EXTRA='shape:layers:gib ...' benches more files the same
-# way after the first (tandem's default settings and llama.cpp's), e.g.
+# (benchmarks/profile_hybrid.py; PROFILE_RUNS='threads:prompt ...', default 16:512 as bench
+# decodes); EXTRA='shape:layers:gib ...' benches more files the same way after the first (tandem's default settings and llama.cpp's), e.g.
 # EXTRA='deepseek-v2-lite:27:4.3'. The budget GIB keeps every layer's experts on the CPU
 # (the plan is printed).
 set -u
@@ -69,7 +69,11 @@ for entry in "${sweep[@]}"; do
 done
 if [ -n "${PROFILE:-}" ]; then
   log "where a hybrid step goes"
-  timeout 200 python benchmarks/profile_hybrid.py /tmp/q3.gguf 15 "$GIB" 32 2>&1 | grep -v -i warn >> "$OUT/steps.log"
+  for run in ${PROFILE_RUNS:-16:512}; do
+    IFS=: read -r threads n_prompt <<< "$run"
+    timeout 200 python benchmarks/profile_hybrid.py /tmp/q3.gguf "$threads" "$GIB" 32 "$n_prompt" 2>&1 |
+      grep -v -i warn >> "$OUT/steps.log"
+  done
 fi
 if [ -n "$LLAMA_PID" ] && [ -x /tmp/lc/b/bin/llama-bench ]; then
   timeout 240 /tmp/lc/b/bin/llama-bench -m /tmp/q3.gguf -ngl 99 -ot exps=CPU -fa on -t 16 -p "$NP" -n "$NG" \
@@ -84,6 +88,10 @@ for extra in ${EXTRA:-}; do
   if [ -n "$LLAMA_PID" ] && [ -x /tmp/lc/b/bin/llama-bench ]; then
     timeout 240 /tmp/lc/b/bin/llama-bench -m "/tmp/$xshape.gguf" -ngl 99 -ot exps=CPU -fa on -t 16 \
       -p "$NP" -n "$NG" -r "$R" -o md 2>&1 | grep -E "^\|" >> "$OUT/steps.log"
+  fi
+  if [ -n "${PROFILE:-}" ]; then
+    timeout 200 python benchmarks/profile_hybrid.py "/tmp/$xshape.gguf" 16 "$xgib" 32 512 2>&1 |
+      grep -v -i warn >> "$OUT/steps.log"
   fi
 done
 log done

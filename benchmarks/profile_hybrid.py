@@ -1,8 +1,8 @@
 """Where a hybrid decode step's time goes: the GPU's kernels, the CPU experts, the hand-overs.
 
-python benchmarks/profile_hybrid.py MODEL.gguf THREADS GPU_GIB [STEPS]
+python benchmarks/profile_hybrid.py MODEL.gguf THREADS GPU_GIB [STEPS [PROMPT]]
 Loads the model with the plan for GPU_GIB, decodes STEPS (default 32) tokens after a
-short prompt, and prints per step: the wall time of a replayed step, the GPU's kernel
+prompt of PROMPT tokens (default 16; `tandem bench` decodes after 512), and prints per step: the wall time of a replayed step, the GPU's kernel
 time inside it (torch.profiler over a few replays), and the routed experts' time on the
 engine alone (the same one-token calls through the host function's C pointer, one
 layer after another, with no Python between them). What
@@ -39,15 +39,16 @@ class Ids:
 def main() -> None:
     path, threads, gib = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     steps = int(sys.argv[4]) if len(sys.argv) > 4 else 32
+    n_prompt = int(sys.argv[5]) if len(sys.argv) > 5 else 16
     configure(threads=threads)
     loaded = load_model(path, gpu_memory=gib, plan_ctx=4096)
     model = loaded.model
-    prompt = list(range(100, 116))
+    prompt = [100 + i % 1000 for i in range(n_prompt)]
     prefill_and_generate(model, Ids(), prompt, 4)  # warm-up and capture
     result = prefill_and_generate(model, Ids(), prompt, steps + 1)
     graph = getattr(model, "_tandem_graph_decode", None)
     print(
-        f"decode {result.decode_tok_s:.2f} tok/s, {1000 / result.decode_tok_s:.2f} ms a step; graph: "
+        f"decode after {n_prompt} prompt tokens: {result.decode_tok_s:.2f} tok/s, {1000 / result.decode_tok_s:.2f} ms a step; graph: "
         f"{'replayed' if graph is not None and graph.broken is None else 'none'}"
     )
     if graph is not None and graph.graph is not None:
