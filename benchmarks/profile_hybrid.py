@@ -5,8 +5,9 @@ Loads the model with the plan for GPU_GIB, decodes STEPS (default 32) tokens aft
 prompt of PROMPT tokens (default 16; `tandem bench` decodes after 512), and prints per step: the wall time of a replayed step, the GPU's kernel
 time inside it (torch.profiler over a few replays), and the routed experts' time on the
 engine alone (the same one-token calls through the host function's C pointer, one
-layer after another, with no Python between them). What
-is left is the hand-over between them: copies, host-function wake-ups, idle workers.
+layer after another, with no Python between them). What is left is the hand-over
+between them: copies, wake-ups, idle workers; replays with the mailbox answering every
+call at once (its dry mode) time the GPU's work and the hand-overs without the engine.
 """
 
 from __future__ import annotations
@@ -63,6 +64,32 @@ def main() -> None:
         for e in sorted(kernels, key=lambda e: -e.self_device_time_total):
             print(f"  {e.self_device_time_total / 5 / 1000:8.3f} ms  {e.count // 5:5d}x  {e.key[:90]}")
     experts = [m for m in model.modules() if isinstance(m, ExpertsCPU) and m.engine_experts is not None]
+    boxes = {id(c.box): c.box for m in experts for c in m._streamed.values() if c.box is not None}
+    if graph is not None and graph.graph is not None and boxes:
+        # The same replays with the mailbox answering every call at once: the GPU's work and
+        # the hand-overs alone, without the engine's time.
+        done = torch.cuda.Event(blocking=True)  # a sleeping wait, as generation's
+
+        def replays() -> float:
+            times = []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                graph.graph.replay()
+                done.record()
+                done.synchronize()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times) * 1000
+
+        real = replays()
+        for box in boxes.values():
+            box.server.dry = True
+        dry = replays()
+        for box in boxes.values():
+            box.server.dry = False
+        print(
+            f"replayed step {real:.2f} ms; with the engine's calls answered at once {dry:.2f} ms "
+            f"({dry * 1000 / max(1, len(experts)):.0f} us a MoE layer)"
+        )
     if experts:
         k = model.config.num_experts_per_tok
         gen = torch.Generator().manual_seed(0)

@@ -469,5 +469,7 @@ void bind_engine(nb::module_& m) {
             },
             nb::arg("fn"), nb::arg("data"), "Register fn(data); returns the code a stream requests it by.")
         .def_prop_ro("served", &StepMailbox::served)
-        .def_prop_ro("failed", &StepMailbox::failed);
+        .def_prop_ro("failed", &StepMailbox::failed)
+        .def_prop_rw("dry", &StepMailbox::dry, &StepMailbox::set_dry,
+                     "Answer requests without running their calls (to time the hand-over alone).");
 }

@@ -62,7 +62,9 @@ void StepMailbox::serve() {
             continue;
         }
         store(&words_[0], 0);
-        if (code <= count_.load(std::memory_order_acquire)) {
+        if (dry_.load(std::memory_order_relaxed)) {
+            // answered below without running the call
+        } else if (code <= count_.load(std::memory_order_acquire)) {
             const Entry& entry = entries_[code - 1];
             try {
                 entry.fn(entry.data);

@@ -42,6 +42,10 @@ public:
     // Requests with a code nothing was added under, or whose call threw: each is
     // answered all the same, so that the stream never waits forever.
     uint64_t failed() const { return failed_.load(std::memory_order_relaxed); }
+    // Dry: requests are answered without running their calls, so that a benchmark can
+    // time the hand-over alone (the outputs keep what they held).
+    void set_dry(bool dry) { dry_.store(dry, std::memory_order_relaxed); }
+    bool dry() const { return dry_.load(std::memory_order_relaxed); }
 
 private:
     struct Entry {
@@ -59,6 +63,7 @@ private:
     std::atomic<uint64_t> served_{0};
     std::atomic<uint64_t> failed_{0};
     std::atomic<bool> stop_{false};
+    std::atomic<bool> dry_{false};
     std::thread thread_;
 };
 

@@ -542,6 +542,16 @@ class StepMailbox:
         """Requests answered without a call: unknown codes, or calls that threw."""
         return int(self._native.failed)
 
+    @property
+    def dry(self) -> bool:
+        """Whether requests are answered without running their calls (benchmarks time the
+        hand-over alone with it; the outputs keep what they held)."""
+        return bool(self._native.dry)
+
+    @dry.setter
+    def dry(self, value: bool) -> None:
+        self._native.dry = bool(value)
+
     def __del__(self) -> None:
         self._native = None  # joins the thread while the words still exist
 

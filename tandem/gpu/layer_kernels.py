@@ -14,7 +14,10 @@ its size). These kernels do the same arithmetic in one launch each:
 - `route_pack`: the router's choice of k experts from its logits (softmax or sigmoid
   scores, DeepSeek's bias and expert groups, ties to the lower index, renormalisation,
   scaling; `Routing`), and the ids, weights and hidden state written where the CPU
-  engine reads them (page-locked memory, written by the GPU directly).
+  engine reads them (page-locked memory, written by the GPU directly), and then, if
+  asked, the engine's request word.
+- `expert_sum`: the layer's residual plus the engine's output, read from page-locked
+  memory where the engine wrote it, plus the shared experts'; clears the engine's answer.
 
 Each has its torch reference (`*_reference`), which the tests compare against.
 """
@@ -200,9 +203,10 @@ class Routing:
 
 @triton.jit
 def _route_pack_kernel(
-    logits_ptr, bias_ptr, x_ptr, ids_ptr, w_ptr, x_out_ptr, n_experts, hidden, scaling, renorm_eps,
+    logits_ptr, bias_ptr, x_ptr, ids_ptr, w_ptr, x_out_ptr, signal_ptr, code, n_experts, hidden,
+    scaling, renorm_eps,
     K: tl.constexpr, RENORM: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-    GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr,
+    GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr, SIGNAL: tl.constexpr,
     E_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr,
 ):  # fmt: skip
     e = tl.arange(0, E_BLOCK)
@@ -252,6 +256,9 @@ def _route_pack_kernel(
     for first in range(0, hidden, H_BLOCK):
         h = first + tl.arange(0, H_BLOCK)
         tl.store(x_out_ptr + h, tl.load(x_ptr + h, mask=h < hidden), mask=h < hidden)
+    if SIGNAL:  # after every store, seen system-wide first: the engine reads them once it sees the code
+        tl.debug_barrier()
+        tl.atomic_xchg(signal_ptr, code, sem="release", scope="sys")
 
 
 def route_pack(
@@ -262,24 +269,29 @@ def route_pack(
     weights_out: torch.Tensor,
     x_out: torch.Tensor,
     bias: torch.Tensor | None = None,
+    signal: tuple[torch.Tensor, int] | None = None,
 ) -> None:
     """logits [E] float32 and x [H] float32 of one token -> ids_out [k] int64 and weights_out
     [k] float32 as `routing` says (bias [E]: DeepSeek-V3's correction), and x_out [H] = x.
-    The outputs may be page-locked host memory."""
+    The outputs may be page-locked host memory. signal (word, code): once the outputs are
+    visible to the host, the kernel writes code into the int32 word (a mailbox's request,
+    tandem.gpu.mailbox)."""
     n_experts, hidden = logits.numel(), x.numel()
     if not routing.supported(n_experts):
         raise ValueError(f"route_pack: {routing} does not take {n_experts} experts")
     _route_pack_kernel[(1,)](
-        logits, bias if bias is not None else logits, x, ids_out, weights_out, x_out, n_experts, hidden,
+        logits, bias if bias is not None else logits, x, ids_out, weights_out, x_out,
+        signal[0] if signal is not None else ids_out, signal[1] if signal is not None else 0, n_experts, hidden,
         float(routing.scaling), float(routing.renorm_eps),
         K=routing.top_k, RENORM=routing.renormalize, SIGMOID=routing.sigmoid, HAS_BIAS=bias is not None,
         GROUPS=routing.groups, TOPK_GROUP=routing.topk_group, GROUP_TOP2=routing.group_top2,
+        SIGNAL=signal is not None,
         E_BLOCK=triton.next_power_of_2(n_experts), K_BLOCK=triton.next_power_of_2(routing.top_k),
         H_BLOCK=min(4096, triton.next_power_of_2(hidden)), num_warps=4,
     )  # fmt: skip
 
 
-def route_pack_reference(logits, x, routing, ids_out, weights_out, x_out, bias=None):
+def route_pack_reference(logits, x, routing, ids_out, weights_out, x_out, bias=None, signal=None):
     """The routers' torch calls (transformers' Qwen3-MoE, DeepSeek-V2 and -V3 routers) on one token."""
     logits = logits.float().view(1, -1)
     n_experts = logits.shape[1]
@@ -299,3 +311,47 @@ def route_pack_reference(logits, x, routing, ids_out, weights_out, x_out, bias=N
     ids_out.copy_(ids.view(-1))
     weights_out.copy_((top * routing.scaling).view(-1))
     x_out.copy_(x)
+    if signal is not None:
+        signal[0].fill_(signal[1])
+
+
+@triton.jit
+def _expert_sum_kernel(
+    h_ptr, out_ptr, shared_ptr, y_ptr, done_ptr, n, HAS_SHARED: tl.constexpr, CLEAR: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    used = i < n
+    # out is where the engine wrote it (host memory): read past the caches, as the host left it
+    y = tl.load(h_ptr + i, mask=used, other=0.0) + tl.load(out_ptr + i, mask=used, other=0.0, volatile=True)
+    if HAS_SHARED:
+        y += tl.load(shared_ptr + i, mask=used, other=0.0).to(tl.float32)
+    tl.store(y_ptr + i, y, mask=used)
+    if CLEAR:
+        tl.store(done_ptr, 0, mask=tl.program_id(0) == 0)
+
+
+def expert_sum(
+    h: torch.Tensor, out: torch.Tensor, shared: torch.Tensor | None = None, done: torch.Tensor | None = None
+) -> torch.Tensor:
+    """h [n] float32 + out [n] float32 (+ shared [n]) -> y [n] float32 on h's device: a layer's
+    residual plus its routed experts' output, read from the page-locked memory the engine
+    wrote, plus its shared experts'. done: an int32 word set to 0 (a mailbox's answer,
+    taken)."""
+    n = h.numel()
+    y = torch.empty_like(h, dtype=torch.float32)
+    block = min(1024, triton.next_power_of_2(n))
+    _expert_sum_kernel[(triton.cdiv(n, block),)](
+        h, out, shared if shared is not None else h, y, done if done is not None else h, n,
+        HAS_SHARED=shared is not None, CLEAR=done is not None, BLOCK=block, num_warps=4,
+    )  # fmt: skip
+    return y
+
+
+def expert_sum_reference(h, out, shared=None, done=None):
+    y = h.float() + out.to(h.device).float()
+    if shared is not None:
+        y += shared.float()
+    if done is not None:
+        done.zero_()
+    return y

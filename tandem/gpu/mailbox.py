@@ -36,6 +36,7 @@ class GPUMailbox:
         self.server = engine.step_mailbox(self.words)
         base = cudart.device_pointer(self.words)
         self.request_word, self.done_word = base, base + 4
+        self.request_tensor, self.done_tensor = self.words[0:1], self.words[1:2]  # for kernels
 
     def add(self, fn_address: int, data_address: int) -> int:
         """Register fn(data); returns the code `queue` requests it by."""
@@ -45,10 +46,12 @@ class GPUMailbox:
         """On the current stream: ask for call `code`; the stream goes on meanwhile."""
         cudart.write_value32(self.request_word, code)
 
-    def wait(self, code: int) -> None:
-        """On the current stream: wait until call `code` has answered, then clear the answer."""
+    def wait(self, code: int, clear: bool = True) -> None:
+        """On the current stream: wait until call `code` has answered, then clear the answer
+        (clear=False: a kernel after the wait clears done_tensor)."""
         cudart.wait_value32(self.done_word, code)
-        cudart.write_value32(self.done_word, 0)
+        if clear:
+            cudart.write_value32(self.done_word, 0)
 
 
 _mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> its mailbox

@@ -20,9 +20,13 @@ one-token step (tandem.gpu.mla_kernels). A feed-forward of routed experts on
 the CPU engine behind a router route_pack computes (softmax top-k: Qwen3-MoE, Mixtral,
 Qwen2-MoE; DeepSeek-V2's greedy and group-limited, DeepSeek-V3's biased sigmoid groups)
 takes one router product and `route_pack`, which writes the engine's inputs into
-page-locked memory directly; shared experts (Qwen2-MoE, DeepSeek) run on the GPU while
-the engine computes. Any other feed-forward runs as its module. Anything else (prompts,
-batches, other caches, masks other than the causal one) takes the layer's own forward.
+page-locked memory directly and then asks for the engine's call; shared experts
+(Qwen2-MoE, DeepSeek) run on the GPU while the engine computes, and `expert_sum` adds the
+residual, the engine's output (read where the engine wrote it) and theirs after the
+stream's wait for the answer ($TANDEM_GPU_KERNEL_HANDOVER=0: the stream writes the request,
+clears the answer and copies the output back itself, the A/B switch). Any other
+feed-forward runs as its module. Anything else (prompts, batches, other caches, masks
+other than the causal one) takes the layer's own forward.
 
 Fused attention: the classes of ATTENTION_CLASSES (pre-norm, q/k/v with or without
 biases, optional per-head q/k norms, rotate-half RoPE over the whole head, GQA), with
@@ -46,6 +50,9 @@ from tandem.ops.norm import RMSNorm
 from tandem.ops.routers import DeepseekV2Router, DeepseekV3Router, SoftmaxTopKRouter
 
 FUSED_ENV = "TANDEM_GPU_FUSED_DECODE"
+# route_pack asks for the engine's call and expert_sum takes its answer and output, in
+# place of the stream's own request, clear and copy (tandem.ops.experts_cpu.StreamCall).
+KERNEL_HANDOVER_ENV = "TANDEM_GPU_KERNEL_HANDOVER"
 ATTENTION_CLASSES = {
     "LlamaAttention",
     "MixtralAttention",
@@ -135,6 +142,7 @@ class FusedDecodeLayerGPU:
         )
         self.mlp = mlp
         self.route = self._route_of(mlp)
+        self.kernel_handover = switch(KERNEL_HANDOVER_ENV, default=True)
         if isinstance(attn, MLAttention):  # DeepSeek: MLA runs as its module, between the fused norms
             self.attn, self.layer_idx = attn, -1
             attn.fused_gpu_step = True  # its own one-token step in fused kernels (tandem.gpu.mla_kernels)
@@ -200,7 +208,7 @@ class FusedDecodeLayerGPU:
             o = self.attn(hidden_states=n1.view(1, 1, self.hidden), **kwargs)[0].reshape(1, self.hidden)
             o_bias = None
         h, n2 = rms_norm(flat, self.post_norm.scale, self.post_norm.eps, torch.float32, o, o_bias)
-        return (h + self._feed_forward(n2)).view(1, 1, self.hidden)
+        return self._feed_forward(h, n2).view(1, 1, self.hidden)
 
     def _attention(self, flat, cache, position, rotary) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fused attention: its o product [1, H] (bf16) and o_proj's bias."""
@@ -221,20 +229,25 @@ class FusedDecodeLayerGPU:
         )
         return F.linear(attn.reshape(1, -1), self.o_weight), self.o_bias  # [1, H] bf16
 
-    def _feed_forward(self, n2: torch.Tensor) -> torch.Tensor:  # [1, H] float32 -> [1, H]
+    def _feed_forward(self, h: torch.Tensor, n2: torch.Tensor) -> torch.Tensor:
+        """h (the residual) and n2 (its norm) [1, H] float32 -> h + the feed-forward of n2."""
         if self.route is None:
-            return self.mlp(n2.view(1, 1, self.hidden)).reshape(1, self.hidden).float()
+            return h + self.mlp(n2.view(1, 1, self.hidden)).reshape(1, self.hidden).float()
         from tandem.gpu.layer_kernels import route_pack
 
         experts, router, routing, bias = self.route
         logits = F.linear(n2, router.weight)  # [1, E] float32, as the router's
         call = experts.stream_call(1, routing.top_k)
+        signal = call.signal if self.kernel_handover else None
         route_pack(logits.reshape(-1), n2.reshape(-1), routing, call.ids.reshape(-1),
-                   call.weights.reshape(-1), call.x.reshape(-1), bias)  # fmt: skip
-        call.request()
+                   call.weights.reshape(-1), call.x.reshape(-1), bias, signal)  # fmt: skip
+        if signal is None:
+            call.request()
         shared = self._shared_experts(n2)  # on the GPU while the engine computes
+        if self.kernel_handover:
+            return call.finish_sum(h, shared)
         out = call.finish(n2.device)
-        return out if shared is None else out + shared
+        return h + (out if shared is None else out + shared)
 
     def _shared_experts(self, n2: torch.Tensor) -> torch.Tensor | None:
         """DeepSeek's shared experts, or Qwen2-MoE's shared expert times sigmoid(its gate);

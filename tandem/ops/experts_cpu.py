@@ -267,3 +267,23 @@ class StreamCall:
         if self.box is not None:
             self.box.wait(self.code)
         return self.out.to(device, non_blocking=True)
+
+    @property
+    def signal(self) -> tuple[torch.Tensor, int] | None:
+        """(request word, code): what a kernel that fills the inputs writes to ask for the call
+        itself, in place of `request()` (tandem.gpu.layer_kernels.route_pack); None where a
+        host function runs the call."""
+        return (self.box.request_tensor, self.code) if self.box is not None else None
+
+    def finish_sum(self, h: torch.Tensor, shared: torch.Tensor | None = None) -> torch.Tensor:
+        """One token: the wait for the call, then h [1, H] + the output (+ shared) in one
+        kernel that reads the output where the engine wrote it and takes the answer
+        (tandem.gpu.layer_kernels.expert_sum), in place of `finish` and the adds."""
+        from tandem.gpu.layer_kernels import expert_sum
+
+        done = None
+        if self.box is not None:
+            self.box.wait(self.code, clear=False)
+            done = self.box.done_tensor
+        flat = expert_sum(h.reshape(-1), self.out.reshape(-1), None if shared is None else shared.reshape(-1), done)
+        return flat.view(h.shape)

@@ -48,6 +48,23 @@ def test_requests_run_their_calls_in_the_order_asked():
     assert box.served == 8 and box.failed == 0
 
 
+def test_a_dry_mailbox_answers_without_running_the_call():
+    gate, up, down = expert_set((T.Q8_0, T.Q8_0), seed=5)
+    experts = engine(2).experts(gate, up, down)
+    words = torch.zeros(16, dtype=torch.int32)
+    box = engine(2).step_mailbox(words)
+    x, ids, weights = routing(1, 2, seed=3)
+    out = torch.full((1, H), 7.0)
+    record = experts.host_call(x.contiguous(), ids.contiguous(), weights.contiguous(), out)  # kept while used
+    code = box.add(host_run_fn(), record.address)
+    box.dry = True
+    answer(words, code)
+    assert torch.all(out == 7.0) and box.served == 0 and box.failed == 0
+    box.dry = False
+    answer(words, code)
+    assert not torch.all(out == 7.0) and box.served == 1
+
+
 def test_an_unknown_request_is_answered_and_counted_so_nothing_waits_forever():
     words = torch.zeros(16, dtype=torch.int32)
     box = engine(2).step_mailbox(words)

@@ -8,7 +8,7 @@ import torch
 from tandem.engine.kv_cache import new_cache
 from tandem.inject.model import load_model
 from tandem.ops.decode_layer_cpu import decoder_layers
-from tandem.ops.decode_layer_gpu import FUSED_ENV
+from tandem.ops.decode_layer_gpu import FUSED_ENV, KERNEL_HANDOVER_ENV
 from tandem.synth.tiny import MOE_ARCHS, write_tiny
 from tests.gpu.test_graph_decode import CTX, PROMPT, experts_on_cpu_budget, generate
 
@@ -64,6 +64,24 @@ def test_fused_layers_equal_the_modules(arch, variant, tmp_path, monkeypatch):
             == generate(plain, 12, monkeypatch, graphs).token_ids
         )
     assert fused._tandem_graph_decode.broken is None and fused._tandem_graph_decode.replays == 10
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "deepseek2"])
+def test_the_kernels_hand_over_as_the_stream_does(arch, tmp_path, monkeypatch):
+    """route_pack's request and expert_sum's read of the engine's output give the logits and
+    tokens of the stream's own request, wait, clear and copy (shared experts: Qwen2-MoE, DeepSeek)."""
+    models = {}
+    for kernels in ("0", "1"):
+        monkeypatch.setenv(KERNEL_HANDOVER_ENV, kernels)
+        models[kernels] = load(arch, tmp_path, monkeypatch, fused=True)
+    for got, want in zip(step_logits(models["1"]), step_logits(models["0"]), strict=True):
+        assert ((got - want).norm() / want.norm()).item() < 1e-5  # the adds' order alone differs
+    for graphs in (False, True):
+        assert (
+            generate(models["1"], 12, monkeypatch, graphs).token_ids
+            == generate(models["0"], 12, monkeypatch, graphs).token_ids
+        )
+    assert models["1"]._tandem_graph_decode.broken is None
 
 
 def test_a_masked_or_batched_step_takes_the_modules(tmp_path, monkeypatch):

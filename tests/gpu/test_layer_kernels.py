@@ -11,6 +11,8 @@ pytest.importorskip("triton")  # without a GPU, under its interpreter (tests/con
 
 from tandem.gpu.layer_kernels import (
     Routing,
+    expert_sum,
+    expert_sum_reference,
     qkv_rope_append,
     qkv_rope_append_reference,
     rms_norm,
@@ -20,6 +22,7 @@ from tandem.gpu.layer_kernels import (
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PINNED = torch.cuda.is_available()  # host memory the GPU writes and reads (the engine's buffers)
 
 
 def randn(*shape, gen, dtype=torch.float32):
@@ -133,3 +136,41 @@ def test_grouped_routing_takes_powers_of_two_only():
         route_pack(torch.zeros(160, device=DEVICE), torch.zeros(4, device=DEVICE),
                    Routing(top_k=6, groups=8, topk_group=3), torch.empty(6, dtype=torch.int64, device=DEVICE),
                    torch.empty(6, device=DEVICE), torch.empty(4, device=DEVICE))  # fmt: skip
+
+
+def host(*shape, dtype=torch.float32):
+    """Zeroed host memory as the engine's buffers are: page-locked where a GPU runs."""
+    return torch.zeros(*shape, dtype=dtype, pin_memory=PINNED)
+
+
+def test_route_pack_writes_host_memory_then_the_request_word():
+    gen = torch.Generator().manual_seed(5)
+    logits, x = randn(64, gen=gen), randn(2048, gen=gen)
+    routing = Routing(top_k=6, renormalize=True)
+    ids, weights, x_out, word = host(6, dtype=torch.int64), host(6), host(2048), host(16, dtype=torch.int32)
+    route_pack(logits, x, routing, ids, weights, x_out, signal=(word[0:1], 77))
+    if PINNED:
+        torch.cuda.synchronize()
+    ref = (torch.empty(6, dtype=torch.int64), torch.empty(6), torch.empty(2048))
+    route_pack_reference(logits.cpu(), x.cpu(), routing, *ref)
+    assert word.tolist() == [77] + [0] * 15  # the code, and nothing beside it
+    assert torch.equal(ids, ref[0]) and torch.equal(x_out, x.cpu())
+    torch.testing.assert_close(weights, ref[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [2048, 7168, 100])
+@pytest.mark.parametrize("shared_dtype", [None, torch.float32, torch.bfloat16], ids=str)
+def test_expert_sum_equals_the_reference_and_takes_the_answer(n, shared_dtype):
+    gen = torch.Generator().manual_seed(n)
+    h = randn(n, gen=gen)
+    out = host(n)
+    out.copy_(torch.randn(n, generator=gen))  # as the engine writes it
+    shared = randn(n, gen=gen, dtype=shared_dtype) if shared_dtype is not None else None
+    words = host(2, dtype=torch.int32)
+    words[1] = 9  # the engine's answer
+    y = expert_sum(h, out, shared, words[1:2])
+    if PINNED:
+        torch.cuda.synchronize()
+    assert words.tolist() == [0, 0]
+    torch.testing.assert_close(y, expert_sum_reference(h, out, shared), rtol=0, atol=0)
+    assert y.device == h.device and y.dtype == torch.float32
