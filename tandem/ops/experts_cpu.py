@@ -285,5 +285,7 @@ class StreamCall:
         if self.box is not None:
             self.box.wait(self.code, clear=False)
             done = self.box.done_tensor
-        flat = expert_sum(h.reshape(-1), self.out.reshape(-1), None if shared is None else shared.reshape(-1), done)
+        flat = expert_sum(
+            h.reshape(-1), self.out.reshape(-1), None if shared is None else shared.reshape(-1), done
+        )
         return flat.view(h.shape)
