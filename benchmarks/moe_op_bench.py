@@ -1,7 +1,9 @@
 """The engine alone on a model's routed experts: one decode token = one MoE call per layer.
 
-python benchmarks/moe_op_bench.py MODEL.gguf THREADS [TOKENS]
-Builds the engine's expert op for every layer of the file, then times tokens
+python benchmarks/moe_op_bench.py MODEL.gguf THREADS [TOKENS [copy]]
+Builds the engine's expert op for every layer of the file (on the file's mapped pages,
+or with `copy` on copies in anonymous memory: huge pages where THP_MEM_ALLOC_ENABLE=1
+asks torch for them), then times tokens
 that route to 8 random experts per layer (no attention, no Python model around
 it), and prints ms per token and the bytes-per-token bandwidth it reached: the
 engine's own share of a decode step, to set against `tandem bench`.
@@ -9,6 +11,7 @@ engine's own share of a decode step, to set against `tandem bench`.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -21,6 +24,7 @@ from tandem.weights.gguf_file import GGUFFile
 def main() -> None:
     path, threads = sys.argv[1], int(sys.argv[2])
     tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 20
+    copy = len(sys.argv) > 4 and sys.argv[4] == "copy"
     gguf = GGUFFile.open(path)
     engine = CPUEngine(threads=threads)
     layers = []
@@ -28,7 +32,10 @@ def main() -> None:
         names = [f"blk.{i}.ffn_{part}_exps.weight" for part in ("gate", "up", "down")]
         if names[0] not in gguf.tensors:
             break
-        layers.append(engine.experts(*(gguf.tensor(n) for n in names)))
+        tensors = [gguf.tensor(n) for n in names]
+        if copy:
+            tensors = [dataclasses.replace(t, data=t.data.clone()) for t in tensors]
+        layers.append(engine.experts(*tensors))
     n_experts, hidden = layers[0].n_experts, layers[0].hidden
     per_expert = sum(t.numel() for t in layers[0].tensors) / n_experts  # bytes of one expert
     g = torch.Generator().manual_seed(0)
@@ -43,7 +50,7 @@ def main() -> None:
     seconds = (time.perf_counter() - t0) / tokens
     read = per_expert * 8 * len(layers)
     print(
-        f"{len(layers)} MoE layers, {threads} threads: {seconds * 1e3:.2f} ms per token, "
+        f"{len(layers)} MoE layers, {threads} threads{', copied' if copy else ''}: {seconds * 1e3:.2f} ms per token, "
         f"{read / 1e9:.3f} GB of experts per token, {read / seconds / 1e9:.1f} GB/s; "
         f"read bandwidth {engine.read_bandwidth() / 1e9:.1f} GB/s"
     )

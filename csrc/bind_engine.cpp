@@ -192,6 +192,8 @@ void bind_engine(nb::module_& m) {
             },
             nb::arg("spin_us"))
         .def_prop_ro("spin_us", &ThreadPool::spin_us)
+        .def_prop_rw("yield_us", &ThreadPool::yield_us, &ThreadPool::set_yield_us,
+                     "After this long idle, spinning workers yield their cores between polls (negative: never).")
         .def_prop_ro("size", &ThreadPool::size)
         .def_prop_ro("cpus", &ThreadPool::cpus, "The core each thread is pinned to (empty: not pinned).")
         .def("wait_idle", &ThreadPool::wait_idle, nb::call_guard<nb::gil_scoped_release>());
@@ -457,11 +459,12 @@ void bind_engine(nb::module_& m) {
 
     nb::class_<StepMailbox>(m, "StepMailbox",
                             "A thread that runs the calls a CUDA stream requests through two page-locked words.")
-        .def(nb::new_([](uintptr_t words, int spin_us, int idle_sleep_us, int cpu) {
+        .def(nb::new_([](uintptr_t words, int spin_us, int idle_sleep_us, int cpu, int yield_us) {
                  if (spin_us < 0 || spin_us > 1000000) throw std::invalid_argument("spin_us must be in 0 ... 1000000");
-                 return std::make_shared<StepMailbox>(ptr<uint32_t>(words), spin_us, idle_sleep_us, cpu);
+                 return std::make_shared<StepMailbox>(ptr<uint32_t>(words), spin_us, idle_sleep_us, cpu, yield_us);
              }),
-             nb::arg("words"), nb::arg("spin_us"), nb::arg("idle_sleep_us") = 50, nb::arg("cpu") = -1)
+             nb::arg("words"), nb::arg("spin_us"), nb::arg("idle_sleep_us") = 50, nb::arg("cpu") = -1,
+             nb::arg("yield_us") = -1)
         .def(
             "add",
             [](StepMailbox& box, uintptr_t fn, uintptr_t data) {

@@ -16,8 +16,13 @@ inline void store(uint32_t* word, uint32_t value) { __atomic_store_n(word, value
 
 }  // namespace
 
-StepMailbox::StepMailbox(uint32_t* words, int spin_us, int idle_sleep_us, int cpu)
-    : words_(words), spin_us_(spin_us), idle_sleep_us_(idle_sleep_us), cpu_(cpu), entries_(kCapacity) {
+StepMailbox::StepMailbox(uint32_t* words, int spin_us, int idle_sleep_us, int cpu, int yield_us)
+    : words_(words),
+      spin_us_(spin_us),
+      idle_sleep_us_(idle_sleep_us),
+      cpu_(cpu),
+      yield_us_(yield_us),
+      entries_(kCapacity) {
     if (words == nullptr) throw std::invalid_argument("mailbox words are null");
     if (spin_us < 0 || idle_sleep_us < 1) throw std::invalid_argument("spin_us >= 0 and idle_sleep_us >= 1");
     store(&words_[0], 0);
@@ -58,6 +63,8 @@ void StepMailbox::serve() {
                 std::this_thread::sleep_for(std::chrono::milliseconds(1));
             } else if (idle > std::chrono::microseconds(spin_us_)) {
                 std::this_thread::sleep_for(std::chrono::microseconds(idle_sleep_us_));
+            } else if (yield_us_ >= 0 && idle > std::chrono::microseconds(yield_us_)) {
+                std::this_thread::yield();
             }
             continue;
         }

@@ -31,7 +31,9 @@ public:
     // past it, it sleeps idle_sleep_us between polls, and 1 ms after a second idle.
     // cpu >= 0: the serving thread is pinned there (the pool's thread-0 core, which it
     // leads the loops from).
-    StepMailbox(uint32_t* words, int spin_us, int idle_sleep_us = 50, int cpu = -1);
+    // yield_us >= 0: past yield_us idle, the thread offers its core to other threads between
+    // polls (as ThreadPool::set_yield_us).
+    StepMailbox(uint32_t* words, int spin_us, int idle_sleep_us = 50, int cpu = -1, int yield_us = -1);
     ~StepMailbox();
     StepMailbox(const StepMailbox&) = delete;
     StepMailbox& operator=(const StepMailbox&) = delete;
@@ -58,6 +60,7 @@ private:
     int spin_us_;
     int idle_sleep_us_;
     int cpu_;
+    int yield_us_;
     std::vector<Entry> entries_;
     std::atomic<uint32_t> count_{0};
     std::atomic<uint64_t> served_{0};

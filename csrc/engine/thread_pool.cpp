@@ -186,12 +186,18 @@ void ThreadPool::run_tasks(int thread) {
 }
 
 bool ThreadPool::wait_for_generation(uint64_t seen) {
-    const auto deadline =
-        std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_.load(std::memory_order_relaxed));
+    const auto start = std::chrono::steady_clock::now();
+    const auto deadline = start + std::chrono::microseconds(spin_us_.load(std::memory_order_relaxed));
+    const int64_t yield_us = yield_us_.load(std::memory_order_relaxed);
+    const auto yield_from = start + std::chrono::microseconds(std::max<int64_t>(0, yield_us));
     for (int i = 0;; ++i) {
         if (generation_.load(std::memory_order_acquire) != seen) return true;
-        if ((i & 63) == 63 && (rest_.load(std::memory_order_relaxed) || std::chrono::steady_clock::now() > deadline))
-            break;
+        if ((i & 63) == 63) {
+            if (rest_.load(std::memory_order_relaxed)) break;
+            const auto now = std::chrono::steady_clock::now();
+            if (now > deadline) break;
+            if (yield_us >= 0 && now > yield_from) std::this_thread::yield();
+        }
         cpu_relax();
     }
     std::unique_lock<std::mutex> lock(park_mutex_);

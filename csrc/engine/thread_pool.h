@@ -60,6 +60,12 @@ public:
     // How long idle workers spin from their next idle period on.
     void set_spin_us(int spin_us) { spin_us_.store(std::max(0, spin_us), std::memory_order_relaxed); }
     int spin_us() const { return static_cast<int>(spin_us_.load(std::memory_order_relaxed)); }
+    // After yield_us of an idle period, a spinning worker offers its core to other threads
+    // between polls (sched_yield): a thread outside the pool that shares the core (the
+    // Python thread of a GPU model's decode loop) then runs at once instead of waiting
+    // for a time slice. Negative: never (the default).
+    void set_yield_us(int yield_us) { yield_us_.store(yield_us, std::memory_order_relaxed); }
+    int yield_us() const { return static_cast<int>(yield_us_.load(std::memory_order_relaxed)); }
     const std::vector<int>& cpus() const { return cpus_; }
 
     // Runs task for every index on all threads and returns when all are done.
@@ -98,6 +104,7 @@ private:
 
     int n_threads_;
     std::atomic<int64_t> spin_us_;
+    std::atomic<int64_t> yield_us_{-1};
     std::vector<int> cpus_;  // the core of each thread (empty: not pinned)
     std::vector<std::thread> workers_;
     std::unique_ptr<Range[]> ranges_;

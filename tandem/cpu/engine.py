@@ -48,6 +48,12 @@ DEFAULT_SPIN_US = 200
 # The spin once the engine serves a model on a GPU (CPUEngine.serve_gpu_steps): on the
 # 16-core Xeon, hybrid decode went from 25.0 to 31.4 tok/s with 5000 (BENCHMARKS.md).
 GPU_STEP_SPIN_US = 5000
+# After how long idle the spinning workers (and a mailbox thread) yield their cores between
+# polls, microseconds (-1: never, the CPU default). A GPU model's decode loop runs Python
+# on a thread outside the pool between steps, on a core one of them spins on; between two
+# layers' calls of a step (under 0.1 ms of GPU work) they still spin without yielding.
+YIELD_ENV = "TANDEM_CPU_YIELD_US"
+GPU_STEP_YIELD_US = 100
 
 
 def _int_env(name: str, default: int, low: int, high: int) -> int:
@@ -332,6 +338,12 @@ class CPUEngine:
         of a millisecond, so workers that spin through it skip a wake-up per layer."""
         if SPIN_ENV not in os.environ and self.spin_us < GPU_STEP_SPIN_US:
             self.set_spin_us(GPU_STEP_SPIN_US)
+        self.pool.yield_us = self.gpu_step_yield_us()
+
+    @staticmethod
+    def gpu_step_yield_us() -> int:
+        """$TANDEM_CPU_YIELD_US, else GPU_STEP_YIELD_US."""
+        return _int_env(YIELD_ENV, GPU_STEP_YIELD_US, -1, 1_000_000)
 
     def step_mailbox(self, words: torch.Tensor):
         """A thread that runs the calls a CUDA stream requests through words[0] (request)
@@ -348,7 +360,10 @@ class CPUEngine:
             raise ValueError("mailbox words must be at least two contiguous int32 CPU words")
         cpus = list(self.pool.cpus)  # pinned to the core of the pool's thread 0, which it acts as
         native = _native().StepMailbox(
-            words.data_ptr(), max(self.spin_us, GPU_STEP_SPIN_US), cpu=cpus[0] if cpus else -1
+            words.data_ptr(),
+            max(self.spin_us, GPU_STEP_SPIN_US),
+            cpu=cpus[0] if cpus else -1,
+            yield_us=self.gpu_step_yield_us(),
         )
         return StepMailbox(native, words)
 

@@ -14,6 +14,7 @@ Bounds (asserted):
 from __future__ import annotations
 
 import ctypes
+import time
 
 import numpy as np
 import pytest
@@ -25,7 +26,9 @@ from tandem.cpu import kernels, reference
 from tandem.cpu.engine import (
     DEFAULT_SPIN_US,
     GPU_STEP_SPIN_US,
+    GPU_STEP_YIELD_US,
     SPIN_ENV,
+    YIELD_ENV,
     CPUEngine,
     host_run_fn,
     host_submit_fn,
@@ -252,6 +255,28 @@ def test_a_gpu_models_engine_spins_longer_unless_the_environment_chose(monkeypat
     assert chosen.pool.spin_us == 50
     with pytest.raises(ValueError, match="spin_us"):
         chosen.pool.set_spin_us(-1)
+
+
+def test_a_gpu_models_engine_yields_idle_cores_as_the_environment_says(monkeypatch):
+    monkeypatch.delenv(YIELD_ENV, raising=False)
+    engine = CPUEngine(threads=2, variant=None, prefill="off")
+    assert engine.pool.yield_us == -1  # CPU models: the caller is the pool's thread 0, nobody to yield to
+    engine.serve_gpu_steps()
+    assert engine.pool.yield_us == GPU_STEP_YIELD_US
+    gate, up, down = expert_set((T.Q8_0, T.Q8_0), seed=3)
+    experts = engine.experts(gate, up, down)
+    x, ids, weights = routing(1, 2, seed=4)
+    want = experts(x, ids, weights)
+    for _ in range(3):  # workers that yielded while idle still run every loop
+        time.sleep(0.002)
+        torch.testing.assert_close(experts(x, ids, weights), want, rtol=0, atol=0)
+    assert rel(want, experts_exact(engine.kernels, gate, up, down, x, ids, weights)) < 5e-4
+    monkeypatch.setenv(YIELD_ENV, "-1")
+    engine.serve_gpu_steps()
+    assert engine.pool.yield_us == -1
+    monkeypatch.setenv(YIELD_ENV, "soon")
+    with pytest.raises(TandemError, match=YIELD_ENV):
+        engine.serve_gpu_steps()
 
 
 def test_dropping_an_op_with_a_call_in_flight_waits_for_it():
