@@ -218,9 +218,11 @@ void bind_engine(nb::module_& m) {
     m.def("cores_in_order", &cores_in_order, "Usable logical CPUs, first thread of each core first, by NUMA node.");
     m.def("variants_built", &variants_built, "Kernel variants compiled into this extension.");
     m.def("kernel_types", &kernel_types, "ggml type numbers a variant has kernels for.");
-    m.def("set_decode_prefetch", &set_decode_prefetch, nb::arg("bytes"),
-          "How far ahead the one-token kernels prefetch weights (0: off); process-wide.");
+    m.def("set_decode_prefetch", &set_decode_prefetch, nb::arg("bytes"), nb::arg("level") = 0,
+          "How far ahead the one-token kernels prefetch weights (0: off) and into which cache "
+          "(0: L1, 1: L2, 2: last level); process-wide.");
     m.def("decode_prefetch", &decode_prefetch_bytes);
+    m.def("decode_prefetch_level", &decode_prefetch_level);
     m.def("act_format", &act_format, "0: float32, 1: Q8_32 blocks, 2: Q8_256 blocks.");
     m.def("dot_rows", &dot_rows, "out[t, r] = W[r] . x[t], one kernel on the calling thread (tests, benchmarks).");
     m.def("dot_rows_laid_out", &dot_rows_laid_out,

@@ -228,8 +228,10 @@ namespace amx { const VariantKernels& kernels(); }
 
 // How far ahead of their block the one-token kernels prefetch weights, bytes (0: off).
 // One setting per process; set it before kernels run, not while they do.
-void set_decode_prefetch(size_t bytes);
+// level: the cache the lines go to (0: L1, 1: L2, 2: the last level).
+void set_decode_prefetch(size_t bytes, int level = 0);
 size_t decode_prefetch_bytes();
+int decode_prefetch_level();
 
 // The table named `name` ("generic", "avx2", "avx512", "amx"), or nullptr if that
 // variant is not built into this extension.

@@ -80,11 +80,24 @@ inline void kq_scale_min(const uint8_t* s, int j, int* sc, int* m) {
 // is a later row of the same matrix) while it computes, which the out-of-order
 // window alone does not reach far enough ahead to do. 0 turns it off; the engine
 // sets it (tandem/cpu/engine.py, TANDEM_CPU_PREFETCH).
+// decode_prefetch_level: which cache the lines go to (0: every level, prefetcht0; 1: L2
+// and beyond, prefetcht1; 2: the last level, prefetcht2), TANDEM_CPU_PREFETCH_LEVEL.
 inline size_t decode_prefetch = 2048;
+inline int decode_prefetch_level = 0;
 inline void prefetch_ahead(const uint8_t* block, size_t bytes) {
     const size_t ahead = decode_prefetch;
     if (ahead == 0) return;
-    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(block + ahead + o, 0, 3);
+    const uint8_t* p = block + ahead;
+    switch (decode_prefetch_level) {
+        case 1:
+            for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 2);
+            break;
+        case 2:
+            for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 1);
+            break;
+        default:
+            for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+    }
 }
 
 // AMX's tile configuration (palette 1): per tile register, bytes per row and rows.

@@ -2,12 +2,19 @@
 #include <cstring>
 
 #include "kernels/kernel_api.h"
+#include <stdexcept>
+
 #include "kernels/prelude.h"
 
 namespace tandem {
 
-void set_decode_prefetch(size_t bytes) { detail::decode_prefetch = bytes; }
+void set_decode_prefetch(size_t bytes, int level) {
+    if (level < 0 || level > 2) throw std::invalid_argument("prefetch level must be 0, 1 or 2");
+    detail::decode_prefetch = bytes;
+    detail::decode_prefetch_level = level;
+}
 size_t decode_prefetch_bytes() { return detail::decode_prefetch; }
+int decode_prefetch_level() { return detail::decode_prefetch_level; }
 
 const VariantKernels* variant_kernels(const char* name) {
     if (std::strcmp(name, "generic") == 0) return &generic::kernels();

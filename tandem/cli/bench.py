@@ -148,6 +148,7 @@ def memory_floor(weights, decode_tok_s: float) -> dict:
         "cpu_kernels": engine.kernels,
         "engine_threads": engine.threads,
         "decode_prefetch_bytes": engine.prefetch,
+        "decode_prefetch_level": engine.prefetch_level,
         "read_bandwidth_gb_s": bandwidth / 1e9,
     }
     moe = moe_of(weights)

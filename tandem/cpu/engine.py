@@ -38,6 +38,9 @@ DEFAULT_GEMM_MIN_TOKENS_TILED = 128
 PREFETCH_ENV = "TANDEM_CPU_PREFETCH"
 DEFAULT_PREFETCH_BYTES = 2048
 PREFETCH_MIN_THREADS = 8
+# Which cache the prefetched lines go to: 0 (L1, prefetcht0), 1 (L2), 2 (the last level).
+PREFETCH_LEVEL_ENV = "TANDEM_CPU_PREFETCH_LEVEL"
+DEFAULT_PREFETCH_LEVEL = 0
 
 # How long the pool's idle workers spin before parking, microseconds. Between
 # two engine calls of a decode step torch runs on the calling thread alone, so
@@ -106,7 +109,9 @@ class CPUEngine:
             raise TandemError(f"threads must be at least 1, got {self.threads}")
         default = DEFAULT_PREFETCH_BYTES if self.threads >= PREFETCH_MIN_THREADS else 0
         self.prefetch = _int_env(PREFETCH_ENV, default, 0, 1 << 20)
-        _native().set_decode_prefetch(self.prefetch)  # process-wide: the last engine made sets it
+        self.prefetch_level = _int_env(PREFETCH_LEVEL_ENV, DEFAULT_PREFETCH_LEVEL, 0, 2)
+        # process-wide: the last engine made sets it
+        _native().set_decode_prefetch(self.prefetch, self.prefetch_level)
         # Pinning more threads than cores would stack two on one core for good.
         self.pool = _native().ThreadPool(self.threads, pin and self.threads <= usable_cores(), self.spin_us)
 

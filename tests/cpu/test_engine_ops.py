@@ -27,6 +27,8 @@ from tandem.cpu.engine import (
     DEFAULT_SPIN_US,
     GPU_STEP_SPIN_US,
     GPU_STEP_YIELD_US,
+    PREFETCH_ENV,
+    PREFETCH_LEVEL_ENV,
     SPIN_ENV,
     YIELD_ENV,
     CPUEngine,
@@ -277,6 +279,24 @@ def test_a_gpu_models_engine_yields_idle_cores_as_the_environment_says(monkeypat
     monkeypatch.setenv(YIELD_ENV, "soon")
     with pytest.raises(TandemError, match=YIELD_ENV):
         engine.serve_gpu_steps()
+
+
+@pytest.mark.parametrize("level", ["0", "1", "2"])
+def test_every_prefetch_level_gives_the_same_decode_result(level, monkeypatch):
+    from tandem.cpu.engine import _native
+
+    gate, up, down = expert_set((T.Q8_0, T.Q8_0), seed=11)
+    x, ids, weights = routing(1, 2, seed=12)
+    monkeypatch.setenv(PREFETCH_ENV, "0")
+    want = CPUEngine(threads=2, variant=None, prefill="off").experts(gate, up, down)(x, ids, weights)
+    monkeypatch.setenv(PREFETCH_ENV, "2048")
+    monkeypatch.setenv(PREFETCH_LEVEL_ENV, level)
+    engine = CPUEngine(threads=2, variant=None, prefill="off")
+    assert (_native().decode_prefetch(), _native().decode_prefetch_level()) == (2048, int(level))
+    torch.testing.assert_close(engine.experts(gate, up, down)(x, ids, weights), want, rtol=0, atol=0)
+    monkeypatch.setenv(PREFETCH_LEVEL_ENV, "3")
+    with pytest.raises(TandemError, match=PREFETCH_LEVEL_ENV):
+        CPUEngine(threads=2, variant=None, prefill="off")
 
 
 def test_dropping_an_op_with_a_call_in_flight_waits_for_it():
