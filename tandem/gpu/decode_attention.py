@@ -21,7 +21,11 @@ import triton
 import triton.language as tl
 
 BLOCK_KEYS = 32
-TARGET_PROGRAMS = 264  # about two per SM of an H100/H200: enough slices to fill the GPU
+# About eight programs per SM of an H100/H200, so that each slice is a few blocks of keys: a
+# slice's loop is latency-bound. On the H200 (benchmarks/decode_attention_bench.py, Qwen3's
+# heads) 1056 took a call from 8.86 to 6.60 µs at 544 keys and from 34.4 to 24.0 at 4096
+# against 264; 2112 was no faster.
+TARGET_PROGRAMS = 1056
 
 
 @triton.jit

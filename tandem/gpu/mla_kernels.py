@@ -27,10 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.gpu.decode_attention import TARGET_PROGRAMS, _ceil_div, _merge_kernel
+from tandem.gpu.decode_attention import _ceil_div, _merge_kernel
 
 ROPE_HALF, ROPE_V3_INTERLEAVED, ROPE_V2_COMPLEX = 0, 1, 2
 BLOCK_KEYS = 16  # keys per step of a slice: a block of 16 latents of 512 floats in registers
+TARGET_PROGRAMS = 264  # programs the key slices aim at (about two per SM of an H200)
 
 
 @triton.jit
