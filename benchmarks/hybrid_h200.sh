@@ -8,8 +8,8 @@
 # TESTS=1 runs the GPU tests first; AB=none skips tandem's run with eager decode steps;
 # LLAMA=0 leaves llama.cpp out; SWEEP adds runs (below); PROFILE=1 splits a decode step
 # (benchmarks/profile_hybrid.py; PROFILE_RUNS='threads:prompt ...', default 16:512 as bench
-# decodes); EXTRA='shape:layers:gib ...' benches more files the same way after the first (tandem's default settings and llama.cpp's), e.g.
-# EXTRA='deepseek-v2-lite:27:4.3'. The budget GIB keeps every layer's experts on the CPU
+# decodes); EXTRA='shape:layers:gib ...' benches more files the same way after the first
+# (tandem's default settings and llama.cpp's), e.g. EXTRA='deepseek-v2-lite:27:4.3'. The budget GIB keeps every layer's experts on the CPU
 # (the plan is printed).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

@@ -50,7 +50,8 @@ def main() -> None:
     seconds = (time.perf_counter() - t0) / tokens
     read = per_expert * 8 * len(layers)
     print(
-        f"{len(layers)} MoE layers, {threads} threads{', copied' if copy else ''}: {seconds * 1e3:.2f} ms per token, "
+        f"{len(layers)} MoE layers, {threads} threads{', copied' if copy else ''}: "
+        f"{seconds * 1e3:.2f} ms per token, "
         f"{read / 1e9:.3f} GB of experts per token, {read / seconds / 1e9:.1f} GB/s; "
         f"read bandwidth {engine.read_bandwidth() / 1e9:.1f} GB/s"
     )

@@ -2,9 +2,9 @@
 
 python benchmarks/profile_hybrid.py MODEL.gguf THREADS GPU_GIB [STEPS [PROMPT]]
 Loads the model with the plan for GPU_GIB, decodes STEPS (default 32) tokens after a
-prompt of PROMPT tokens (default 16; `tandem bench` decodes after 512), and prints per step: the wall time of a replayed step, the GPU's kernel
-time inside it (torch.profiler over a few replays), and the routed experts' time on the
-engine alone (the same one-token calls through the host function's C pointer, one
+prompt of PROMPT tokens (default 16; `tandem bench` decodes after 512), and prints per
+step: the wall time of a replayed step, the GPU's kernel time inside it (torch.profiler
+over a few replays), and the routed experts' time on the engine alone (the same one-token calls through the host function's C pointer, one
 layer after another, with no Python between them). What is left is the hand-over
 between them: copies, wake-ups, idle workers; replays with the mailbox answering every
 call at once (its dry mode) time the GPU's work and the hand-overs without the engine.
@@ -49,7 +49,8 @@ def main() -> None:
     result = prefill_and_generate(model, Ids(), prompt, steps + 1)
     graph = getattr(model, "_tandem_graph_decode", None)
     print(
-        f"decode after {n_prompt} prompt tokens: {result.decode_tok_s:.2f} tok/s, {1000 / result.decode_tok_s:.2f} ms a step; graph: "
+        f"decode after {n_prompt} prompt tokens: {result.decode_tok_s:.2f} tok/s, "
+        f"{1000 / result.decode_tok_s:.2f} ms a step; graph: "
         f"{'replayed' if graph is not None and graph.broken is None else 'none'}"
     )
     if graph is not None and graph.graph is not None:

@@ -84,19 +84,17 @@ inline void kq_scale_min(const uint8_t* s, int j, int* sc, int* m) {
 // and beyond, prefetcht1; 2: the last level, prefetcht2), TANDEM_CPU_PREFETCH_LEVEL.
 inline size_t decode_prefetch = 2048;
 inline int decode_prefetch_level = 0;
+template <int Locality>  // __builtin_prefetch's: 3 = prefetcht0, 2 = prefetcht1, 1 = prefetcht2
+inline void prefetch_lines(const uint8_t* p, size_t bytes) {
+    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, Locality);
+}
 inline void prefetch_ahead(const uint8_t* block, size_t bytes) {
     const size_t ahead = decode_prefetch;
     if (ahead == 0) return;
-    const uint8_t* p = block + ahead;
     switch (decode_prefetch_level) {
-        case 1:
-            for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 2);
-            break;
-        case 2:
-            for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 1);
-            break;
-        default:
-            for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+        case 1: return prefetch_lines<2>(block + ahead, bytes);
+        case 2: return prefetch_lines<1>(block + ahead, bytes);
+        default: return prefetch_lines<3>(block + ahead, bytes);
     }
 }
 

@@ -1,9 +1,8 @@
 // Which kernel variants this build holds, by name.
 #include <cstring>
-
-#include "kernels/kernel_api.h"
 #include <stdexcept>
 
+#include "kernels/kernel_api.h"
 #include "kernels/prelude.h"
 
 namespace tandem {
