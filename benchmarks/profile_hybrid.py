@@ -4,8 +4,9 @@ python benchmarks/profile_hybrid.py MODEL.gguf THREADS GPU_GIB [STEPS [PROMPT]]
 Loads the model with the plan for GPU_GIB, decodes STEPS (default 32) tokens after a
 prompt of PROMPT tokens (default 16; `tandem bench` decodes after 512), and prints per
 step: the wall time of a replayed step, the GPU's kernel time inside it (torch.profiler
-over a few replays), and the routed experts' time on the engine alone (the same one-token calls through the host function's C pointer, one
-layer after another, with no Python between them). What is left is the hand-over
+over a few replays), and the routed experts' time on the engine alone (the same
+one-token calls through the host function's C pointer, one layer after another, with
+no Python between them). What is left is the hand-over
 between them: copies, wake-ups, idle workers; replays with the mailbox answering every
 call at once (its dry mode) time the GPU's work and the hand-overs without the engine.
 """
