@@ -9,11 +9,12 @@
 # LLAMA=0 leaves llama.cpp out; SWEEP adds runs (below); PROFILE=1 splits a decode step
 # (benchmarks/profile_hybrid.py; PROFILE_RUNS='threads:prompt ...', default 16:512 as bench
 # decodes); EXTRA='shape:layers:gib ...' benches more files the same way after the first
-# (tandem's default settings and llama.cpp's), e.g. EXTRA='deepseek-v2-lite:27:4.3'. The budget GIB keeps every layer's experts on the CPU
-# (the plan is printed).
+# (tandem's default settings and llama.cpp's), e.g. EXTRA='deepseek-v2-lite:27:auto'. The budget GIB
+# (auto: benchmarks/experts_on_cpu_budget.py) keeps every layer's experts on the CPU (the plan is
+# printed).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-SHAPE=${SHAPE:-qwen3-30b-a3b}; LAYERS=${LAYERS:-48}; NP=${NP:-512}; NG=${NG:-32}; R=${R:-2}; GIB=${GIB:-4.6}
+SHAPE=${SHAPE:-qwen3-30b-a3b}; LAYERS=${LAYERS:-48}; NP=${NP:-512}; NG=${NG:-32}; R=${R:-2}; GIB=${GIB:-auto}
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/steps.log"; }
 
 python -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
@@ -36,13 +37,17 @@ log "synth"
 python -m tandem synth --shape "$SHAPE" --layers "$LAYERS" --quant Q4_K_M \
   --tokenizer-from .whl/qwen25-tokenizer.gguf -o /tmp/q3.gguf > "$OUT/synth.log" 2>&1
 log "synth rc=$?"
+[ "$GIB" = auto ] && GIB=$(python benchmarks/experts_on_cpu_budget.py /tmp/q3.gguf)
 python -m tandem inspect /tmp/q3.gguf --plan --gpu-memory "$GIB" --ctx 4096 2>&1 | sed -n '/placement/,/rules/p' >> "$OUT/steps.log"
+declare -A BUDGET  # each EXTRA file's budget, once computed
 for extra in ${EXTRA:-}; do
   IFS=: read -r xshape xlayers xgib <<< "$extra"
   log "synth $xshape, $xlayers layers"
   python -m tandem synth --shape "$xshape" --layers "$xlayers" --quant Q4_K_M \
     --tokenizer-from .whl/qwen25-tokenizer.gguf -o "/tmp/$xshape.gguf" >> "$OUT/synth.log" 2>&1
   log "synth rc=$?"
+  [ "$xgib" = auto ] && xgib=$(python benchmarks/experts_on_cpu_budget.py "/tmp/$xshape.gguf")
+  BUDGET[$xshape]=$xgib
   python -m tandem inspect "/tmp/$xshape.gguf" --plan --gpu-memory "$xgib" --ctx 4096 2>&1 |
     sed -n '/placement/,/rules/p' >> "$OUT/steps.log"
 done
@@ -82,6 +87,7 @@ if [ -n "$LLAMA_PID" ] && [ -x /tmp/lc/b/bin/llama-bench ]; then
 fi
 for extra in ${EXTRA:-}; do
   IFS=: read -r xshape xlayers xgib <<< "$extra"
+  xgib=${BUDGET[$xshape]}
   log "tandem bench $xshape --gpu-memory $xgib"
   timeout 300 python -m tandem bench -m "/tmp/$xshape.gguf" -t 16 -p "$NP" -n "$NG" -r "$R" \
     --gpu-memory "$xgib" --json 2>&1 | tail -1 >> "$OUT/steps.log"

@@ -4,11 +4,12 @@
 # file at a time (the 9-layer file is about 42 GB of a 64 GB disk). The time of one MoE layer is
 # the difference of the two files' decode steps over the 4 layers between them. Expects
 # .whl/gguf-*.whl, .whl/llamacpp-cuda-src.tar.xz and .whl/qwen25-tokenizer.gguf carried, $OUT set.
-# FILES: layers:GiB pairs (GiB: a budget that keeps every layer's experts on the CPU); the last
+# FILES: layers:GiB pairs (GiB: a budget that keeps every layer's experts on the CPU, or auto:
+# benchmarks/experts_on_cpu_budget.py); the last
 # file is also measured with a prompt of P2 tokens (llama.cpp with -ub P2).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-FILES=${FILES:-5:10 9:14}; NP=${NP:-512}; NG=${NG:-32}; R=${R:-2}; P2=${P2:-2048}
+FILES=${FILES:-5:auto 9:auto}; NP=${NP:-512}; NG=${NG:-32}; R=${R:-2}; P2=${P2:-2048}
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/steps.log"; }
 
 python -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
@@ -25,6 +26,7 @@ for spec in $FILES; do
   python -m tandem synth --shape deepseek-v3 --layers "$layers" --quant Q4_K_M \
     --tokenizer-from .whl/qwen25-tokenizer.gguf -o /tmp/v3.gguf >> "$OUT/synth.log" 2>&1
   log "synth rc=$?"
+  [ "$gib" = auto ] && gib=$(python benchmarks/experts_on_cpu_budget.py /tmp/v3.gguf)
   python -m tandem inspect /tmp/v3.gguf --plan --gpu-memory "$gib" --ctx 4096 2>&1 | sed -n '/placement/,/rules/p' >> "$OUT/steps.log"
   # Nothing may compile while either tool is timed (the engine's workers are pinned).
   [ -n "$LLAMA_PID" ] && { wait $LLAMA_PID; log "llama build rc=$?"; LLAMA_PID=; }

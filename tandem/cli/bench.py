@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if graph is not None:  # decode steps replayed from a CUDA graph (tandem/engine/graph_decode.py)
         report["cuda_graph"] = "replayed" if graph.broken is None else f"off: {graph.broken}"
         report["cuda_graph_replays"] = graph.replays
+        report["cuda_graph_chained"] = graph.chained  # greedy replays queued ahead of the host
         # A capture (and the eager step before it) happens in the first run's first decode
         # step; later runs' caches move onto the captured buffers and replay at once.
         report["cuda_graph_captures"] = graph.captures

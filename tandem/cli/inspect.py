@@ -176,7 +176,8 @@ def plan_report(gguf, config, args) -> dict:
         "budget_bytes": plan.budget,
         "ctx": plan.ctx,
         "dense_mode": plan.dense_mode,
-        "dense_bytes": plan.dense_bytes,
+        "dense_bytes": plan.dense_bytes - plan.table_bytes,
+        "table_bytes": plan.table_bytes,
         "kv_cache_bytes": plan.kv_bytes,
         "reserve_bytes": plan.reserve,
         "gpu_bytes": plan.gpu_bytes,
@@ -294,6 +295,8 @@ def print_plan(p: dict) -> None:
         (f"KV cache of {p['ctx']} tokens", p["kv_cache_bytes"], "float32"),
         ("headroom", p["reserve_bytes"], "activations, workspaces"),
     ]
+    if p["table_bytes"]:
+        rows.insert(1, ("token table", p["table_bytes"], "GGUF blocks, looked up on the GPU"))
     if p["gpu_expert_layers"]:
         rows.append(
             (
@@ -307,7 +310,8 @@ def print_plan(p: dict) -> None:
     if p["cpu_expert_layers"]:
         print(
             f"  CPU RAM: routed experts of layers {_layers(p['cpu_expert_layers'])}, "
-            f"{p['cpu_expert_bytes'] / gib:.2f} GiB (GGUF blocks, on the C++ engine), and the token table"
+            f"{p['cpu_expert_bytes'] / gib:.2f} GiB (GGUF blocks, on the C++ engine)"
+            + ("" if p["table_bytes"] else ", and the token table")
         )
     print("rules (pass an edited copy with --rules):")
     print(p["rules"].rstrip())

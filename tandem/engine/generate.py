@@ -205,27 +205,40 @@ def prefill_and_generate(
         graph = GraphDecode.for_model(model, cache_kwarg(model))
         if graph is not None and graph.fits(kv):
             graph.reserve(kv, len(prompt) + max_new_tokens)
-        while True:
-            out_ids.append(token)
-            seen.append(token)
-            if token in stop_ids:
-                finish = "stop"
-                break
-            emit(stream.push(token))
-            if stream.stopped:
-                finish = "stop"
-                break
-            if len(out_ids) >= max_new_tokens:
-                break
-            if cancel is not None and cancel.is_set():
-                finish = "cancelled"
-                break
-            if graph is not None and graph.broken is None and graph.fits(kv):
-                logits = graph.step(kv, token)
-            else:
-                step = torch.tensor([[token]], dtype=torch.long, device=device)  # [1, 1]
-                logits = _forward_last_logits(model, step, kwargs)
-            token = sampler.sample(logits, seen, out_ids)
+        picks = None  # greedy steps chained on the GPU, one queued ahead (GraphDecode.greedy_tokens)
+        try:
+            while True:
+                out_ids.append(token)
+                seen.append(token)
+                if token in stop_ids:
+                    finish = "stop"
+                    break
+                emit(stream.push(token))
+                if stream.stopped:
+                    finish = "stop"
+                    break
+                if len(out_ids) >= max_new_tokens:
+                    break
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if picks is not None:
+                    token = next(picks)
+                    continue
+                if graph is not None and graph.broken is None and graph.fits(kv):
+                    left = max_new_tokens - len(out_ids)
+                    if sampler.params.picks_argmax and graph.ready(kv, kv.layers[0].length + left):
+                        picks = graph.greedy_tokens(kv, token, left)
+                        token = next(picks)
+                        continue
+                    logits = graph.step(kv, token)
+                else:
+                    step = torch.tensor([[token]], dtype=torch.long, device=device)  # [1, 1]
+                    logits = _forward_last_logits(model, step, kwargs)
+                token = sampler.sample(logits, seen, out_ids)
+        finally:
+            if picks is not None:
+                picks.close()  # a step queued past the last pick leaves the cache
         emit(stream.flush())
         _sync(device)
         t2 = time.perf_counter()

@@ -9,7 +9,12 @@ as host functions in stream order (tandem.ops.experts_cpu).
 What is captured is the model's own forward for one token:
 `model(inputs_embeds=E, position_ids=P, attention_mask=M, <cache>=kv, logits_to_keep=1)`.
 E (the token's embedding) and P (its position) are fixed GPU tensors each step fills
-before the replay; the token table may live in CPU RAM, so the lookup stays outside.
+before the replay. Where the token table is on the GPU (its lookup reads no ids on the
+host), the graph holds the lookup too, from a fixed token tensor, and ends by writing the
+argmax of its logits there: greedy steps then chain on the GPU alone, and
+`greedy_tokens` keeps the next step queued while the host handles the last token (its
+text, stop checks, the stream to a client); $TANDEM_GREEDY_CHAIN=0 turns that off. A
+table in CPU RAM keeps the lookup outside.
 The cache's layers (tandem.engine.kv_cache.GrowingLayer) write the new key and value
 at P and give attention their whole buffers; M, computed in the graph from P, hides the
 rows not yet written. The buffers must not move, so the cache reserves room for the
@@ -35,6 +40,7 @@ import inspect
 import sys
 import time
 import weakref
+from collections.abc import Iterator
 
 import torch
 
@@ -43,6 +49,7 @@ from tandem.engine.model_io import input_device
 from tandem.env_switches import switch
 
 GRAPH_ENV = "TANDEM_CUDA_GRAPH"
+CHAIN_ENV = "TANDEM_GREEDY_CHAIN"  # 0: greedy steps wait for the host's pick, one by one
 
 
 def graphs_enabled() -> bool:
@@ -65,9 +72,15 @@ class GraphDecode:
         self.embeds: torch.Tensor | None = None
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
         self.ids_device = input_device(model)
+        self.lookup_in_graph = looks_up_on(model.get_input_embeddings(), self.device)
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)  # the lookup's id
+        # greedy_tokens: each queued step's pick, copied to the host, and the event it waits on
+        self.picked = torch.zeros(2, dtype=torch.long, pin_memory=True)
+        self.picked_events = [torch.cuda.Event(blocking=True) for _ in range(2)]
         self.done = torch.cuda.Event(blocking=True)
         self.captures = 0  # for tests and benchmarks
         self.replays = 0
+        self.chained = 0  # replays queued by greedy_tokens before the host had the token
         self.capture_seconds = 0.0  # spent capturing (a new cache is a new capture)
         params = inspect.signature(model.forward).parameters
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -138,6 +151,16 @@ class GraphDecode:
         self.owner = weakref.ref(kv)
         return True
 
+    def ready(self, kv, end: int) -> bool:
+        """Whether greedy_tokens can run kv's steps up to position `end` on the captured graph."""
+        if self.graph is None or self.broken is not None or not self.lookup_in_graph:
+            return False
+        if not switch(CHAIN_ENV, default=True):
+            return False
+        layers = kv.layers
+        key = (*(layer._k.data_ptr() for layer in layers), layers[0]._k.shape[2])
+        return key == self.key and end <= key[-1]
+
     def step(self, kv, token: int) -> torch.Tensor:
         """Feed `token` at the cache's next position; its logits [V]."""
         layers = kv.layers
@@ -145,11 +168,16 @@ class GraphDecode:
         if any(layer._k.shape[2] <= pos for layer in layers):  # past the generation's reserved room
             self.reserve(kv, pos + 1)
         key = (*(layer._k.data_ptr() for layer in layers), layers[0]._k.shape[2])
-        ids = torch.tensor([[token]], device=self.ids_device)
-        embeds = self.model.get_input_embeddings()(ids).to(self.device)
+        embeds = None
+        if self.lookup_in_graph:
+            self.token.fill_(token)
+        else:
+            ids = torch.tensor([[token]], device=self.ids_device)
+            embeds = self.model.get_input_embeddings()(ids).to(self.device)
         self.position.fill_(pos)
         if self.graph is not None and key == self.key:
-            self.embeds.copy_(embeds)
+            if embeds is not None:
+                self.embeds.copy_(embeds)
             self.graph.replay()
             self.replays += 1
             logits = self.logits
@@ -162,16 +190,50 @@ class GraphDecode:
             layer.advance()
         return logits[0, -1]
 
+    def greedy_tokens(self, kv, token: int, limit: int) -> Iterator[int]:
+        """Feed `token`, then each token the graph picks (the argmax of the logits), `limit`
+        steps at most; yields the picks in order. One step is queued ahead of the pick yielded,
+        so the host's work on it overlaps the GPU's and the engine's. A step queued but never
+        yielded (the caller stopped) is taken back out of the cache's length, so the cache holds
+        what it would after `step`: every fed token but the last pick. Needs `ready(kv, end)`."""
+        layers = kv.layers
+        self.token.fill_(token)
+        launched = yielded = 0
+        try:
+            while yielded < limit:
+                while launched < limit and launched - yielded < 2:
+                    slot = launched % 2  # reused only once its pick was read
+                    self.position.fill_(layers[0].length)
+                    self.graph.replay()
+                    self.picked[slot : slot + 1].copy_(self.token.view(1), non_blocking=True)
+                    self.picked_events[slot].record()
+                    self.replays += 1
+                    self.chained += 1
+                    launched += 1
+                    for layer in layers:
+                        layer.advance()
+                slot = yielded % 2
+                self.picked_events[slot].synchronize()  # asleep, as in step
+                yielded += 1
+                yield int(self.picked[slot])
+        finally:
+            for layer in layers:
+                layer.length -= launched - yielded
+
     def _forward(self, kv) -> torch.Tensor:
         layers = kv.layers
         capacity = layers[0]._k.shape[2]
         keys = torch.arange(capacity, device=self.device)
         mask = (keys <= self.position).view(1, 1, 1, capacity)
+        if self.lookup_in_graph:
+            embeds = self.model.get_input_embeddings()(self.token).to(self.device)
+        else:
+            embeds = self.embeds
         for layer in layers:
             layer.graph_position = self.position
         try:
             out = self.model(
-                inputs_embeds=self.embeds,
+                inputs_embeds=embeds,
                 position_ids=self.position.view(1, 1),
                 attention_mask=mask,
                 use_cache=True,
@@ -181,13 +243,15 @@ class GraphDecode:
         finally:
             for layer in layers:
                 layer.graph_position = None
+        if self.lookup_in_graph:  # the greedy pick, the next step's input
+            self.token.copy_(torch.argmax(out.logits[0, -1].float()).view(1, 1))
         return out.logits
 
-    def _run_and_capture(self, kv, embeds: torch.Tensor, key: tuple) -> torch.Tensor:
+    def _run_and_capture(self, kv, embeds: torch.Tensor | None, key: tuple) -> torch.Tensor:
         """This step eagerly (the warm-up), then the capture of the next ones."""
         self.graph = self.key = None
         self.buffers, self.owner = [], None
-        self.embeds = embeds.detach().clone()
+        self.embeds = None if embeds is None else embeds.detach().clone()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -208,3 +272,15 @@ class GraphDecode:
         self.captures += 1
         self.capture_seconds += time.perf_counter() - started
         return logits
+
+
+def looks_up_on(embedding: torch.nn.Module | None, device: torch.device) -> bool:
+    """Whether the token table's lookup runs on `device` from ids there, reading nothing on
+    the host (a graph can hold it)."""
+    if embedding is None:
+        return False
+    on_host = getattr(embedding, "reads_ids_on_host", None)  # tandem's QuantEmbedding
+    if on_host is not None:
+        return not on_host and embedding.ids_device == device
+    tensors = [*embedding.parameters(), *embedding.buffers()]
+    return isinstance(embedding, torch.nn.Embedding) and all(t.device == device for t in tensors)

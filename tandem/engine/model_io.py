@@ -17,6 +17,8 @@ def input_device(model: torch.nn.Module) -> torch.device:
     """
     get_emb = getattr(model, "get_input_embeddings", None)
     emb = get_emb() if callable(get_emb) else None
+    if isinstance(getattr(emb, "ids_device", None), torch.device):  # tandem's QuantEmbedding
+        return emb.ids_device
     if emb is not None:
         for t in (*emb.parameters(), *emb.buffers()):
             if t.device.type != "meta":

@@ -81,6 +81,16 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def picks_argmax(self) -> bool:
+        """Greedy with no penalty: the pick is the argmax of the logits as they come."""
+        return (
+            self.greedy
+            and self.repetition_penalty == 1.0
+            and self.presence_penalty == 0.0
+            and self.frequency_penalty == 0.0
+        )
+
 
 def apply_repetition_penalty(
     logits: torch.Tensor, seen_ids: Sequence[int] | torch.Tensor, penalty: float

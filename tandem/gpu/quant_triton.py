@@ -4,6 +4,7 @@ Each kernel reads a weight matrix as the GGUF file stores it (rows of blocks, a
 row's bytes contiguous) and turns one chunk of columns of BN rows into float32 in
 registers: 256 columns (one super-block) for the K-quants, 32 (one block) for Q8_0.
 `dequantize` writes those values out (a dense copy, e.g. bf16 once at load);
+`gather_rows` writes only the rows a batch of ids names (a token table's lookup);
 `matvec` multiplies them with each token's activations without writing them, the
 decode path for weights kept quantized. The float arithmetic is the `gguf`
 package's, in its order, with contraction into FMA turned off: dequantized values
@@ -139,6 +140,20 @@ def _dequant_kernel(
 
 
 @triton.jit
+def _gather_kernel(
+    w, ids, out, n_ids, n_rows, row_bytes, out_stride,
+    TYPE: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr,
+):  # fmt: skip
+    at = tl.program_id(0) * BN + tl.arange(0, BN)[:, None]
+    chunk = tl.program_id(1)
+    row = tl.load(ids + at, mask=at < n_ids, other=-1).to(tl.int64)
+    valid = (row >= 0) & (row < n_rows)  # else zeros, and nothing read
+    y = _tile(w, row_bytes.to(tl.int64), tl.where(valid, row, 0), valid, chunk, TYPE, BN)
+    dest = out + at.to(tl.int64) * out_stride + chunk * CH + tl.arange(0, CH)[None, :]
+    tl.store(dest, tl.where(valid, y, 0.0), mask=at < n_ids)
+
+
+@triton.jit
 def _row_dots(
     w, row_bytes, rows, mask, n_chunks, xrow, TYPE: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr
 ):
@@ -220,6 +235,28 @@ def dequantize(
     _dequant_kernel[grid](
         blocks, out.view(torch.int16) if bf16 else out, rows, row_bytes, cols,
         TYPE=_CODE[GGMLQuantizationType(ggml_type)], BN=ROWS_PER_PROGRAM, CH=chunk, BF16=bf16, enable_fp_fusion=False,
+    )  # fmt: skip
+    return out
+
+
+def gather_rows(
+    blocks: torch.Tensor, ggml_type: GGMLQuantizationType, rows: int, cols: int, ids: torch.Tensor
+) -> torch.Tensor:
+    """Rows `ids` (int64 [n], on the blocks' device) of a rows × cols matrix, as float32 [n, cols]:
+    a token table's lookup. An id outside [0, rows) gives a row of zeros. Nothing is read on the
+    host, so a CUDA graph can hold the call."""
+    row_bytes = _check(blocks, ggml_type, rows, cols)
+    if ids.dim() != 1 or ids.device != blocks.device:
+        raise ValueError(f"ids must be one-dimensional and on the blocks' device, {blocks.device}")
+    ids = ids.to(torch.int64).contiguous()
+    out = torch.empty(ids.numel(), cols, dtype=torch.float32, device=blocks.device)
+    if ids.numel() == 0:
+        return out
+    chunk = _CHUNK[GGMLQuantizationType(ggml_type)]
+    grid = (triton.cdiv(ids.numel(), ROWS_PER_PROGRAM), cols // chunk)
+    _gather_kernel[grid](
+        blocks, ids, out, ids.numel(), rows, row_bytes, cols,
+        TYPE=_CODE[GGMLQuantizationType(ggml_type)], BN=ROWS_PER_PROGRAM, CH=chunk, enable_fp_fusion=False,
     )  # fmt: skip
     return out
 

@@ -4,8 +4,12 @@ A plan puts the attention, dense and shared-expert weights, norms, routers, the 
 and the KV cache on the GPU, and keeps the routed experts in CPU RAM for the C++ engine,
 except as many whole layers' experts as the rest of the budget holds: the last layers
 first, as llama.cpp's `--n-cpu-moe N` keeps the first N layers' experts on the CPU. A
-model that fits whole goes whole to the GPU. The token table stays in CPU RAM (a
-lookup dequantizes a few rows and copies them over), unless the LM head shares it.
+model that fits whole goes whole to the GPU. The token table goes to the GPU as its GGUF
+blocks where the GPU kernels read its type and the budget holds it beside the dense
+weights and the cache (ahead of any experts): a lookup there needs nothing from the host,
+so a captured decode step takes it in and the next step can be queued before the host
+sees the token. Otherwise it stays in CPU RAM (a lookup dequantizes a few rows and copies
+them over).
 
 The GPU-side weights are dequantized once at load ("load": bf16 for linear layers,
 float32 for norms and routers) when that fits beside the KV cache, else they stay GGUF
@@ -53,6 +57,11 @@ class Plan:
     # The Hugging Face experts classes the family's rules give the CPU engine (DeepSeek's
     # rules name V2's and V3's; only the one the config builds matches).
     expert_classes: tuple[str, ...] = ()
+    table_bytes: int = 0  # the token table's blocks on the GPU (within dense_bytes), 0: in CPU RAM
+
+    @property
+    def table_on_gpu(self) -> bool:
+        return self.table_bytes > 0
 
     @property
     def cpu_expert_layers(self) -> tuple[int, ...]:
@@ -74,7 +83,15 @@ class Plan:
         if self.dense_mode == "":
             return ""
         gpu = f'"{self.device}"'
-        rules = []  # the token table: the default rules keep it in CPU RAM (dequant: call) on any device
+        rules = []  # without a rule here the family's keeps the token table in CPU RAM
+        if self.table_on_gpu:
+            rules.append(
+                _rule(
+                    {"name": r"^model\.embed_tokens$"},
+                    "tandem.ops.embedding.QuantEmbedding",
+                    {"generate_device": gpu, "table_device": gpu},
+                )
+            )
         for expert_class in self.expert_classes:
             if self.gpu_expert_layers:
                 layers = "|".join(str(layer) for layer in self.gpu_expert_layers)
@@ -192,7 +209,7 @@ def plan_placement(
             layer_bytes[layer] = layer_bytes.get(layer, 0) + allocated(t.n_bytes)
             continue
         if t.name == "token_embd.weight" and not tied:
-            continue  # stays on the CPU with the embedding
+            continue  # the token table: below
         load, none = _gpu_bytes(t)
         if mla_bytes and len(t.shape) >= 2 and _ATTENTION.match(t.name):  # MLAttention: its dtype
             load = none = allocated(mla_bytes * math.prod(t.shape))
@@ -206,15 +223,17 @@ def plan_placement(
     dense_none += 4 * allocated(head_dim // 2 * 4)
     if budget == 0:
         return Plan("cpu", 0, ctx, "", 0, 0, 0, layer_bytes, (), expert_classes_of(default_rules))
+    table = _gpu_table_bytes(gguf.tensors.get("token_embd.weight"))
     kv = ctx * kv_bytes_per_token(config)
     reserve = default_reserve(budget) if reserve is None else reserve
     layers = sorted(layer_bytes)
-    whole = dense_load + kv + reserve + sum(layer_bytes.values())
+    whole = dense_load + table + kv + reserve + sum(layer_bytes.values())
     expert_classes = expert_classes_of(default_rules)
     if whole <= budget:
         return Plan(
-            device, budget, ctx, "load", dense_load, kv, reserve, layer_bytes, tuple(layers), expert_classes
-        )
+            device, budget, ctx, "load", dense_load + table, kv, reserve, layer_bytes, tuple(layers),
+            expert_classes, table_bytes=table,
+        )  # fmt: skip
     mode, dense = ("load", dense_load) if dense_load + kv + reserve <= budget else ("none", dense_none)
     if dense + kv + reserve > budget:
         raise PlanError(
@@ -222,6 +241,9 @@ def plan_placement(
             f"({dense / GIB:.2f} GiB as GGUF blocks), a KV cache of {ctx} tokens ({kv / GIB:.2f} GiB) "
             f"and {reserve / GIB:.2f} GiB of headroom; lower --ctx or raise --gpu-memory"
         )
+    if dense + table + kv + reserve > budget:
+        table = 0  # the table stays in CPU RAM
+    dense += table
     spare = budget - dense - kv - reserve
     on_gpu: list[int] = []
     for layer in reversed(layers):  # the last layers first, whole layers only
@@ -230,8 +252,17 @@ def plan_placement(
         on_gpu.append(layer)
         spare -= layer_bytes[layer]
     return Plan(
-        device, budget, ctx, mode, dense, kv, reserve, layer_bytes, tuple(sorted(on_gpu)), expert_classes
-    )
+        device, budget, ctx, mode, dense, kv, reserve, layer_bytes, tuple(sorted(on_gpu)), expert_classes,
+        table_bytes=table,
+    )  # fmt: skip
+
+
+def _gpu_table_bytes(t) -> int:
+    """The token table's blocks on the GPU, or 0 where its kernels cannot read them."""
+    if t is None or len(t.shape) != 2:
+        return 0
+    chunk = _GPU_BLOCK_TYPES.get(t.ggml_type.name)
+    return allocated(t.n_bytes) if chunk is not None and t.shape[-1] % chunk == 0 else 0
 
 
 def _gpu_bytes(t) -> tuple[int, int]:

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from tandem.engine.generate import prefill_and_generate
-from tandem.engine.graph_decode import GRAPH_ENV
+from tandem.engine.generate import PromptCache, prefill_and_generate
+from tandem.engine.graph_decode import CHAIN_ENV, GRAPH_ENV
+from tandem.engine.sampling import SamplingParams
 from tandem.gpu.mailbox import HANDOVER_ENV, HANDOVERS, mailbox_of
 from tandem.inject.loader import default_rules
 from tandem.inject.model import load_model
@@ -99,6 +100,60 @@ def test_hybrid_experts_run_in_the_graph_and_keep_the_tokens(arch, tmp_path, mon
     # A second generation on a fresh cache captures again and still agrees.
     again = generate(hybrid, 12, monkeypatch, graphs=True)
     assert again.token_ids == eager.token_ids
+
+
+def test_a_planned_hybrid_chains_greedy_steps_on_the_gpu(tmp_path, monkeypatch):
+    """The plan puts the token table on the GPU: the graph holds the lookup and the argmax, and
+    greedy_tokens queues a step ahead; a stop mid-way leaves the cache as a step-by-step run."""
+    path = write_tiny("qwen3moe", tmp_path / "moe.gguf", "Q8_0")
+    hybrid = load_model(path, gpu_memory=experts_on_cpu_budget(path), plan_ctx=CTX).model
+    table = hybrid.get_input_embeddings()
+    assert table.table_device.type == "cuda" and not table.reads_ids_on_host
+    eager = generate(hybrid, 12, monkeypatch, graphs=False)
+    chained = generate(hybrid, 12, monkeypatch, graphs=True)
+    graph = hybrid._tandem_graph_decode
+    assert graph.lookup_in_graph and graph.replays == 10  # no step launched past the last token
+    assert graph.chained == 10  # every replay: the step before them was the capture
+    assert chained.token_ids == eager.token_ids
+    monkeypatch.setenv(CHAIN_ENV, "0")
+    assert prefill_and_generate(hybrid, _Ids(), PROMPT, 12).token_ids == eager.token_ids
+    assert graph.replays == 21 and graph.chained == 10  # the same graph, each step waited for
+    monkeypatch.delenv(CHAIN_ENV)
+    # Stop at the 6th token: the step queued after it is taken back out of the cache.
+    cache = PromptCache()
+    stop = eager.token_ids[5]
+    first = eager.token_ids.index(stop)
+    cut = prefill_and_generate(hybrid, _Ids(), PROMPT, 12, stop_token_ids=[stop], prompt_cache=cache)
+    assert cut.token_ids == eager.token_ids[: first + 1] and cut.finish_reason == "stop"
+    assert cache.kv.get_seq_length() == len(PROMPT) + first  # the stop token was never fed
+    follow = PROMPT + cut.token_ids + [4, 6]
+    reused = prefill_and_generate(hybrid, _Ids(), follow, 6, prompt_cache=cache)
+    assert reused.n_cached == len(PROMPT) + first
+    monkeypatch.setenv(GRAPH_ENV, "0")
+    assert reused.token_ids == prefill_and_generate(hybrid, _Ids(), follow, 6).token_ids
+
+
+def test_sampled_steps_feed_their_token_to_the_graphs_lookup(tmp_path, monkeypatch):
+    path = write_tiny("qwen3moe", tmp_path / "moe.gguf", "Q8_0")
+    hybrid = load_model(path, gpu_memory=experts_on_cpu_budget(path), plan_ctx=CTX).model
+    runs = {}
+    for graphs in (False, True):
+        monkeypatch.setenv(GRAPH_ENV, "1" if graphs else "0")
+        sampling = SamplingParams(temperature=1.5, seed=3)
+        runs[graphs] = prefill_and_generate(hybrid, _Ids(), PROMPT, 12, sampling=sampling).token_ids
+    assert hybrid._tandem_graph_decode.lookup_in_graph and hybrid._tandem_graph_decode.replays == 10
+    assert runs[True] == runs[False]
+
+
+def test_the_gpu_tables_lookup_equals_the_cpu_tables(tmp_path):
+    path = write_tiny("qwen3moe", tmp_path / "moe.gguf", "Q8_0")
+    on_gpu = load_model(path, gpu_memory=experts_on_cpu_budget(path), plan_ctx=CTX).model
+    on_cpu = load_model(path).model
+    ids = torch.tensor([[0, 5, 63, 5, 17]])
+    want = on_cpu.get_input_embeddings()(ids)
+    got = on_gpu.get_input_embeddings()(ids.cuda())
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("way", HANDOVERS)

@@ -91,3 +91,25 @@ def test_bad_input_is_refused_before_any_launch():
         quant_triton.dequantize(blocks, T.Q4_K, 3, 256)
     with pytest.raises(ValueError, match=r"\[tokens, columns\]"):
         quant_triton.matvec(blocks, T.Q4_K, 2, torch.zeros(256, device=DEVICE))
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_gather_rows_equals_gguf_rows_bit_for_bit(ggml_type):
+    rows, cols = 37, 512
+    blocks, dense = weights(ggml_type, rows, cols, seed=5)
+    ids = torch.tensor([3, 0, 36, 3, 17, 36, 1, 2, 5, 8, 13, 21, 34, 9, 10, 11, 12, 30])  # two programs
+    got = quant_triton.gather_rows(blocks, ggml_type, rows, cols, ids.to(DEVICE)).cpu()
+    assert torch.equal(got, dense[ids].float())
+
+
+def test_gather_rows_gives_zeros_for_ids_outside_the_table():
+    rows, cols = 5, 256
+    blocks, dense = weights(T.Q4_K, rows, cols, seed=9)
+    ids = torch.tensor([-1, 4, 5, 1 << 40])
+    got = quant_triton.gather_rows(blocks, T.Q4_K, rows, cols, ids.to(DEVICE)).cpu()
+    assert torch.equal(got[1], dense[4].float())
+    assert not got[[0, 2, 3]].any()
+    empty = quant_triton.gather_rows(blocks, T.Q4_K, rows, cols, ids[:0].to(DEVICE))
+    assert empty.shape == (0, cols)
+    with pytest.raises(ValueError, match="one-dimensional"):
+        quant_triton.gather_rows(blocks, T.Q4_K, rows, cols, ids.view(2, 2).to(DEVICE))

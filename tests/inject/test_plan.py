@@ -9,7 +9,7 @@ import torch
 
 from tandem.inject.injector import inject
 from tandem.inject.loader import build_meta_model, default_rules
-from tandem.inject.plan import GIB, PlanError, kv_bytes_per_token, plan_placement
+from tandem.inject.plan import GIB, PlanError, allocated, kv_bytes_per_token, plan_placement
 from tandem.inject.rules import load_rules, parse_rules
 from tandem.synth.tiny import write_tiny
 from tandem.weights.arch import config_of
@@ -73,9 +73,21 @@ def test_one_layer_exactly(tiny_moe):
 def test_weights_stay_blocks_when_their_dequantized_copy_does_not_fit(tiny_moe):
     full = plan(tiny_moe, 64 * GIB)
     assert full.dense_mode == "load"
-    tight = full.dense_bytes + full.kv_bytes - 1  # the bf16 copy no longer fits
+    tight = full.dense_bytes - full.table_bytes + full.kv_bytes - 1  # the bf16 copy no longer fits
     p = plan(tiny_moe, tight)
     assert p.dense_mode == "none" and p.dense_bytes < full.dense_bytes and p.gpu_bytes <= tight
+
+
+def test_the_token_table_goes_to_the_gpu_when_it_fits_beside_the_dense_weights(tiny_moe):
+    full = plan(tiny_moe, 64 * GIB)
+    table = tiny_moe[1].tensors["token_embd.weight"]
+    assert full.table_on_gpu and full.table_bytes == allocated(table.n_bytes)
+    fits = full.dense_bytes + full.kv_bytes  # the dequantized dense weights and the table, no experts
+    p = plan(tiny_moe, fits)
+    assert p.table_on_gpu and p.dense_mode == "load" and p.gpu_expert_layers == ()
+    p = plan(tiny_moe, fits - 1)  # the table no longer fits beside them: back to CPU RAM
+    assert not p.table_on_gpu and p.dense_mode == "load" and p.gpu_bytes <= fits - 1
+    assert "table_device" not in p.placement_yaml()
 
 
 def test_too_small_a_budget_says_what_does_not_fit(tiny_moe):
@@ -104,9 +116,12 @@ def test_the_rules_place_each_part_where_the_plan_says(tiny_moe):
         assert (q.operator, q.device) == ("tandem.ops.linear_gpu.QuantLinearGPU", "cuda:0")
     assert by_path["lm_head"].device == "cuda:0"
     embed = by_path["model.embed_tokens"]
-    assert embed.operator == "tandem.ops.embedding.QuantEmbedding"  # dequant: call, the table in CPU RAM
+    assert (
+        embed.operator == "tandem.ops.embedding.QuantEmbedding"
+    )  # dequant: call, the table's blocks on the GPU
     assert model.model.embed_tokens.dequant == "call"
     assert torch.device(embed.device).type == "cuda"
+    assert p.table_on_gpu and model.model.embed_tokens.table_device == torch.device("cuda:0")
 
 
 @pytest.mark.parametrize(
@@ -141,7 +156,10 @@ def test_inspect_prints_the_plan(tiny_moe):
     p = json.loads(proc.stdout)["plan"]
     assert p["device"] == "cuda:0" and p["ctx"] == 128 and p["cpu_expert_layers"] == []
     assert p["gpu_bytes"] <= p["budget_bytes"] == 64 * GIB
+    assert p["table_bytes"] > 0 and "table_device" in p["rules"]
     assert parse_rules(p["rules"])
+    shown = tandem("inspect", path, "--plan", "--gpu-memory", "64", "--ctx", "128")
+    assert shown.returncode == 0 and "token table" in shown.stdout
     text = tandem("inspect", path, "--plan", "--gpu-memory", "0")
     assert text.returncode == 0 and "everything runs on the CPU" in text.stdout
     assert_user_error(tandem("inspect", path, "--plan", "--gpu-memory", "0.001"), "cannot hold")
