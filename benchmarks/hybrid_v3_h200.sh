@@ -6,16 +6,22 @@
 # .whl/gguf-*.whl, .whl/llamacpp-cuda-src.tar.xz and .whl/qwen25-tokenizer.gguf carried, $OUT set.
 # FILES: layers:GiB pairs (GiB: a budget that keeps every layer's experts on the CPU, or auto:
 # benchmarks/experts_on_cpu_budget.py); the last
-# file is also measured with a prompt of P2 tokens (llama.cpp with -ub P2).
+# file is also measured with a prompt of P2 tokens (llama.cpp with -ub P2). LLAMA=0 leaves
+# llama.cpp out (tandem's figures alone, in about half the time); PROFILE=1 splits each file's
+# decode step (benchmarks/profile_hybrid.py, after a 512-token prompt).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 FILES=${FILES:-5:auto 9:auto}; NP=${NP:-512}; NG=${NG:-32}; R=${R:-2}; P2=${P2:-2048}
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/steps.log"; }
 
 python -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
-log "build llama.cpp with CUDA (background)"
-bash benchmarks/build_llama_cuda.sh > "$OUT/llama_build.log" 2>&1 &
-LLAMA_PID=$!
+LLAMA_PID=
+if [ "${LLAMA:-1}" != 0 ]; then
+  log "build llama.cpp with CUDA (background)"
+  bash benchmarks/build_llama_cuda.sh > "$OUT/llama_build.log" 2>&1 &
+  LLAMA_PID=$!
+fi
+llama() { [ "${LLAMA:-1}" != 0 ] && timeout 240 /tmp/lc/b/bin/llama-bench "$@" 2>&1 | grep -E "^\|" >> "$OUT/steps.log"; }
 log "build tandem"
 python -m pip install --no-build-isolation --no-deps -e . > "$OUT/tandem_build.log" 2>&1 || { log "tandem build failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD
@@ -33,14 +39,15 @@ for spec in $FILES; do
   log "tandem bench, $layers layers, --gpu-memory $gib"
   timeout 300 python -m tandem bench -m /tmp/v3.gguf -t 16 -p "$NP" -n "$NG" -r "$R" --gpu-memory "$gib" --json \
     2>&1 | tail -1 >> "$OUT/steps.log"
-  timeout 240 /tmp/lc/b/bin/llama-bench -m /tmp/v3.gguf -ngl 99 -ot exps=CPU -fa on -t 16 -p "$NP" -n "$NG" \
-    -r "$R" -o md 2>&1 | grep -E "^\|" >> "$OUT/steps.log"
+  llama -m /tmp/v3.gguf -ngl 99 -ot exps=CPU -fa on -t 16 -p "$NP" -n "$NG" -r "$R" -o md
+  if [ -n "${PROFILE:-}" ]; then
+    timeout 200 python benchmarks/profile_hybrid.py /tmp/v3.gguf 16 "$gib" 32 512 2>&1 | grep -v -i warn >> "$OUT/steps.log"
+  fi
   if [ "$spec" = "$last" ] && [ "$P2" != 0 ]; then
     log "prompt of $P2 tokens"
     timeout 300 python -m tandem bench -m /tmp/v3.gguf -t 16 -p "$P2" -n 4 -r "$R" --gpu-memory "$gib" --json \
       2>&1 | tail -1 >> "$OUT/steps.log"
-    timeout 240 /tmp/lc/b/bin/llama-bench -m /tmp/v3.gguf -ngl 99 -ot exps=CPU -fa on -t 16 -p "$P2" -ub "$P2" \
-      -n 0 -r "$R" -o md 2>&1 | grep -E "^\|" >> "$OUT/steps.log"
+    llama -m /tmp/v3.gguf -ngl 99 -ot exps=CPU -fa on -t 16 -p "$P2" -ub "$P2" -n 0 -r "$R" -o md
   fi
   rm -f /tmp/v3.gguf
 done
