@@ -1,30 +1,33 @@
 """The engine alone on a model's routed experts: one decode token = one MoE call per layer.
 
-python benchmarks/moe_op_bench.py MODEL.gguf THREADS [TOKENS [copy]]
+python benchmarks/moe_op_bench.py MODEL.gguf THREADS [TOKENS [copy|wide-ab]]
 Builds the engine's expert op for every layer of the file (on the file's mapped pages,
 or with `copy` on copies in anonymous memory: huge pages where THP_MEM_ALLOC_ENABLE=1
 asks torch for them), then times tokens
 that route to 8 random experts per layer (no attention, no Python model around
 it), and prints ms per token and the bytes-per-token bandwidth it reached: the
-engine's own share of a decode step, to set against `tandem bench`.
+engine's own share of a decode step, to set against `tandem bench`. `wide-ab` times the
+one-token kernels' 512-bit forms against their 256-bit loops (TANDEM_CPU_DECODE_WIDE) in
+alternating rounds of one process, so that the machine's drift falls on both alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import sys
 import time
 
 import torch
 
-from tandem.cpu.engine import CPUEngine
+from tandem.cpu.engine import CPUEngine, _native
 from tandem.weights.gguf_file import GGUFFile
 
 
 def main() -> None:
     path, threads = sys.argv[1], int(sys.argv[2])
     tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 20
-    copy = len(sys.argv) > 4 and sys.argv[4] == "copy"
+    mode = sys.argv[4] if len(sys.argv) > 4 else ""
     gguf = GGUFFile.open(path)
     engine = CPUEngine(threads=threads)
     layers = []
@@ -33,7 +36,7 @@ def main() -> None:
         if names[0] not in gguf.tensors:
             break
         tensors = [gguf.tensor(n) for n in names]
-        if copy:
+        if mode == "copy":
             tensors = [dataclasses.replace(t, data=t.data.clone()) for t in tensors]
         layers.append(engine.experts(*tensors))
     n_experts, hidden = layers[0].n_experts, layers[0].hidden
@@ -42,15 +45,33 @@ def main() -> None:
     x = torch.randn(1, hidden, generator=g)
     w = torch.full((1, 8), 1 / 8)
     routes = [[torch.randperm(n_experts, generator=g)[:8][None] for _ in layers] for _ in range(tokens + 2)]
-    for step, route in enumerate(routes):
-        if step == 2:
-            t0 = time.perf_counter()
-        for layer, ids in zip(layers, route, strict=True):
-            layer(x, ids, w)
-    seconds = (time.perf_counter() - t0) / tokens
     read = per_expert * 8 * len(layers)
+
+    def seconds_per_token() -> float:
+        for step, route in enumerate(routes):
+            if step == 2:
+                t0 = time.perf_counter()
+            for layer, ids in zip(layers, route, strict=True):
+                layer(x, ids, w)
+        return (time.perf_counter() - t0) / tokens
+
+    if mode == "wide-ab":
+        runs: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(4):
+            for wide in (True, False):
+                _native().set_decode_wide(wide)
+                runs[wide].append(read / seconds_per_token() / 1e9)
+        _native().set_decode_wide(engine.decode_wide)
+        for wide in (True, False):
+            print(
+                f"{len(layers)} MoE layers, {threads} threads, decode_wide={int(wide)}: "
+                f"GB/s by round {', '.join(f'{v:.1f}' for v in runs[wide])}; median {statistics.median(runs[wide]):.1f}"
+            )
+        print(f"read bandwidth {engine.read_bandwidth() / 1e9:.1f} GB/s")
+        return
+    seconds = seconds_per_token()
     print(
-        f"{len(layers)} MoE layers, {threads} threads{', copied' if copy else ''}: "
+        f"{len(layers)} MoE layers, {threads} threads{', copied' if mode == 'copy' else ''}: "
         f"{seconds * 1e3:.2f} ms per token, "
         f"{read / 1e9:.3f} GB of experts per token, {read / seconds / 1e9:.1f} GB/s; "
         f"read bandwidth {engine.read_bandwidth() / 1e9:.1f} GB/s"

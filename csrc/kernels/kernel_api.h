@@ -232,6 +232,10 @@ namespace amx { const VariantKernels& kernels(); }
 void set_decode_prefetch(size_t bytes, int level = 0);
 size_t decode_prefetch_bytes();
 int decode_prefetch_level();
+// Whether one-token kernels with a 512-bit form take it (where the variant has one); the
+// same process-wide rule as the prefetch.
+void set_decode_wide(bool on);
+bool decode_wide();
 
 // The table named `name` ("generic", "avx2", "avx512", "amx"), or nullptr if that
 // variant is not built into this extension.

@@ -84,6 +84,9 @@ inline void kq_scale_min(const uint8_t* s, int j, int* sc, int* m) {
 // and beyond, prefetcht1; 2: the last level, prefetcht2), TANDEM_CPU_PREFETCH_LEVEL.
 inline size_t decode_prefetch = 2048;
 inline int decode_prefetch_level = 0;
+// Whether the one-token kernels that have a 512-bit form take it (Q4_K's, where the variant
+// has AVX-512 BW and VNNI); false keeps their 256-bit loop. TANDEM_CPU_DECODE_WIDE.
+inline bool decode_wide_on = true;
 template <int Locality>  // __builtin_prefetch's: 3 = prefetcht0, 2 = prefetcht1, 1 = prefetcht2
 inline void prefetch_lines(const uint8_t* p, size_t bytes) {
     for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, Locality);

@@ -14,6 +14,8 @@ void set_decode_prefetch(size_t bytes, int level) {
 }
 size_t decode_prefetch_bytes() { return detail::decode_prefetch; }
 int decode_prefetch_level() { return detail::decode_prefetch_level; }
+void set_decode_wide(bool on) { detail::decode_wide_on = on; }
+bool decode_wide() { return detail::decode_wide_on; }
 
 const VariantKernels* variant_kernels(const char* name) {
     if (std::strcmp(name, "generic") == 0) return &generic::kernels();

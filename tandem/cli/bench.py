@@ -150,6 +150,7 @@ def memory_floor(weights, decode_tok_s: float) -> dict:
         "engine_threads": engine.threads,
         "decode_prefetch_bytes": engine.prefetch,
         "decode_prefetch_level": engine.prefetch_level,
+        "decode_wide": engine.decode_wide,
         "read_bandwidth_gb_s": bandwidth / 1e9,
     }
     moe = moe_of(weights)

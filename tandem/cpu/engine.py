@@ -17,6 +17,7 @@ import torch
 
 from tandem.cpu.features import _native, select_prefill, select_variant
 from tandem.cpu.system import physical_cores, usable_cores
+from tandem.env_switches import switch
 from tandem.errors import TandemError, UnsupportedError
 from tandem.quant.quant_tensor import QuantTensor
 
@@ -41,6 +42,9 @@ PREFETCH_MIN_THREADS = 8
 # Which cache the prefetched lines go to: 0 (L1, prefetcht0), 1 (L2), 2 (the last level).
 PREFETCH_LEVEL_ENV = "TANDEM_CPU_PREFETCH_LEVEL"
 DEFAULT_PREFETCH_LEVEL = 0
+# 1: one-token kernels with a 512-bit form (Q4_K's in the avx512 and amx variants) take it;
+# 0: their 256-bit loop, the A/B switch.
+DECODE_WIDE_ENV = "TANDEM_CPU_DECODE_WIDE"
 
 # How long the pool's idle workers spin before parking, microseconds. Between
 # two engine calls of a decode step torch runs on the calling thread alone, so
@@ -110,8 +114,10 @@ class CPUEngine:
         default = DEFAULT_PREFETCH_BYTES if self.threads >= PREFETCH_MIN_THREADS else 0
         self.prefetch = _int_env(PREFETCH_ENV, default, 0, 1 << 20)
         self.prefetch_level = _int_env(PREFETCH_LEVEL_ENV, DEFAULT_PREFETCH_LEVEL, 0, 2)
-        # process-wide: the last engine made sets it
+        self.decode_wide = switch(DECODE_WIDE_ENV, default=True)
+        # process-wide: the last engine made sets them
         _native().set_decode_prefetch(self.prefetch, self.prefetch_level)
+        _native().set_decode_wide(self.decode_wide)
         # Pinning more threads than cores would stack two on one core for good.
         self.pool = _native().ThreadPool(self.threads, pin and self.threads <= usable_cores(), self.spin_us)
 

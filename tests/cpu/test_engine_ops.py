@@ -281,6 +281,26 @@ def test_a_gpu_models_engine_yields_idle_cores_as_the_environment_says(monkeypat
         engine.serve_gpu_steps()
 
 
+def test_the_wide_one_token_kernels_give_the_narrow_ones_results(monkeypatch):
+    """TANDEM_CPU_DECODE_WIDE (Q4_K's 512-bit one-token loop where the variant has one): the
+    same integer sums, float sums in another order."""
+    from tandem.cpu.engine import DECODE_WIDE_ENV, _native
+
+    gate, up, down = expert_set((T.Q4_K, T.Q4_K), seed=13)
+    x, ids, weights = routing(1, 4, seed=14)
+    outs = {}
+    for wide in ("0", "1"):
+        monkeypatch.setenv(DECODE_WIDE_ENV, wide)
+        engine = CPUEngine(threads=2, variant=None, prefill="off")
+        assert _native().decode_wide() == (wide == "1") == engine.decode_wide
+        outs[wide] = engine.experts(gate, up, down)(x, ids, weights)
+    assert rel(outs["1"], outs["0"]) < 1e-6
+    assert rel(outs["1"], experts_exact(engine.kernels, gate, up, down, x, ids, weights)) < 5e-4
+    monkeypatch.setenv(DECODE_WIDE_ENV, "wide")
+    with pytest.raises(TandemError, match=DECODE_WIDE_ENV):
+        CPUEngine(threads=2, variant=None, prefill="off")
+
+
 @pytest.mark.parametrize("level", ["0", "1", "2"])
 def test_every_prefetch_level_gives_the_same_decode_result(level, monkeypatch):
     from tandem.cpu.engine import _native
