@@ -9,7 +9,8 @@
 # LLAMA=0 leaves llama.cpp out; SWEEP adds runs (below); PROFILE=1 splits a decode step
 # (benchmarks/profile_hybrid.py; PROFILE_RUNS='threads:prompt ...', default 16:512 as bench
 # decodes); EXTRA='shape:layers:gib ...' benches more files the same way after the first
-# (tandem's default settings and llama.cpp's), e.g. EXTRA='deepseek-v2-lite:27:auto'. The budget GIB
+# (tandem's default settings and llama.cpp's), e.g. EXTRA='deepseek-v2-lite:27:auto'; P2=2048
+# also measures the first file's prompt of P2 tokens (llama.cpp with -ub P2). The budget GIB
 # (auto: benchmarks/experts_on_cpu_budget.py) keeps every layer's experts on the CPU (the plan is
 # printed).
 set -u
@@ -84,6 +85,15 @@ if [ -n "$LLAMA_PID" ] && [ -x /tmp/lc/b/bin/llama-bench ]; then
   timeout 240 /tmp/lc/b/bin/llama-bench -m /tmp/q3.gguf -ngl 99 -ot exps=CPU -fa on -t 16 -p "$NP" -n "$NG" \
     -r "$R" -o md > "$OUT/llama_bench.txt" 2>&1
   log "llama-bench rc=$?"; cat "$OUT/llama_bench.txt" >> "$OUT/steps.log"
+fi
+if [ -n "${P2:-}" ]; then
+  log "prompt of $P2 tokens"
+  timeout 300 python -m tandem bench -m /tmp/q3.gguf -t 16 -p "$P2" -n 4 -r "$R" --gpu-memory "$GIB" --json \
+    2>&1 | tail -1 >> "$OUT/steps.log"
+  if [ -n "$LLAMA_PID" ] && [ -x /tmp/lc/b/bin/llama-bench ]; then
+    timeout 240 /tmp/lc/b/bin/llama-bench -m /tmp/q3.gguf -ngl 99 -ot exps=CPU -fa on -t 16 -p "$P2" -ub "$P2" \
+      -n 0 -r "$R" -o md 2>&1 | grep -E "^\|" >> "$OUT/steps.log"
+  fi
 fi
 for extra in ${EXTRA:-}; do
   IFS=: read -r xshape xlayers xgib <<< "$extra"
