@@ -1,14 +1,16 @@
 """The engine alone on a model's routed experts: one decode token = one MoE call per layer.
 
-python benchmarks/moe_op_bench.py MODEL.gguf THREADS [TOKENS [copy|wide-ab]]
+python benchmarks/moe_op_bench.py MODEL.gguf THREADS [TOKENS [copy|wide-ab|prefetch-sweep]]
 Builds the engine's expert op for every layer of the file (on the file's mapped pages,
 or with `copy` on copies in anonymous memory: huge pages where THP_MEM_ALLOC_ENABLE=1
 asks torch for them), then times tokens
 that route to 8 random experts per layer (no attention, no Python model around
 it), and prints ms per token and the bytes-per-token bandwidth it reached: the
 engine's own share of a decode step, to set against `tandem bench`. `wide-ab` times the
-one-token kernels' 512-bit forms against their 256-bit loops (TANDEM_CPU_DECODE_WIDE) in
-alternating rounds of one process, so that the machine's drift falls on both alike.
+one-token kernels' 512-bit forms against their 256-bit loops (TANDEM_CPU_DECODE_WIDE),
+`prefetch-sweep` the one-token prefetch's distances and levels (TANDEM_CPU_PREFETCH,
+TANDEM_CPU_PREFETCH_LEVEL), each in alternating rounds of one process, so that the
+machine's drift falls on every setting alike.
 """
 
 from __future__ import annotations
@@ -55,17 +57,29 @@ def main() -> None:
                 layer(x, ids, w)
         return (time.perf_counter() - t0) / tokens
 
-    if mode == "wide-ab":
-        runs: dict[bool, list[float]] = {True: [], False: []}
-        for _ in range(4):
-            for wide in (True, False):
-                _native().set_decode_wide(wide)
-                runs[wide].append(read / seconds_per_token() / 1e9)
+    settings = {
+        "wide-ab": {
+            f"decode_wide={int(on)}": (lambda on=on: _native().set_decode_wide(on)) for on in (True, False)
+        },
+        "prefetch-sweep": {
+            f"prefetch={ahead} level={level}": (
+                lambda a=ahead, lv=level: _native().set_decode_prefetch(a, lv)
+            )
+            for ahead, level in ((2048, 0), (0, 0), (1024, 0), (4096, 0), (8192, 0), (2048, 1), (4096, 1))
+        },
+    }.get(mode)
+    if settings:
+        runs: dict[str, list[float]] = {name: [] for name in settings}
+        for _ in range(3):
+            for name, apply in settings.items():
+                apply()
+                runs[name].append(read / seconds_per_token() / 1e9)
         _native().set_decode_wide(engine.decode_wide)
-        for wide in (True, False):
+        _native().set_decode_prefetch(engine.prefetch, engine.prefetch_level)
+        for name, values in runs.items():
             print(
-                f"{len(layers)} MoE layers, {threads} threads, decode_wide={int(wide)}: "
-                f"GB/s by round {', '.join(f'{v:.1f}' for v in runs[wide])}; median {statistics.median(runs[wide]):.1f}"
+                f"{len(layers)} MoE layers, {threads} threads, {name}: GB/s by round "
+                f"{', '.join(f'{v:.1f}' for v in values)}; median {statistics.median(values):.1f}"
             )
         print(f"read bandwidth {engine.read_bandwidth() / 1e9:.1f} GB/s")
         return
