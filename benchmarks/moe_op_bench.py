@@ -1,6 +1,6 @@
 """The engine alone on a model's routed experts: one decode token = one MoE call per layer.
 
-python benchmarks/moe_op_bench.py MODEL.gguf THREADS [TOKENS [copy|wide-ab|prefetch-sweep]]
+python benchmarks/moe_op_bench.py MODEL.gguf THREADS [TOKENS [copy|wide-ab|prefetch-sweep|wide-prefetch]]
 Builds the engine's expert op for every layer of the file (on the file's mapped pages,
 or with `copy` on copies in anonymous memory: huge pages where THP_MEM_ALLOC_ENABLE=1
 asks torch for them), then times tokens
@@ -9,7 +9,8 @@ it), and prints ms per token and the bytes-per-token bandwidth it reached: the
 engine's own share of a decode step, to set against `tandem bench`. `wide-ab` times the
 one-token kernels' 512-bit forms against their 256-bit loops (TANDEM_CPU_DECODE_WIDE),
 `prefetch-sweep` the one-token prefetch's distances and levels (TANDEM_CPU_PREFETCH,
-TANDEM_CPU_PREFETCH_LEVEL), each in alternating rounds of one process, so that the
+TANDEM_CPU_PREFETCH_LEVEL), `wide-prefetch` both forms at three distances, each in
+alternating rounds of one process, so that the
 machine's drift falls on every setting alike.
 """
 
@@ -66,6 +67,13 @@ def main() -> None:
                 lambda a=ahead, lv=level: _native().set_decode_prefetch(a, lv)
             )
             for ahead, level in ((2048, 0), (0, 0), (1024, 0), (4096, 0), (8192, 0), (2048, 1), (4096, 1))
+        },
+        "wide-prefetch": {
+            f"decode_wide={int(on)} prefetch={ahead}": (
+                lambda on=on, a=ahead: (_native().set_decode_wide(on), _native().set_decode_prefetch(a, 0))
+            )
+            for ahead in (2048, 0, 4096)
+            for on in (True, False)
         },
     }.get(mode)
     if settings:
