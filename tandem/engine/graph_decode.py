@@ -157,8 +157,7 @@ class GraphDecode:
             return False
         if not switch(CHAIN_ENV, default=True):
             return False
-        layers = kv.layers
-        key = (*(layer._k.data_ptr() for layer in layers), layers[0]._k.shape[2])
+        key = buffers_key(kv)
         return key == self.key and end <= key[-1]
 
     def step(self, kv, token: int) -> torch.Tensor:
@@ -167,7 +166,7 @@ class GraphDecode:
         pos = layers[0].length
         if any(layer._k.shape[2] <= pos for layer in layers):  # past the generation's reserved room
             self.reserve(kv, pos + 1)
-        key = (*(layer._k.data_ptr() for layer in layers), layers[0]._k.shape[2])
+        key = buffers_key(kv)
         embeds = None
         if self.lookup_in_graph:
             self.token.fill_(token)
@@ -274,13 +273,18 @@ class GraphDecode:
         return logits
 
 
+def buffers_key(kv) -> tuple:
+    """The cache's buffers and their room: a captured graph replays only on the same ones."""
+    layers = kv.layers
+    return (*(layer._k.data_ptr() for layer in layers), layers[0]._k.shape[2])
+
+
 def looks_up_on(embedding: torch.nn.Module | None, device: torch.device) -> bool:
     """Whether the token table's lookup runs on `device` from ids there, reading nothing on
     the host (a graph can hold it)."""
     if embedding is None:
         return False
-    on_host = getattr(embedding, "reads_ids_on_host", None)  # tandem's QuantEmbedding
-    if on_host is not None:
-        return not on_host and embedding.ids_device == device
+    if hasattr(embedding, "ids_device"):  # tandem's QuantEmbedding: None for a table in CPU RAM
+        return embedding.ids_device == device
     tensors = [*embedding.parameters(), *embedding.buffers()]
     return isinstance(embedding, torch.nn.Embedding) and all(t.device == device for t in tensors)

@@ -90,15 +90,10 @@ class QuantEmbedding(TandemModule):
     @property
     def ids_device(self) -> torch.device | None:
         """Where token ids are best given: the dense weight's device or a GPU table's; None
-        for a table in CPU RAM (the ids go to the CPU whatever their device)."""
+        for a table in CPU RAM, whose lookup reads the ids on the host (a graph cannot hold it)."""
         if self.weight is not None:
             return self.weight.device
         return self.table_device if self.table_device.type == "cuda" else None
-
-    @property
-    def reads_ids_on_host(self) -> bool:
-        """Whether a lookup copies the ids to the CPU (a graph cannot hold it then)."""
-        return self.weight is None and self.table_device.type == "cpu"
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [...] -> [..., hidden]
         shape = (*input_ids.shape, self.embedding_dim)

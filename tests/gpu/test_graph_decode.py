@@ -108,7 +108,7 @@ def test_a_planned_hybrid_chains_greedy_steps_on_the_gpu(tmp_path, monkeypatch):
     path = write_tiny("qwen3moe", tmp_path / "moe.gguf", "Q8_0")
     hybrid = load_model(path, gpu_memory=experts_on_cpu_budget(path), plan_ctx=CTX).model
     table = hybrid.get_input_embeddings()
-    assert table.table_device.type == "cuda" and not table.reads_ids_on_host
+    assert table.table_device.type == "cuda" and table.ids_device == table.table_device
     eager = generate(hybrid, 12, monkeypatch, graphs=False)
     chained = generate(hybrid, 12, monkeypatch, graphs=True)
     graph = hybrid._tandem_graph_decode
