@@ -1,6 +1,6 @@
 """The engine alone on a model's routed experts: one decode token = one MoE call per layer.
 
-python benchmarks/moe_op_bench.py MODEL.gguf THREADS [TOKENS [copy|wide-ab|prefetch-sweep|wide-prefetch]]
+python benchmarks/moe_op_bench.py MODEL.gguf THREADS [TOKENS [copy|wide-ab|prefetch-sweep|wide-prefetch|streams]]
 Builds the engine's expert op for every layer of the file (on the file's mapped pages,
 or with `copy` on copies in anonymous memory: huge pages where THP_MEM_ALLOC_ENABLE=1
 asks torch for them), then times tokens
@@ -9,7 +9,8 @@ it), and prints ms per token and the bytes-per-token bandwidth it reached: the
 engine's own share of a decode step, to set against `tandem bench`. `wide-ab` times the
 one-token kernels' 512-bit forms against their 256-bit loops (TANDEM_CPU_DECODE_WIDE),
 `prefetch-sweep` the one-token prefetch's distances and levels (TANDEM_CPU_PREFETCH,
-TANDEM_CPU_PREFETCH_LEVEL), `wide-prefetch` both forms at three distances, each in
+TANDEM_CPU_PREFETCH_LEVEL), `wide-prefetch` both forms at three distances, `streams` the one-token kernels' 1-8 streams
+of rows (TANDEM_CPU_DECODE_STREAMS), each in
 alternating rounds of one process, so that the
 machine's drift falls on every setting alike.
 """
@@ -75,6 +76,9 @@ def main() -> None:
             for ahead in (2048, 0, 4096)
             for on in (True, False)
         },
+        "streams": {
+            f"decode_streams={n}": (lambda n=n: _native().set_decode_streams(n)) for n in (1, 2, 4, 6, 8)
+        },
     }.get(mode)
     if settings:
         runs: dict[str, list[float]] = {name: [] for name in settings}
@@ -83,6 +87,7 @@ def main() -> None:
                 apply()
                 runs[name].append(read / seconds_per_token() / 1e9)
         _native().set_decode_wide(engine.decode_wide)
+        _native().set_decode_streams(engine.decode_streams)
         _native().set_decode_prefetch(engine.prefetch, engine.prefetch_level)
         for name, values in runs.items():
             print(

@@ -226,6 +226,9 @@ void bind_engine(nb::module_& m) {
     m.def("set_decode_wide", &set_decode_wide, nb::arg("on"),
           "Whether one-token kernels with a 512-bit form take it; process-wide.");
     m.def("decode_wide", &decode_wide);
+    m.def("set_decode_streams", &set_decode_streams, nb::arg("streams"),
+          "How many streams of rows the one-token kernels walk side by side (1-8); process-wide.");
+    m.def("decode_streams", &decode_streams);
     m.def("act_format", &act_format, "0: float32, 1: Q8_32 blocks, 2: Q8_256 blocks.");
     m.def("dot_rows", &dot_rows, "out[t, r] = W[r] . x[t], one kernel on the calling thread (tests, benchmarks).");
     m.def("dot_rows_laid_out", &dot_rows_laid_out,

@@ -236,6 +236,11 @@ int decode_prefetch_level();
 // same process-wide rule as the prefetch.
 void set_decode_wide(bool on);
 bool decode_wide();
+// How many streams of rows the one-token kernels walk side by side (1 to kMaxDecodeStreams);
+// process-wide too.
+constexpr int kMaxDecodeStreams = 8;
+void set_decode_streams(int streams);
+int decode_streams();
 
 // The table named `name` ("generic", "avx2", "avx512", "amx"), or nullptr if that
 // variant is not built into this extension.

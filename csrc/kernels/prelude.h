@@ -87,6 +87,9 @@ inline int decode_prefetch_level = 0;
 // Whether the one-token kernels that have a 512-bit form take it (Q4_K's, where the variant
 // has AVX-512 BW and VNNI); false keeps their 256-bit loop. TANDEM_CPU_DECODE_WIDE.
 inline bool decode_wide_on = true;
+// How many streams of rows the one-token kernels walk side by side (row_streams.inc), 1-8.
+// TANDEM_CPU_DECODE_STREAMS.
+inline int decode_streams_n = 4;
 template <int Locality>  // __builtin_prefetch's: 3 = prefetcht0, 2 = prefetcht1, 1 = prefetcht2
 inline void prefetch_lines(const uint8_t* p, size_t bytes) {
     for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, Locality);

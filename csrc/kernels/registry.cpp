@@ -16,6 +16,11 @@ size_t decode_prefetch_bytes() { return detail::decode_prefetch; }
 int decode_prefetch_level() { return detail::decode_prefetch_level; }
 void set_decode_wide(bool on) { detail::decode_wide_on = on; }
 bool decode_wide() { return detail::decode_wide_on; }
+void set_decode_streams(int streams) {
+    if (streams < 1 || streams > kMaxDecodeStreams) throw std::invalid_argument("decode streams must be 1 to 8");
+    detail::decode_streams_n = streams;
+}
+int decode_streams() { return detail::decode_streams_n; }
 
 const VariantKernels* variant_kernels(const char* name) {
     if (std::strcmp(name, "generic") == 0) return &generic::kernels();

@@ -151,6 +151,7 @@ def memory_floor(weights, decode_tok_s: float) -> dict:
         "decode_prefetch_bytes": engine.prefetch,
         "decode_prefetch_level": engine.prefetch_level,
         "decode_wide": engine.decode_wide,
+        "decode_streams": engine.decode_streams,
         "read_bandwidth_gb_s": bandwidth / 1e9,
     }
     moe = moe_of(weights)

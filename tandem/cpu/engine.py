@@ -45,6 +45,11 @@ DEFAULT_PREFETCH_LEVEL = 0
 # 1: one-token kernels with a 512-bit form (Q4_K's in the avx512 and amx variants) take it;
 # 0: their 256-bit loop, the A/B switch.
 DECODE_WIDE_ENV = "TANDEM_CPU_DECODE_WIDE"
+# How many streams of rows the one-token kernels walk side by side (csrc/kernels/row_streams.inc):
+# each core keeps that many runs of reads in flight. 1 is the plain walk, the A/B switch.
+DECODE_STREAMS_ENV = "TANDEM_CPU_DECODE_STREAMS"
+DEFAULT_DECODE_STREAMS = 4
+MAX_DECODE_STREAMS = 8
 
 # How long the pool's idle workers spin before parking, microseconds. Between
 # two engine calls of a decode step torch runs on the calling thread alone, so
@@ -115,9 +120,11 @@ class CPUEngine:
         self.prefetch = _int_env(PREFETCH_ENV, default, 0, 1 << 20)
         self.prefetch_level = _int_env(PREFETCH_LEVEL_ENV, DEFAULT_PREFETCH_LEVEL, 0, 2)
         self.decode_wide = switch(DECODE_WIDE_ENV, default=True)
+        self.decode_streams = _int_env(DECODE_STREAMS_ENV, DEFAULT_DECODE_STREAMS, 1, MAX_DECODE_STREAMS)
         # process-wide: the last engine made sets them
         _native().set_decode_prefetch(self.prefetch, self.prefetch_level)
         _native().set_decode_wide(self.decode_wide)
+        _native().set_decode_streams(self.decode_streams)
         # Pinning more threads than cores would stack two on one core for good.
         self.pool = _native().ThreadPool(self.threads, pin and self.threads <= usable_cores(), self.spin_us)
 

@@ -301,6 +301,28 @@ def test_the_wide_one_token_kernels_give_the_narrow_ones_results(monkeypatch):
         CPUEngine(threads=2, variant=None, prefill="off")
 
 
+def test_decode_streams_give_the_same_experts_bit_for_bit(monkeypatch):
+    """TANDEM_CPU_DECODE_STREAMS: how many streams of rows the one-token kernels walk side by
+    side; each row keeps its own sums, so the MoE op's result does not change."""
+    from tandem.cpu.engine import DECODE_STREAMS_ENV, _native
+
+    gate, up, down = expert_set((T.Q4_K, T.Q6_K), seed=15)
+    x, ids, weights = routing(1, 4, seed=16)
+    outs = []
+    for streams in ("1", "2", "4", "8"):
+        monkeypatch.setenv(DECODE_STREAMS_ENV, streams)
+        engine = CPUEngine(threads=2, variant=None, prefill="off")
+        assert _native().decode_streams() == int(streams) == engine.decode_streams
+        outs.append(engine.experts(gate, up, down)(x, ids, weights))
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
+    assert rel(outs[0], experts_exact(engine.kernels, gate, up, down, x, ids, weights)) < 5e-4
+    for bad in ("0", "9", "two"):
+        monkeypatch.setenv(DECODE_STREAMS_ENV, bad)
+        with pytest.raises(TandemError, match=DECODE_STREAMS_ENV):
+            CPUEngine(threads=2, variant=None, prefill="off")
+
+
 @pytest.mark.parametrize("level", ["0", "1", "2"])
 def test_every_prefetch_level_gives_the_same_decode_result(level, monkeypatch):
     from tandem.cpu.engine import _native

@@ -211,3 +211,30 @@ def test_gelu_tanh_mul_matches_torch(variant):
     # argument, which grows like x^3.
     tol = torch.where(x.abs() < 4, 2e-6, 1e-4) * exact.abs() + 1e-35  # e^x is clamped near 2^127
     assert ((out.double() - exact).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+def test_one_token_rows_in_any_number_of_streams_give_the_same_results(variant, ggml_type):
+    # The one-token loops walk their rows in 1-8 streams side by side (row_streams.inc), each
+    # row with its own accumulator: bit-identical results, whatever the streams and whether a
+    # row has partners (row counts below, equal to and past the streams, with short last parts).
+    from tandem.cpu.engine import MAX_DECODE_STREAMS, _native
+
+    before = _native().decode_streams()
+    try:
+        for rows in (1, 2, 3, 5, 7, 13, 64):
+            w = weights(ggml_type, rows, 3 * 256, seed=rows)
+            x = activations(1, 3 * 256, seed=rows + 1)
+            outs = []
+            for streams in range(1, MAX_DECODE_STREAMS + 1):
+                _native().set_decode_streams(streams)
+                outs.append(kernels.dot_rows(variant, w, ggml_type, rows, x))
+            exact = reference.dot_rows(w, ggml_type, rows, x, kernels.act_format(variant, ggml_type))
+            assert ((outs[0].double() - exact).abs() <= 1e-4 * exact.abs().max()).all()
+            for out in outs[1:]:
+                assert torch.equal(out, outs[0]), (rows, variant)
+        with pytest.raises(ValueError, match="1 to 8"):
+            _native().set_decode_streams(MAX_DECODE_STREAMS + 1)
+    finally:
+        _native().set_decode_streams(before)
