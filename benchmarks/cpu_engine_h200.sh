@@ -7,7 +7,8 @@
 # (the embedded model's tokenizer alone) carried, $OUT set. SKIP_TESTS=1 skips the tests;
 # PROFILE=1 adds a prompt and a decode profile and the MoE op alone (PROFILE=prompt: the first alone); CROSSOVER=1 the
 # prefill kernels against the dot kernels on one matrix; DOTS=1 the dot kernels of avx512 and amx on one thread. AB names an environment setting for a second tandem run (default: the fused
-# decode layers off; AB=none: no second run). LLAMA=0 leaves llama.cpp out, BENCH=0 the tandem bench.
+# decode layers off; AB=none: no second run). LLAMA=0 leaves llama.cpp out, BENCH=0 the tandem bench;
+# LLAMA_JOBS: compile jobs for llama.cpp (default 6, beside the tests).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 THREADS=${THREADS:-16}; LAYERS=${LAYERS:-48}; NP=${NP:-512}; NG=${NG:-32}; R=${R:-2}
@@ -20,7 +21,7 @@ log "build llama.cpp (background)"
 ( mkdir -p /tmp/l && tar xJf .whl/llamacpp-cpu-src.tar.xz -C /tmp/l &&
   cmake -S /tmp/l/llama.cpp -B /tmp/l/b -DGGML_CUDA=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DGGML_NATIVE=ON &&
-  cmake --build /tmp/l/b -j 6 --target llama-bench ) > "$OUT/llama_build.log" 2>&1 &
+  cmake --build /tmp/l/b -j "${LLAMA_JOBS:-6}" --target llama-bench ) > "$OUT/llama_build.log" 2>&1 &
 LLAMA_PID=$!
 fi
 log "build tandem"
