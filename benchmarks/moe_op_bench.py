@@ -1,6 +1,6 @@
 """The engine alone on a model's routed experts: one decode token = one MoE call per layer.
 
-python benchmarks/moe_op_bench.py MODEL.gguf THREADS [TOKENS [copy|wide-ab|prefetch-sweep|wide-prefetch|streams]]
+python benchmarks/moe_op_bench.py MODEL.gguf THREADS [TOKENS [copy|wide-ab|prefetch-sweep|wide-prefetch|streams|phases]]
 Builds the engine's expert op for every layer of the file (on the file's mapped pages,
 or with `copy` on copies in anonymous memory: huge pages where THP_MEM_ALLOC_ENABLE=1
 asks torch for them), then times tokens
@@ -12,7 +12,8 @@ one-token kernels' 512-bit forms against their 256-bit loops (TANDEM_CPU_DECODE_
 TANDEM_CPU_PREFETCH_LEVEL), `wide-prefetch` both forms at three distances, `streams` the one-token kernels' 1-8 streams
 of rows (TANDEM_CPU_DECODE_STREAMS), each in
 alternating rounds of one process, so that the
-machine's drift falls on every setting alike.
+machine's drift falls on every setting alike. `phases` splits a token's calls into the op's
+phases (its phase clocks) and gives gate/up's and down's bandwidth apart.
 """
 
 from __future__ import annotations
@@ -94,6 +95,30 @@ def main() -> None:
                 f"{len(layers)} MoE layers, {threads} threads, {name}: GB/s by round "
                 f"{', '.join(f'{v:.1f}' for v in values)}; median {statistics.median(values):.1f}"
             )
+        print(f"read bandwidth {engine.read_bandwidth() / 1e9:.1f} GB/s")
+        return
+    if mode == "phases":
+        ops = [layer._op for layer in layers]
+        for op in ops:
+            op.set_profiling(True)
+        seconds = seconds_per_token()
+        spent: dict[str, float] = {}
+        for op in ops:
+            for name, value in op.phase_seconds().items():
+                spent[name] = spent.get(name, 0.0) + value
+            op.set_profiling(False)
+        steps = len(routes)  # the clocks ran through the warm-up steps too
+        matrix_bytes = [
+            sum(layer.tensors[m].numel() / layer.n_experts * 8 for layer in layers) for m in range(3)
+        ]
+        moved = {"gate_up": matrix_bytes[0] + matrix_bytes[1], "down": matrix_bytes[2]}
+        print(f"{len(layers)} MoE layers, {threads} threads: {seconds * 1e3:.2f} ms per token in all")
+        for name, value in spent.items():
+            if value == 0:
+                continue
+            ms = value / steps * 1e3
+            rate = f", {moved[name] / (value / steps) / 1e9:.1f} GB/s" if name in moved else ""
+            print(f"  {name:20} {ms:7.3f} ms per token{rate}")
         print(f"read bandwidth {engine.read_bandwidth() / 1e9:.1f} GB/s")
         return
     seconds = seconds_per_token()

@@ -442,7 +442,7 @@ void bind_engine(nb::module_& m) {
             },
             nb::call_guard<nb::gil_scoped_release>())
         .def("sync", &MoEOp::sync, nb::call_guard<nb::gil_scoped_release>())
-        .def("set_profiling", &MoEOp::set_profiling, "Start (and zero) or stop the per-phase clocks of many-token calls.")
+        .def("set_profiling", &MoEOp::set_profiling, "Start (and zero) or stop the per-phase clocks of its calls.")
         .def_prop_ro("profiled_calls", &MoEOp::profiled_calls)
         .def(
             "phase_seconds",
@@ -451,7 +451,7 @@ void bind_engine(nb::module_& m) {
                 for (int p = 0; p < kMoEPhases; ++p) out[kMoEPhaseNames[p]] = op.phase_ns()[p] * 1e-9;
                 return out;
             },
-            "Wall time per phase of many-token calls since profiling started, seconds.")
+            "Wall time per phase of its calls since profiling started, seconds (one-token calls: activations, gate_up, hidden and down, the weighted sum inside down).")
         .def(
             "host_call",
             [](MoEOp& op, int64_t n_tok, int64_t top_k, uintptr_t x, uintptr_t ids, uintptr_t w, uintptr_t out) {

@@ -323,6 +323,7 @@ void MoEOp::forward_one(const MoECall& call) {
         std::memset(call.out, 0, sizeof(float) * static_cast<size_t>(H));
         return;
     }
+    clock_.start();
     const ActFormat fg = gate_.kernel->act, fu = up_.kernel->act, fd = down_.kernel->act;
     const size_t arb_g = act_row_bytes(fg, H), arb_u = act_row_bytes(fu, H), arb_d = act_row_bytes(fd, I);
     uint8_t* xg = scratch(x_act_, arb_g);
@@ -332,6 +333,7 @@ void MoEOp::forward_one(const MoECall& call) {
         xu = scratch(x_act_up_, arb_u);
         prepare_activation_row(kernels_, fu, call.x, H, xu);
     }
+    clock_.mark(kMoEActivations);
     gate_out_.resize(std::max<size_t>(gate_out_.size(), static_cast<size_t>(n * I)));
     up_out_.resize(std::max<size_t>(up_out_.size(), static_cast<size_t>(n * I)));
     float* g = gate_out_.data();
@@ -346,8 +348,10 @@ void MoEOp::forward_one(const MoECall& call) {
         up_.kernel->dot_rows(up_.matrix(e) + r0 * up_.row_bytes, up_.row_bytes, nr, H, xu, arb_u, 1, u + s * I + r0, I);
         kernels_.silu_mul(g + s * I + r0, u + s * I + r0, nr);
     });
+    clock_.mark(kMoEGateUp);
     uint8_t* h = scratch(h_act_, arb_d * n);
     for (int64_t s = 0; s < n; ++s) prepare_activation_row(kernels_, fd, g + s * I, I, h + s * arb_d);
+    clock_.mark(kMoEHidden);
     // Output rows: at least two tiles per thread, at most 256 rows, a multiple of 4.
     const int64_t even = (H + 2 * threads - 1) / (2 * threads);
     const int64_t tile_h = std::clamp<int64_t>((even + 3) / 4 * 4, 4, 256);
@@ -366,6 +370,7 @@ void MoEOp::forward_one(const MoECall& call) {
             for (int64_t r = 0; r < nr; ++r) o[r] += wt * tmp[r];
         }
     });
+    clock_.mark(kMoEDown);  // the weighted sum is inside the down loop
 }
 
 void MoEOp::append_gemm_tasks(int64_t rows, std::vector<Task>& tasks) const {

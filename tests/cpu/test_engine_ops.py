@@ -421,7 +421,7 @@ def _check_prefetch(monkeypatch, gate, up, down, x, ids, weights):
         CPUEngine(threads=1)
 
 
-def test_many_token_calls_time_their_phases_when_asked():
+def test_expert_calls_time_their_phases_when_asked():
     import time
 
     gate, up, down = expert_set((T.Q4_K, T.Q6_K), seed=31)
@@ -434,12 +434,21 @@ def test_many_token_calls_time_their_phases_when_asked():
     t0 = time.perf_counter()
     experts(x, ids, weights)
     wall = time.perf_counter() - t0
-    experts(x[:1], ids[:1], weights[:1])  # one token: not timed
     phases = op.phase_seconds()
     assert op.profiled_calls == 1
     assert set(phases) == {"group", "activations", "gate_up", "hidden_activations", "down", "weighted_sum"}
     assert phases["gate_up"] > 0 and phases["down"] > 0
     assert sum(phases.values()) <= wall
+    # One token (the decode path): its own loops, timed the same way; no grouping, and the
+    # weighted sum happens inside the down loop.
+    t0 = time.perf_counter()
+    experts(x[:1], ids[:1], weights[:1])
+    wall = time.perf_counter() - t0
+    one = {name: seconds - phases[name] for name, seconds in op.phase_seconds().items()}
+    assert op.profiled_calls == 2
+    assert one["gate_up"] > 0 and one["down"] > 0
+    assert one["group"] == 0 and one["weighted_sum"] == 0
+    assert sum(one.values()) <= wall
     op.set_profiling(False)
     experts(x, ids, weights)
     assert op.profiled_calls == 0
