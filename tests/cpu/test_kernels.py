@@ -214,7 +214,9 @@ def test_gelu_tanh_mul_matches_torch(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize(
+    "ggml_type", [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1], ids=lambda t: t.name
+)
 def test_one_token_rows_in_any_number_of_streams_give_the_same_results(variant, ggml_type):
     # The one-token loops walk their rows in 1-8 streams side by side (row_streams.inc), each
     # row with its own accumulator: bit-identical results, whatever the streams and whether a
