@@ -217,7 +217,7 @@ class GraphDecode:
                 yield int(self.picked[slot])
         finally:
             for layer in layers:
-                layer.length -= launched - yielded
+                layer.crop(yielded - launched)
 
     def _forward(self, kv) -> torch.Tensor:
         layers = kv.layers

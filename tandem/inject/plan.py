@@ -257,12 +257,17 @@ def plan_placement(
     )  # fmt: skip
 
 
+def _gpu_reads_blocks(t) -> bool:
+    """Whether the GPU's kernels read t's GGUF blocks in place (its type, whole blocks per row)."""
+    chunk = _GPU_BLOCK_TYPES.get(t.ggml_type.name)
+    return chunk is not None and t.shape[-1] % chunk == 0
+
+
 def _gpu_table_bytes(t) -> int:
     """The token table's blocks on the GPU, or 0 where its kernels cannot read them."""
     if t is None or len(t.shape) != 2:
         return 0
-    chunk = _GPU_BLOCK_TYPES.get(t.ggml_type.name)
-    return allocated(t.n_bytes) if chunk is not None and t.shape[-1] % chunk == 0 else 0
+    return allocated(t.n_bytes) if _gpu_reads_blocks(t) else 0
 
 
 def _gpu_bytes(t) -> tuple[int, int]:
@@ -271,8 +276,7 @@ def _gpu_bytes(t) -> tuple[int, int]:
     name = t.ggml_type.name
     if len(t.shape) < 2 or name == "F32" or "ffn_gate_inp" in t.name:  # norms, biases, routers: float32
         return allocated(4 * n), allocated(4 * n)
-    chunk = _GPU_BLOCK_TYPES.get(name)
-    kept = t.n_bytes if chunk is not None and t.shape[-1] % chunk == 0 else 2 * n
+    kept = t.n_bytes if _gpu_reads_blocks(t) else 2 * n
     return allocated(2 * n), allocated(kept)
 
 
