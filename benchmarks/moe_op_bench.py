@@ -1,6 +1,6 @@
 """The engine alone on a model's routed experts: one decode token = one MoE call per layer.
 
-python benchmarks/moe_op_bench.py MODEL.gguf THREADS [TOKENS [copy|wide-ab|prefetch-sweep|wide-prefetch|streams|phases]]
+python benchmarks/moe_op_bench.py MODEL.gguf THREADS [TOKENS [copy|wide-ab|prefetch-sweep|wide-prefetch|streams|split|phases]]
 Builds the engine's expert op for every layer of the file (on the file's mapped pages,
 or with `copy` on copies in anonymous memory: huge pages where THP_MEM_ALLOC_ENABLE=1
 asks torch for them), then times tokens
@@ -10,10 +10,11 @@ engine's own share of a decode step, to set against `tandem bench`. `wide-ab` ti
 one-token kernels' 512-bit forms against their 256-bit loops (TANDEM_CPU_DECODE_WIDE),
 `prefetch-sweep` the one-token prefetch's distances and levels (TANDEM_CPU_PREFETCH,
 TANDEM_CPU_PREFETCH_LEVEL), `wide-prefetch` both forms at three distances, `streams` the one-token kernels' 1-8 streams
-of rows (TANDEM_CPU_DECODE_STREAMS), each in
+of rows (TANDEM_CPU_DECODE_STREAMS), `split` one loop at 2, 4 and 8 tasks a thread
+(TANDEM_CPU_DECODE_TASKS) against two loops (TANDEM_CPU_DECODE_LOOPS), each in
 alternating rounds of one process, so that the
 machine's drift falls on every setting alike. `phases` splits a token's calls into the op's
-phases (its phase clocks) and gives gate/up's and down's bandwidth apart.
+phases (its phase clocks, in two loops) and gives gate/up's and down's bandwidth apart.
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ def main() -> None:
         "streams": {
             f"decode_streams={n}": (lambda n=n: _native().set_decode_streams(n)) for n in (1, 2, 4, 6, 8)
         },
+        "split": {
+            (f"one loop, {tasks} tasks a thread" if one else "two loops"): (
+                lambda one=one, tasks=tasks: _native().set_decode_split(one, tasks)
+            )
+            for one, tasks in ((False, 4), (True, 2), (True, 4), (True, 8))
+        },
     }.get(mode)
     if settings:
         runs: dict[str, list[float]] = {name: [] for name in settings}
@@ -89,6 +96,7 @@ def main() -> None:
                 runs[name].append(read / seconds_per_token() / 1e9)
         _native().set_decode_wide(engine.decode_wide)
         _native().set_decode_streams(engine.decode_streams)
+        _native().set_decode_split(engine.decode_loops == 1, engine.decode_tasks)
         _native().set_decode_prefetch(engine.prefetch, engine.prefetch_level)
         for name, values in runs.items():
             print(
@@ -98,6 +106,7 @@ def main() -> None:
         print(f"read bandwidth {engine.read_bandwidth() / 1e9:.1f} GB/s")
         return
     if mode == "phases":
+        _native().set_decode_split(False)  # one loop times gate/up and down as one phase
         ops = [layer._op for layer in layers]
         for op in ops:
             op.set_profiling(True)

@@ -6,6 +6,7 @@
 #include <nanobind/stl/map.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
@@ -229,6 +230,16 @@ void bind_engine(nb::module_& m) {
     m.def("set_decode_streams", &set_decode_streams, nb::arg("streams"),
           "How many streams of rows the one-token kernels walk side by side (1-8); process-wide.");
     m.def("decode_streams", &decode_streams);
+    m.def(
+        "set_decode_split",
+        [](bool one_loop, int tasks_per_thread) { set_decode_split(DecodeSplit{one_loop, tasks_per_thread}); },
+        nb::arg("one_loop"), nb::arg("tasks_per_thread") = DecodeSplit{}.tasks_per_thread,
+        "How one-token calls divide their work: the experts in one loop or two, and about how "
+        "many tasks a thread gets; process-wide.");
+    m.def("decode_split", [] {
+        const DecodeSplit split = decode_split();
+        return std::make_tuple(split.one_loop, split.tasks_per_thread);
+    });
     m.def("act_format", &act_format, "0: float32, 1: Q8_32 blocks, 2: Q8_256 blocks.");
     m.def("dot_rows", &dot_rows, "out[t, r] = W[r] . x[t], one kernel on the calling thread (tests, benchmarks).");
     m.def("dot_rows_laid_out", &dot_rows_laid_out,

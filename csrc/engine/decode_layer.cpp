@@ -122,7 +122,7 @@ void DecodeLayer::gemv(const float* x, std::initializer_list<Job> jobs) {
     // otherwise leave half of 16 threads idle), at least 4 rows per tile.
     const int64_t threads = pool_->size();
     const int64_t even = (total_rows + 2 * threads - 1) / (2 * threads);
-    const int64_t tile = std::min(choose_tiles(total_rows, 1, static_cast<int>(threads)).rows,
+    const int64_t tile = std::min(one_token_rows(total_rows, 1, threads, decode_split().tasks_per_thread),
                                   std::max<int64_t>(4, (even + 3) / 4 * 4));
     tiles_.clear();
     for (int j = 0; j < n_jobs; ++j)

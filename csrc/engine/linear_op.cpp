@@ -1,6 +1,7 @@
 #include "engine/linear_op.h"
 
 #include <algorithm>
+#include <stdexcept>
 
 #include "engine/activations.h"
 
@@ -15,6 +16,22 @@ TileShape choose_tiles(int64_t total_rows, int64_t n_tok, int threads) {
     int64_t rows = total_rows / (8 * static_cast<int64_t>(threads));
     rows = std::clamp<int64_t>((rows + 15) / 16 * 16, 16, 256);
     return TileShape{rows, std::min<int64_t>(std::max<int64_t>(n_tok, 1), 64)};
+}
+
+namespace {
+DecodeSplit g_decode_split;
+}  // namespace
+
+void set_decode_split(const DecodeSplit& split) {
+    if (split.tasks_per_thread < 1) throw std::invalid_argument("decode split: at least one task a thread");
+    g_decode_split = split;
+}
+
+DecodeSplit decode_split() { return g_decode_split; }
+
+int64_t one_token_rows(int64_t rows, int64_t n, int64_t threads, int64_t tasks_per_thread) {
+    const int64_t tiles = std::max<int64_t>(1, (tasks_per_thread * threads + n - 1) / std::max<int64_t>(n, 1));
+    return std::min(rows, std::max<int64_t>(16, ((rows + tiles - 1) / tiles + 15) / 16 * 16));
 }
 
 int64_t laid_out_token_tile(int64_t n_tok, int64_t k) {

@@ -3,10 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <thread>
 
 #include "engine/activations.h"
-#include "engine/linear_op.h"
-
 namespace tandem {
 namespace {
 
@@ -32,6 +31,15 @@ void make_tasks(const std::vector<int64_t>& count, const std::vector<int64_t>& o
             for (int64_t r0 = 0; r0 < rows; r0 += tile.rows)
                 tasks.push_back(Task{static_cast<int64_t>(e), r0, std::min(tile.rows, rows - r0), offset[e] + a0,
                                      std::min(tokens, count[e] - a0), false, on_laid});
+    }
+}
+
+// Spins until flag is set, offering the core to others after a while: with more threads
+// than cores the thread that sets it may be waiting for this one's core.
+void wait_for(const std::atomic<int64_t>& flag) {
+    for (int spins = 0; flag.load(std::memory_order_acquire) == 0; ++spins) {
+        if (spins < 4096) cpu_relax();
+        else std::this_thread::yield();
     }
 }
 
@@ -334,6 +342,8 @@ void MoEOp::forward_one(const MoECall& call) {
         prepare_activation_row(kernels_, fu, call.x, H, xu);
     }
     clock_.mark(kMoEActivations);
+    const DecodeSplit split = decode_split();
+    if (split.one_loop) return one_loop(call, split, xg, xu);
     gate_out_.resize(std::max<size_t>(gate_out_.size(), static_cast<size_t>(n * I)));
     up_out_.resize(std::max<size_t>(up_out_.size(), static_cast<size_t>(n * I)));
     float* g = gate_out_.data();
@@ -371,6 +381,85 @@ void MoEOp::forward_one(const MoECall& call) {
         }
     });
     clock_.mark(kMoEDown);  // the weighted sum is inside the down loop
+}
+
+// One token in one parallel loop. Tasks are handed out in order from one counter: first
+// the gate/up tiles of every slot, slot by slot, then the down tiles, slot by slot. The
+// task that finishes a slot's last gate/up tile prepares its h and marks it ready; a down
+// task of that slot waits for the mark (every gate/up task is already taken by then, so
+// the wait is at most one task long). The task that finishes a down tile's last slot sums
+// w_j down_j h_j over the slots in slot order, as forward_one's two loops and the
+// many-token path do, so all three agree bit for bit. No barrier stands between gate/up
+// and down: threads done with gate/up start on the first slots' down rows at once.
+void MoEOp::one_loop(const MoECall& call, const DecodeSplit& split, const uint8_t* xg, const uint8_t* xu) {
+    const int64_t H = gate_.cols, I = gate_.rows, n = static_cast<int64_t>(slots_.size());
+    ThreadPool& pool = *pool_;
+    const int64_t threads = pool.size();
+    const ActFormat fd = down_.kernel->act;
+    const size_t arb_g = act_row_bytes(gate_.kernel->act, H), arb_u = act_row_bytes(up_.kernel->act, H);
+    const size_t arb_d = act_row_bytes(fd, I);
+    const int64_t rows_i = one_token_rows(I, n, threads, split.tasks_per_thread);
+    const int64_t rows_h = one_token_rows(H, n, threads, split.tasks_per_thread);
+    const int64_t tiles_i = (I + rows_i - 1) / rows_i, tiles_h = (H + rows_h - 1) / rows_h;
+    const int64_t n_gate_up = n * tiles_i, n_tasks = n_gate_up + n * tiles_h;
+    gate_out_.resize(std::max<size_t>(gate_out_.size(), static_cast<size_t>(n * I)));
+    up_out_.resize(std::max<size_t>(up_out_.size(), static_cast<size_t>(n * I)));
+    y_.resize(std::max<size_t>(y_.size(), static_cast<size_t>(n * H)));
+    float* g = gate_out_.data();
+    float* u = up_out_.data();
+    float* y = y_.data();
+    uint8_t* h = scratch(h_act_, arb_d * n);
+    const size_t n_counters = static_cast<size_t>(2 * n + tiles_h + 1);
+    if (counters_size_ < n_counters) {
+        counters_.reset(new std::atomic<int64_t>[n_counters]);
+        counters_size_ = n_counters;
+    }
+    std::atomic<int64_t>* gate_up_left = counters_.get();
+    std::atomic<int64_t>* ready = gate_up_left + n;
+    std::atomic<int64_t>* slots_left = ready + n;
+    std::atomic<int64_t>& next = slots_left[tiles_h];
+    for (int64_t s = 0; s < n; ++s) {
+        gate_up_left[s].store(tiles_i, std::memory_order_relaxed);
+        ready[s].store(0, std::memory_order_relaxed);
+    }
+    for (int64_t t = 0; t < tiles_h; ++t) slots_left[t].store(n, std::memory_order_relaxed);
+    next.store(0, std::memory_order_relaxed);  // parallel_for's publication orders these before the loop
+
+    pool.parallel_for(threads, [&](int64_t, int) {
+        for (;;) {
+            const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+            if (i >= n_tasks) return;
+            if (i < n_gate_up) {
+                const int64_t s = i / tiles_i, r0 = (i % tiles_i) * rows_i, nr = std::min(rows_i, I - r0);
+                const int64_t e = call.ids[slots_[s]];
+                gate_.kernel->dot_rows(gate_.matrix(e) + r0 * gate_.row_bytes, gate_.row_bytes, nr, H, xg, arb_g, 1,
+                                       g + s * I + r0, I);
+                up_.kernel->dot_rows(up_.matrix(e) + r0 * up_.row_bytes, up_.row_bytes, nr, H, xu, arb_u, 1,
+                                     u + s * I + r0, I);
+                kernels_.silu_mul(g + s * I + r0, u + s * I + r0, nr);
+                if (gate_up_left[s].fetch_sub(1, std::memory_order_acq_rel) == 1) {
+                    prepare_activation_row(kernels_, fd, g + s * I, I, h + s * arb_d);
+                    ready[s].store(1, std::memory_order_release);
+                }
+                continue;
+            }
+            const int64_t d = i - n_gate_up, s = d / tiles_h, tile = d % tiles_h;
+            const int64_t r0 = tile * rows_h, nr = std::min(rows_h, H - r0);
+            wait_for(ready[s]);
+            const int64_t e = call.ids[slots_[s]];
+            down_.kernel->dot_rows(down_.matrix(e) + r0 * down_.row_bytes, down_.row_bytes, nr, I, h + s * arb_d,
+                                   arb_d, 1, y + s * H + r0, H);
+            if (slots_left[tile].fetch_sub(1, std::memory_order_acq_rel) != 1) continue;
+            float* o = call.out + r0;
+            std::fill(o, o + nr, 0.0f);
+            for (int64_t j = 0; j < n; ++j) {
+                const float wt = call.weights[slots_[j]];
+                const float* yj = y + j * H + r0;
+                for (int64_t r = 0; r < nr; ++r) o[r] += wt * yj[r];
+            }
+        }
+    });
+    clock_.mark(kMoEDown);  // gate/up, h and down in one loop, timed as one
 }
 
 void MoEOp::append_gemm_tasks(int64_t rows, std::vector<Task>& tasks) const {

@@ -10,11 +10,13 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <vector>
 
 #include "engine/gemm_path.h"
+#include "engine/linear_op.h"
 #include "engine/phase_clock.h"
 #include "engine/thread_pool.h"
 #include "engine/weight_matrix.h"
@@ -108,7 +110,12 @@ private:
 
     void append_gemm_tasks(int64_t rows, std::vector<MoETask>& tasks) const;
     void forward_one(const MoECall& call);
+    void one_loop(const MoECall& call, const DecodeSplit& split, const uint8_t* xg, const uint8_t* xu);
     std::vector<int64_t> slots_;  // forward_one: the slots with a valid expert id
+    // one_loop's counters: gate/up tiles left per slot, whether a slot's h is ready, slots
+    // left per down tile; capacity in counters_size_.
+    std::unique_ptr<std::atomic<int64_t>[]> counters_;
+    size_t counters_size_ = 0;
 };
 
 }  // namespace tandem

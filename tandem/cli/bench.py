@@ -152,6 +152,8 @@ def memory_floor(weights, decode_tok_s: float) -> dict:
         "decode_prefetch_level": engine.prefetch_level,
         "decode_wide": engine.decode_wide,
         "decode_streams": engine.decode_streams,
+        "decode_loops": engine.decode_loops,
+        "decode_tasks_per_thread": engine.decode_tasks,
         "read_bandwidth_gb_s": bandwidth / 1e9,
     }
     moe = moe_of(weights)

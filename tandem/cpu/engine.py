@@ -50,6 +50,10 @@ DECODE_WIDE_ENV = "TANDEM_CPU_DECODE_WIDE"
 DECODE_STREAMS_ENV = "TANDEM_CPU_DECODE_STREAMS"
 DEFAULT_DECODE_STREAMS = 4
 MAX_DECODE_STREAMS = 8
+DECODE_LOOPS_ENV = "TANDEM_CPU_DECODE_LOOPS"
+DEFAULT_DECODE_LOOPS = 1
+DECODE_TASKS_ENV = "TANDEM_CPU_DECODE_TASKS"
+DEFAULT_DECODE_TASKS = 4
 
 # How long the pool's idle workers spin before parking, microseconds. Between
 # two engine calls of a decode step torch runs on the calling thread alone, so
@@ -121,10 +125,13 @@ class CPUEngine:
         self.prefetch_level = _int_env(PREFETCH_LEVEL_ENV, DEFAULT_PREFETCH_LEVEL, 0, 2)
         self.decode_wide = switch(DECODE_WIDE_ENV, default=True)
         self.decode_streams = _int_env(DECODE_STREAMS_ENV, DEFAULT_DECODE_STREAMS, 1, MAX_DECODE_STREAMS)
+        self.decode_loops = _int_env(DECODE_LOOPS_ENV, DEFAULT_DECODE_LOOPS, 1, 2)
+        self.decode_tasks = _int_env(DECODE_TASKS_ENV, DEFAULT_DECODE_TASKS, 1, 64)
         # process-wide: the last engine made sets them
         _native().set_decode_prefetch(self.prefetch, self.prefetch_level)
         _native().set_decode_wide(self.decode_wide)
         _native().set_decode_streams(self.decode_streams)
+        _native().set_decode_split(self.decode_loops == 1, self.decode_tasks)
         # Pinning more threads than cores would stack two on one core for good.
         self.pool = _native().ThreadPool(self.threads, pin and self.threads <= usable_cores(), self.spin_us)
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from tandem.cpu.engine import decode_layer_spec, default_engine
+from tandem.cpu.engine import DEFAULT_DECODE_TASKS, _native, decode_layer_spec, default_engine
 from tandem.engine.generate import prefill_and_generate
 from tandem.engine.kv_cache import GrowingLayer, new_cache
 from tandem.engine.model_io import cache_kwarg
@@ -128,6 +128,27 @@ def test_the_fast_step_equals_the_model_forward(tiny_dir, arch, quant):
             for a, b in zip(cache.layers, before.layers, strict=True):
                 assert a.get_seq_length() == b.get_seq_length()
                 assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_the_split_of_a_steps_work_leaves_its_logits_alone(tiny_dir):
+    """How one-token loops divide their rows (TANDEM_CPU_DECODE_TASKS: the fused layers'
+    matrix-vector loops and the experts; TANDEM_CPU_DECODE_LOOPS: the experts in one loop
+    or two) changes no bit: every output row is one kernel's dot, summed in a fixed order."""
+    model = load(tiny_dir, "qwen3moe", "Q8_0").model
+    logits = []
+    with torch.inference_mode():
+        cache = new_cache(model)
+        model(input_ids=PROMPT, **{cache_kwarg(model): cache}, use_cache=True)
+        for one_loop, tasks in ((True, DEFAULT_DECODE_TASKS), (True, 1), (True, 64), (False, 1)):
+            _native().set_decode_split(one_loop, tasks)
+            step_cache = copy.deepcopy(cache)
+            calls = model.forward.calls
+            out = model(input_ids=torch.tensor([[17]]), **{cache_kwarg(model): step_cache}, use_cache=True)
+            assert model.forward.calls == calls + 1  # the fused step
+            logits.append(out.logits)
+    _native().set_decode_split(True, DEFAULT_DECODE_TASKS)
+    for other in logits[1:]:
+        assert torch.equal(other, logits[0])
 
 
 def test_other_calls_take_the_layer_modules(tiny_dir):

@@ -323,6 +323,37 @@ def test_decode_streams_give_the_same_experts_bit_for_bit(monkeypatch):
             CPUEngine(threads=2, variant=None, prefill="off")
 
 
+@pytest.mark.parametrize("types", EXPERT_TYPES, ids=lambda t: f"{t[0].name}-{t[1].name}")
+def test_every_split_of_a_one_token_call_gives_the_same_experts_bit_for_bit(types, monkeypatch):
+    """TANDEM_CPU_DECODE_LOOPS (gate/up and down in one parallel loop or two) and
+    TANDEM_CPU_DECODE_TASKS (about how many tasks a thread gets): each output row is one
+    kernel's dot, summed over the slots in slot order, however the rows are split."""
+    from tandem.cpu.engine import DECODE_LOOPS_ENV, DECODE_TASKS_ENV, DEFAULT_DECODE_TASKS, _native
+
+    gate, up, down = expert_set(types, seed=17)
+    x, ids, weights = routing(1, 4, seed=18)
+    ids[0, 2] = E  # a dropped slot
+    ids[0, 3] = ids[0, 0]  # one expert in two slots
+    outs = []
+    for threads in (1, 3, 5):  # 5: more threads than a small machine has cores (not pinned)
+        for loops in ("1", "2"):
+            for tasks in ("1", "4", "64"):
+                monkeypatch.setenv(DECODE_LOOPS_ENV, loops)
+                monkeypatch.setenv(DECODE_TASKS_ENV, tasks)
+                engine = CPUEngine(threads=threads, variant=None, prefill="off")
+                assert _native().decode_split() == (loops == "1", int(tasks))
+                outs.append(engine.experts(gate, up, down)(x, ids, weights))
+    _native().set_decode_split(True, DEFAULT_DECODE_TASKS)  # process-wide: back to the default
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
+    assert rel(outs[0], experts_exact(engine.kernels, gate, up, down, x, ids, weights)) < 5e-4
+    for name, bad in ((DECODE_LOOPS_ENV, "3"), (DECODE_LOOPS_ENV, "one"), (DECODE_TASKS_ENV, "0")):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(TandemError, match=name):
+            CPUEngine(threads=2, variant=None, prefill="off")
+        monkeypatch.delenv(name)
+
+
 @pytest.mark.parametrize("level", ["0", "1", "2"])
 def test_every_prefetch_level_gives_the_same_decode_result(level, monkeypatch):
     from tandem.cpu.engine import _native
@@ -424,6 +455,8 @@ def _check_prefetch(monkeypatch, gate, up, down, x, ids, weights):
 def test_expert_calls_time_their_phases_when_asked():
     import time
 
+    from tandem.cpu.engine import _native
+
     gate, up, down = expert_set((T.Q4_K, T.Q6_K), seed=31)
     experts = engine(2).experts(gate, up, down)
     x, ids, weights = routing(24, 4, seed=32)
@@ -439,16 +472,22 @@ def test_expert_calls_time_their_phases_when_asked():
     assert set(phases) == {"group", "activations", "gate_up", "hidden_activations", "down", "weighted_sum"}
     assert phases["gate_up"] > 0 and phases["down"] > 0
     assert sum(phases.values()) <= wall
-    # One token (the decode path): its own loops, timed the same way; no grouping, and the
-    # weighted sum happens inside the down loop.
-    t0 = time.perf_counter()
-    experts(x[:1], ids[:1], weights[:1])
-    wall = time.perf_counter() - t0
-    one = {name: seconds - phases[name] for name, seconds in op.phase_seconds().items()}
-    assert op.profiled_calls == 2
-    assert one["gate_up"] > 0 and one["down"] > 0
-    assert one["group"] == 0 and one["weighted_sum"] == 0
-    assert sum(one.values()) <= wall
+    # One token (the decode path): no grouping. In one loop (the default) gate/up, h and
+    # down are one phase, timed as down; in two loops gate/up and down apart, the weighted
+    # sum inside the down loop.
+    for loops, calls in ((1, 2), (2, 3)):
+        _native().set_decode_split(loops == 1)
+        before = op.phase_seconds()
+        t0 = time.perf_counter()
+        experts(x[:1], ids[:1], weights[:1])
+        wall = time.perf_counter() - t0
+        one = {name: seconds - before[name] for name, seconds in op.phase_seconds().items()}
+        assert op.profiled_calls == calls
+        assert one["activations"] > 0 and one["down"] > 0
+        assert (one["gate_up"] > 0) == (loops == 2)
+        assert one["group"] == 0 and one["weighted_sum"] == 0
+        assert sum(one.values()) <= wall
+    _native().set_decode_split(True)
     op.set_profiling(False)
     experts(x, ids, weights)
     assert op.profiled_calls == 0
