@@ -41,6 +41,7 @@ fi
 log "synth"
 python -m tandem synth --shape qwen3-30b-a3b --layers "$LAYERS" --quant Q4_K_M --tokenizer-from .whl/qwen25-tokenizer.gguf -o /tmp/q3.gguf > "$OUT/synth.log" 2>&1
 log "synth rc=$? $(ls -la /tmp/q3.gguf)"
+sync  # the file's 18 GB of dirty pages written back before anything is timed, not during it
 if [ "${BENCH:-1}" != 0 ]; then
 log "tandem bench"
 timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" --json > "$OUT/tandem_bench.txt" 2>&1

@@ -53,6 +53,7 @@ for extra in ${EXTRA:-}; do
     sed -n '/placement/,/rules/p' >> "$OUT/steps.log"
 done
 # Nothing may compile while either tool is timed (the engine's workers are pinned).
+sync  # nor may the synthesized files' dirty pages be written back then
 [ -n "$LLAMA_PID" ] && { wait $LLAMA_PID; log "llama build rc=$?"; }
 log "tandem bench --gpu-memory $GIB"
 timeout 300 python -m tandem bench -m /tmp/q3.gguf -t 16 -p "$NP" -n "$NG" -r "$R" --gpu-memory "$GIB" --json \

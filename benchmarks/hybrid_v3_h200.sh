@@ -36,6 +36,7 @@ for spec in $FILES; do
   python -m tandem inspect /tmp/v3.gguf --plan --gpu-memory "$gib" --ctx 4096 2>&1 | sed -n '/placement/,/rules/p' >> "$OUT/steps.log"
   # Nothing may compile while either tool is timed (the engine's workers are pinned).
   [ -n "$LLAMA_PID" ] && { wait $LLAMA_PID; log "llama build rc=$?"; LLAMA_PID=; }
+  sync  # nor may the file's dirty pages be written back then
   log "tandem bench, $layers layers, --gpu-memory $gib"
   timeout 300 python -m tandem bench -m /tmp/v3.gguf -t 16 -p "$NP" -n "$NG" -r "$R" --gpu-memory "$gib" --json \
     2>&1 | tail -1 >> "$OUT/steps.log"
