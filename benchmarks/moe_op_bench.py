@@ -11,7 +11,8 @@ one-token kernels' 512-bit forms against their 256-bit loops (TANDEM_CPU_DECODE_
 `prefetch-sweep` the one-token prefetch's distances and levels (TANDEM_CPU_PREFETCH,
 TANDEM_CPU_PREFETCH_LEVEL), `wide-prefetch` both forms at three distances, `streams` the one-token kernels' 1-8 streams
 of rows (TANDEM_CPU_DECODE_STREAMS), `split` one loop at 2, 4 and 8 tasks a thread
-(TANDEM_CPU_DECODE_TASKS) against two loops (TANDEM_CPU_DECODE_LOOPS), each in
+(TANDEM_CPU_DECODE_TASKS) and tasks of at most 64 KiB, 256 KiB and any size
+(TANDEM_CPU_DECODE_TASK_KIB) against two loops (TANDEM_CPU_DECODE_LOOPS), each in
 alternating rounds of one process, so that the
 machine's drift falls on every setting alike. `phases` splits a token's calls into the op's
 phases (its phase clocks, in two loops) and gives gate/up's and down's bandwidth apart.
@@ -82,10 +83,17 @@ def main() -> None:
             f"decode_streams={n}": (lambda n=n: _native().set_decode_streams(n)) for n in (1, 2, 4, 6, 8)
         },
         "split": {
-            (f"one loop, {tasks} tasks a thread" if one else "two loops"): (
-                lambda one=one, tasks=tasks: _native().set_decode_split(one, tasks)
+            (f"one loop, {tasks} tasks a thread, {kib} KiB at most" if one else "two loops"): (
+                lambda one=one, tasks=tasks, kib=kib: _native().set_decode_split(one, tasks, kib << 10)
             )
-            for one, tasks in ((False, 4), (True, 2), (True, 4), (True, 8))
+            for one, tasks, kib in (
+                (False, 4, 256),
+                (True, 2, 256),
+                (True, 4, 256),
+                (True, 8, 256),
+                (True, 4, 1 << 20),
+                (True, 4, 64),
+            )
         },
     }.get(mode)
     if settings:
@@ -96,7 +104,9 @@ def main() -> None:
                 runs[name].append(read / seconds_per_token() / 1e9)
         _native().set_decode_wide(engine.decode_wide)
         _native().set_decode_streams(engine.decode_streams)
-        _native().set_decode_split(engine.decode_loops == 1, engine.decode_tasks)
+        _native().set_decode_split(
+            engine.decode_loops == 1, engine.decode_tasks, engine.decode_task_kib << 10
+        )
         _native().set_decode_prefetch(engine.prefetch, engine.prefetch_level)
         for name, values in runs.items():
             print(

@@ -232,13 +232,16 @@ void bind_engine(nb::module_& m) {
     m.def("decode_streams", &decode_streams);
     m.def(
         "set_decode_split",
-        [](bool one_loop, int tasks_per_thread) { set_decode_split(DecodeSplit{one_loop, tasks_per_thread}); },
+        [](bool one_loop, int tasks_per_thread, int64_t max_task_bytes) {
+            set_decode_split(DecodeSplit{one_loop, tasks_per_thread, max_task_bytes});
+        },
         nb::arg("one_loop"), nb::arg("tasks_per_thread") = DecodeSplit{}.tasks_per_thread,
-        "How one-token calls divide their work: the experts in one loop or two, and about how "
-        "many tasks a thread gets; process-wide.");
+        nb::arg("max_task_bytes") = DecodeSplit{}.max_task_bytes,
+        "How one-token calls divide their work: the experts in one loop or two, about how many "
+        "tasks a thread gets, and the most weight bytes a task reads; process-wide.");
     m.def("decode_split", [] {
         const DecodeSplit split = decode_split();
-        return std::make_tuple(split.one_loop, split.tasks_per_thread);
+        return std::make_tuple(split.one_loop, split.tasks_per_thread, split.max_task_bytes);
     });
     m.def("act_format", &act_format, "0: float32, 1: Q8_32 blocks, 2: Q8_256 blocks.");
     m.def("dot_rows", &dot_rows, "out[t, r] = W[r] . x[t], one kernel on the calling thread (tests, benchmarks).");

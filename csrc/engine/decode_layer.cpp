@@ -109,7 +109,9 @@ void DecodeLayer::gemv(const float* x, std::initializer_list<Job> jobs) {
     const int64_t cols = job[0].w->cols;
     bool prepared[3] = {false, false, false};
     int64_t total_rows = 0;
+    size_t row_bytes = 0;
     for (int j = 0; j < n_jobs; ++j) {
+        row_bytes = std::max(row_bytes, job[j].w->row_bytes);
         const ActFormat f = job[j].w->kernel->act;
         const int fi = static_cast<int>(f);
         if (!prepared[fi]) {
@@ -122,7 +124,7 @@ void DecodeLayer::gemv(const float* x, std::initializer_list<Job> jobs) {
     // otherwise leave half of 16 threads idle), at least 4 rows per tile.
     const int64_t threads = pool_->size();
     const int64_t even = (total_rows + 2 * threads - 1) / (2 * threads);
-    const int64_t tile = std::min(one_token_rows(total_rows, 1, threads, decode_split().tasks_per_thread),
+    const int64_t tile = std::min(one_token_rows(total_rows, 1, threads, row_bytes, decode_split()),
                                   std::max<int64_t>(4, (even + 3) / 4 * 4));
     tiles_.clear();
     for (int j = 0; j < n_jobs; ++j)

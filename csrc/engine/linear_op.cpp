@@ -24,13 +24,18 @@ DecodeSplit g_decode_split;
 
 void set_decode_split(const DecodeSplit& split) {
     if (split.tasks_per_thread < 1) throw std::invalid_argument("decode split: at least one task a thread");
+    if (split.max_task_bytes < 1) throw std::invalid_argument("decode split: tasks of at least one byte");
     g_decode_split = split;
 }
 
 DecodeSplit decode_split() { return g_decode_split; }
 
-int64_t one_token_rows(int64_t rows, int64_t n, int64_t threads, int64_t tasks_per_thread) {
-    const int64_t tiles = std::max<int64_t>(1, (tasks_per_thread * threads + n - 1) / std::max<int64_t>(n, 1));
+int64_t one_token_rows(int64_t rows, int64_t n, int64_t threads, size_t row_bytes, const DecodeSplit& split) {
+    const int64_t per_matrix = std::max<int64_t>(1, (split.tasks_per_thread * threads + n - 1) / std::max<int64_t>(n, 1));
+    const int64_t by_count = (rows + per_matrix - 1) / per_matrix;
+    const int64_t by_bytes = split.max_task_bytes / static_cast<int64_t>(std::max<size_t>(row_bytes, 1));
+    const int64_t want = std::min(by_count, by_bytes);
+    const int64_t tiles = (rows + std::max<int64_t>(want, 1) - 1) / std::max<int64_t>(want, 1);  // equal tiles
     return std::min(rows, std::max<int64_t>(16, ((rows + tiles - 1) / tiles + 15) / 16 * 16));
 }
 

@@ -54,17 +54,21 @@ TileShape choose_tiles(int64_t total_rows, int64_t n_tok, int threads);
 // How one-token (decode) calls divide their work; process-wide. one_loop: the experts'
 // gate/up and down in one parallel loop (MoEOp), else two with a barrier between.
 // tasks_per_thread: how many tasks a thread gets, about, in a one-token loop: more even
-// out uneven cores, fewer give each task longer runs of rows to stream.
+// out uneven cores, fewer give each task longer runs of rows to stream. max_task_bytes:
+// the most weight bytes a task reads where the matrices are large (DeepSeek-V3's experts),
+// so that the loop's last tasks keep the others waiting for little.
 struct DecodeSplit {
     bool one_loop = true;
     int tasks_per_thread = 4;
+    int64_t max_task_bytes = int64_t{256} << 10;
 };
 void set_decode_split(const DecodeSplit& split);
 DecodeSplit decode_split();
 
-// Rows of a one-token task over n matrices of `rows` rows each: every matrix in equal
-// tiles, about tasks_per_thread tasks a thread in all, a multiple of 16 rows (or all rows).
-int64_t one_token_rows(int64_t rows, int64_t n, int64_t threads, int64_t tasks_per_thread);
+// Rows of a one-token task over n matrices of `rows` rows each, row_bytes the weight bytes
+// a task reads per row: every matrix in equal tiles, about split.tasks_per_thread tasks a
+// thread in all, at most split.max_task_bytes a task, a multiple of 16 rows (or all rows).
+int64_t one_token_rows(int64_t rows, int64_t n, int64_t threads, size_t row_bytes, const DecodeSplit& split);
 
 // Tokens per task where the kernel takes laid-out tokens (LaidOutKernel): a multiple of
 // kLaidOutGroup, the n_tok tokens split evenly into the fewest such tiles.

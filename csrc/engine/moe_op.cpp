@@ -398,8 +398,8 @@ void MoEOp::one_loop(const MoECall& call, const DecodeSplit& split, const uint8_
     const ActFormat fd = down_.kernel->act;
     const size_t arb_g = act_row_bytes(gate_.kernel->act, H), arb_u = act_row_bytes(up_.kernel->act, H);
     const size_t arb_d = act_row_bytes(fd, I);
-    const int64_t rows_i = one_token_rows(I, n, threads, split.tasks_per_thread);
-    const int64_t rows_h = one_token_rows(H, n, threads, split.tasks_per_thread);
+    const int64_t rows_i = one_token_rows(I, n, threads, gate_.row_bytes + up_.row_bytes, split);
+    const int64_t rows_h = one_token_rows(H, n, threads, down_.row_bytes, split);
     const int64_t tiles_i = (I + rows_i - 1) / rows_i, tiles_h = (H + rows_h - 1) / rows_h;
     const int64_t n_gate_up = n * tiles_i, n_tasks = n_gate_up + n * tiles_h;
     gate_out_.resize(std::max<size_t>(gate_out_.size(), static_cast<size_t>(n * I)));

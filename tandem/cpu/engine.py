@@ -54,6 +54,8 @@ DECODE_LOOPS_ENV = "TANDEM_CPU_DECODE_LOOPS"
 DEFAULT_DECODE_LOOPS = 1
 DECODE_TASKS_ENV = "TANDEM_CPU_DECODE_TASKS"
 DEFAULT_DECODE_TASKS = 4
+DECODE_TASK_KIB_ENV = "TANDEM_CPU_DECODE_TASK_KIB"
+DEFAULT_DECODE_TASK_KIB = 256
 
 # How long the pool's idle workers spin before parking, microseconds. Between
 # two engine calls of a decode step torch runs on the calling thread alone, so
@@ -127,11 +129,12 @@ class CPUEngine:
         self.decode_streams = _int_env(DECODE_STREAMS_ENV, DEFAULT_DECODE_STREAMS, 1, MAX_DECODE_STREAMS)
         self.decode_loops = _int_env(DECODE_LOOPS_ENV, DEFAULT_DECODE_LOOPS, 1, 2)
         self.decode_tasks = _int_env(DECODE_TASKS_ENV, DEFAULT_DECODE_TASKS, 1, 64)
+        self.decode_task_kib = _int_env(DECODE_TASK_KIB_ENV, DEFAULT_DECODE_TASK_KIB, 16, 1 << 20)
         # process-wide: the last engine made sets them
         _native().set_decode_prefetch(self.prefetch, self.prefetch_level)
         _native().set_decode_wide(self.decode_wide)
         _native().set_decode_streams(self.decode_streams)
-        _native().set_decode_split(self.decode_loops == 1, self.decode_tasks)
+        _native().set_decode_split(self.decode_loops == 1, self.decode_tasks, self.decode_task_kib << 10)
         # Pinning more threads than cores would stack two on one core for good.
         self.pool = _native().ThreadPool(self.threads, pin and self.threads <= usable_cores(), self.spin_us)
 

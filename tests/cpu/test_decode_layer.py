@@ -132,15 +132,22 @@ def test_the_fast_step_equals_the_model_forward(tiny_dir, arch, quant):
 
 def test_the_split_of_a_steps_work_leaves_its_logits_alone(tiny_dir):
     """How one-token loops divide their rows (TANDEM_CPU_DECODE_TASKS: the fused layers'
-    matrix-vector loops and the experts; TANDEM_CPU_DECODE_LOOPS: the experts in one loop
-    or two) changes no bit: every output row is one kernel's dot, summed in a fixed order."""
+    matrix-vector loops and the experts; TANDEM_CPU_DECODE_TASK_KIB: the most bytes a task
+    reads; TANDEM_CPU_DECODE_LOOPS: the experts in one loop or two) changes no bit: every output row is one kernel's dot, summed in a fixed order."""
     model = load(tiny_dir, "qwen3moe", "Q8_0").model
     logits = []
     with torch.inference_mode():
         cache = new_cache(model)
         model(input_ids=PROMPT, **{cache_kwarg(model): cache}, use_cache=True)
-        for one_loop, tasks in ((True, DEFAULT_DECODE_TASKS), (True, 1), (True, 64), (False, 1)):
-            _native().set_decode_split(one_loop, tasks)
+        splits = [
+            (True, DEFAULT_DECODE_TASKS, 256),
+            (True, 1, 256),
+            (True, 64, 256),
+            (True, 1, 16),
+            (False, 1, 256),
+        ]
+        for one_loop, tasks, kib in splits:
+            _native().set_decode_split(one_loop, tasks, kib << 10)
             step_cache = copy.deepcopy(cache)
             calls = model.forward.calls
             out = model(input_ids=torch.tensor([[17]]), **{cache_kwarg(model): step_cache}, use_cache=True)

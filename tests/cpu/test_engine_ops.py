@@ -325,29 +325,45 @@ def test_decode_streams_give_the_same_experts_bit_for_bit(monkeypatch):
 
 @pytest.mark.parametrize("types", EXPERT_TYPES, ids=lambda t: f"{t[0].name}-{t[1].name}")
 def test_every_split_of_a_one_token_call_gives_the_same_experts_bit_for_bit(types, monkeypatch):
-    """TANDEM_CPU_DECODE_LOOPS (gate/up and down in one parallel loop or two) and
-    TANDEM_CPU_DECODE_TASKS (about how many tasks a thread gets): each output row is one
+    """TANDEM_CPU_DECODE_LOOPS (gate/up and down in one parallel loop or two),
+    TANDEM_CPU_DECODE_TASKS (about how many tasks a thread gets) and
+    TANDEM_CPU_DECODE_TASK_KIB (the most weight bytes a task reads): each output row is one
     kernel's dot, summed over the slots in slot order, however the rows are split."""
-    from tandem.cpu.engine import DECODE_LOOPS_ENV, DECODE_TASKS_ENV, DEFAULT_DECODE_TASKS, _native
+    from tandem.cpu.engine import (
+        DECODE_LOOPS_ENV,
+        DECODE_TASK_KIB_ENV,
+        DECODE_TASKS_ENV,
+        DEFAULT_DECODE_TASK_KIB,
+        DEFAULT_DECODE_TASKS,
+        _native,
+    )
 
     gate, up, down = expert_set(types, seed=17)
     x, ids, weights = routing(1, 4, seed=18)
     ids[0, 2] = E  # a dropped slot
     ids[0, 3] = ids[0, 0]  # one expert in two slots
     outs = []
+    splits = [("1", "4", "256"), ("1", "1", "256"), ("1", "64", "256"), ("1", "1", "16"), ("2", "4", "256")]
     for threads in (1, 3, 5):  # 5: more threads than a small machine has cores (not pinned)
-        for loops in ("1", "2"):
-            for tasks in ("1", "4", "64"):
-                monkeypatch.setenv(DECODE_LOOPS_ENV, loops)
-                monkeypatch.setenv(DECODE_TASKS_ENV, tasks)
-                engine = CPUEngine(threads=threads, variant=None, prefill="off")
-                assert _native().decode_split() == (loops == "1", int(tasks))
-                outs.append(engine.experts(gate, up, down)(x, ids, weights))
-    _native().set_decode_split(True, DEFAULT_DECODE_TASKS)  # process-wide: back to the default
+        for loops, tasks, kib in splits:
+            monkeypatch.setenv(DECODE_LOOPS_ENV, loops)
+            monkeypatch.setenv(DECODE_TASKS_ENV, tasks)
+            monkeypatch.setenv(DECODE_TASK_KIB_ENV, kib)
+            engine = CPUEngine(threads=threads, variant=None, prefill="off")
+            assert _native().decode_split() == (loops == "1", int(tasks), int(kib) << 10)
+            outs.append(engine.experts(gate, up, down)(x, ids, weights))
+    # process-wide: back to the default
+    _native().set_decode_split(True, DEFAULT_DECODE_TASKS, DEFAULT_DECODE_TASK_KIB << 10)
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
     assert rel(outs[0], experts_exact(engine.kernels, gate, up, down, x, ids, weights)) < 5e-4
-    for name, bad in ((DECODE_LOOPS_ENV, "3"), (DECODE_LOOPS_ENV, "one"), (DECODE_TASKS_ENV, "0")):
+    bad_values = [
+        (DECODE_LOOPS_ENV, "3"),
+        (DECODE_LOOPS_ENV, "one"),
+        (DECODE_TASKS_ENV, "0"),
+        (DECODE_TASK_KIB_ENV, "8"),
+    ]
+    for name, bad in bad_values:
         monkeypatch.setenv(name, bad)
         with pytest.raises(TandemError, match=name):
             CPUEngine(threads=2, variant=None, prefill="off")
