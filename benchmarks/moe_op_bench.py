@@ -40,8 +40,10 @@ def main() -> None:
     layers = []
     for i in range(1000):
         names = [f"blk.{i}.ffn_{part}_exps.weight" for part in ("gate", "up", "down")]
-        if names[0] not in gguf.tensors:
+        if f"blk.{i}.attn_norm.weight" not in gguf.tensors:
             break
+        if names[0] not in gguf.tensors:  # a dense layer (DeepSeek's first ones)
+            continue
         tensors = [gguf.tensor(n) for n in names]
         if mode == "copy":
             tensors = [dataclasses.replace(t, data=t.data.clone()) for t in tensors]
