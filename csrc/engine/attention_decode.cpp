@@ -15,47 +15,55 @@ void attention_decode(ThreadPool& pool, const VariantKernels& kernels, const Dec
                       std::vector<float>& scratch) {
     const int64_t group = a.n_q_heads / a.n_kv_heads;
     const int64_t threads = pool.size();
-    // Split each kv head's positions into chunks when there are fewer heads than about two
-    // tasks per thread: one thread would otherwise stream a long cache alone.
-    const int64_t want = (2 * threads + a.n_kv_heads - 1) / a.n_kv_heads;
+    // A task takes up to four query heads of one kv head (the kernel reads each key and value
+    // once for them) and, when there are fewer such tasks than about two per thread, a chunk
+    // of the positions: one thread would otherwise stream a long cache alone.
+    int64_t heads = std::min<int64_t>(group, 4);
+    const auto tasks_of = [&](int64_t h) { return a.n_kv_heads * ((group + h - 1) / h); };
+    const int64_t want = (2 * threads + tasks_of(heads) - 1) / tasks_of(heads);
     const int64_t n_chunks = std::max<int64_t>(1, std::min(want, a.t / kMinChunk));
+    if (n_chunks == 1 && tasks_of(heads) < 2 * threads) heads = 1;  // a short cache: spread its heads
+    const int64_t blocks = (group + heads - 1) / heads;  // per kv head
     const int64_t chunk = (a.t + n_chunks - 1) / n_chunks;
     const int64_t per_head = a.dv + 2;  // a chunk's partial: out[dv], max, sum
-    const size_t scores = static_cast<size_t>(threads * chunk);
+    const int64_t per_thread = heads * chunk + 2 * heads;  // scores, then one chunk's max and sum
+    const size_t scores = static_cast<size_t>(threads * per_thread);
     const size_t partials = n_chunks > 1 ? static_cast<size_t>(a.n_q_heads * n_chunks * per_head) : 0;
     if (scratch.size() < scores + partials) scratch.resize(scores + partials);
     float* part = scratch.data() + scores;
 
-    if (n_chunks == 1) {  // one task per query head
-        pool.parallel_for(a.n_q_heads, [&](int64_t h, int thread) {
-            const int64_t g = h / group;
-            float* out = a.out + h * a.dv;
-            float top, sum;
-            kernels.attend_chunk(a.q + h * a.d, a.k + g * a.k_head_stride, a.k_row_stride, a.t, a.d, a.scale,
-                                 a.v + g * a.v_head_stride, a.v_row_stride, a.dv, scratch.data() + thread * chunk, out,
-                                 &top, &sum);
-            const float inv = 1.0f / sum;
-            for (int64_t c = 0; c < a.dv; ++c) out[c] *= inv;
-        });
-        return;
-    }
-    // One task per (kv head, chunk), for every query head of the group: the chunk's keys and
-    // values are read from memory once and then from cache.
-    pool.parallel_for(a.n_kv_heads * n_chunks, [&](int64_t task, int thread) {
-        const int64_t g = task / n_chunks, c = task % n_chunks;
+    pool.parallel_for(a.n_kv_heads * n_chunks * blocks, [&](int64_t task, int thread) {
+        const int64_t g = task / (n_chunks * blocks), c = task / blocks % n_chunks, b = task % blocks;
+        const int64_t h0 = g * group + b * heads, nh = std::min(heads, group - b * heads);
         const int64_t p0 = c * chunk, len = std::min(chunk, a.t - p0);
-        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-            float* p = part + (h * n_chunks + c) * per_head;
-            if (len <= 0) {  // rounding left this chunk empty: it adds nothing
-                std::fill(p, p + a.dv + 2, 0.0f);
-                p[a.dv] = -INFINITY;
-                continue;
+        float* mine = scratch.data() + thread * per_thread;
+        const float* k = a.k + g * a.k_head_stride + p0 * a.k_row_stride;
+        const float* v = a.v + g * a.v_head_stride + p0 * a.v_row_stride;
+        if (n_chunks == 1) {  // the whole cache: normalized in place
+            float* top = mine + heads * chunk;
+            float* sum = top + heads;
+            float* out = a.out + h0 * a.dv;
+            kernels.attend_chunk(a.q + h0 * a.d, nh, k, a.k_row_stride, len, a.d, a.scale, v, a.v_row_stride, a.dv,
+                                 mine, out, a.dv, top, sum, 1);
+            for (int64_t i = 0; i < nh; ++i) {
+                const float inv = 1.0f / sum[i];
+                for (int64_t col = 0; col < a.dv; ++col) out[i * a.dv + col] *= inv;
             }
-            kernels.attend_chunk(a.q + h * a.d, a.k + g * a.k_head_stride + p0 * a.k_row_stride, a.k_row_stride, len,
-                                 a.d, a.scale, a.v + g * a.v_head_stride + p0 * a.v_row_stride, a.v_row_stride, a.dv,
-                                 scratch.data() + thread * chunk, p, p + a.dv, p + a.dv + 1);
+            return;
         }
+        float* p = part + (h0 * n_chunks + c) * per_head;  // head i's partial at p + i * n_chunks * per_head
+        const int64_t stride = n_chunks * per_head;
+        if (len <= 0) {  // rounding left this chunk empty: it adds nothing
+            for (int64_t i = 0; i < nh; ++i) {
+                std::fill(p + i * stride, p + i * stride + a.dv + 2, 0.0f);
+                p[i * stride + a.dv] = -INFINITY;
+            }
+            return;
+        }
+        kernels.attend_chunk(a.q + h0 * a.d, nh, k, a.k_row_stride, len, a.d, a.scale, v, a.v_row_stride, a.dv, mine,
+                             p, stride, p + a.dv, p + a.dv + 1, stride);
     });
+    if (n_chunks == 1) return;
     // Merge: out = Σ_c e^(m_c - M) out_c / Σ_c e^(m_c - M) sum_c.
     pool.parallel_for(a.n_q_heads, [&](int64_t h, int) {
         const float* first = part + h * n_chunks * per_head;

@@ -109,12 +109,15 @@ using GeluMulFn = void (*)(float* g, const float* u, int64_t n);
 // out[r] = x[r] / sqrt(mean(x[r]²) + eps) * w for rows of n floats (out may be x).
 using RmsNormFn = void (*)(const float* x, const float* w, int64_t rows, int64_t n, float eps, float* out);
 
-// A chunk of one query head's decode attention over t keys (k_i at k + i * k_stride,
-// v_i at v + i * v_stride): *max = max_i scale·q·k_i, *sum = Σ_i exp(scale·q·k_i - *max),
-// out[dv] = Σ_i exp(scale·q·k_i - *max) v_i, not divided by *sum; scores: t floats of scratch.
-using AttendChunkFn = void (*)(const float* q, const float* k, int64_t k_stride, int64_t t, int64_t d, float scale,
-                               const float* v, int64_t v_stride, int64_t dv, float* scores, float* out, float* max,
-                               float* sum);
+// A chunk of decode attention for n_q query heads that share one kv head (q_i at q + i * d)
+// over t keys (k_j at k + j * k_stride, v_j at v + j * v_stride): for each head i,
+// max_i = max_j scale·q_i·k_j, sum_i = Σ_j exp(scale·q_i·k_j - max_i) and
+// out_i[dv] = Σ_j exp(scale·q_i·k_j - max_i) v_j, not divided by sum_i, written at
+// out + i * stride, max[i * stat_stride] and sum[i * stat_stride]; scores: n_q * t floats of
+// scratch.
+using AttendChunkFn = void (*)(const float* q, int64_t n_q, const float* k, int64_t k_stride, int64_t t, int64_t d,
+                               float scale, const float* v, int64_t v_stride, int64_t dv, float* scores, float* out,
+                               int64_t stride, float* max, float* sum, int64_t stat_stride);
 
 // A prompt's causal attention (batch 1): query head h, position i at q + h * q_head + i * q_row
 // (d floats); kv head g's key and value j at k + g * k_head + j * k_row and

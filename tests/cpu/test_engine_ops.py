@@ -45,6 +45,14 @@ from tests.cpu.variants import testable_variants as _testable_variants
 VARIANT = _testable_variants()[0]  # the best this CPU runs; test_kernels.py covers the others
 FLOAT_DTYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
 ENGINES: dict[int, CPUEngine] = {}
+VARIANT_THREAD_ENGINES: dict[tuple[str, int], CPUEngine] = {}
+
+
+def variant_engine(variant: str, threads: int) -> CPUEngine:
+    key = (variant, threads)
+    if key not in VARIANT_THREAD_ENGINES:
+        VARIANT_THREAD_ENGINES[key] = CPUEngine(threads=threads, variant=variant, prefill="off")
+    return VARIANT_THREAD_ENGINES[key]
 
 
 def engine(threads: int) -> CPUEngine:
@@ -410,16 +418,21 @@ def test_rms_norm_keeps_the_shape_and_refuses_other_layouts():
         engine(2).rms_norm(x.double(), scale, 1e-5)
 
 
-# Long caches with few kv heads are split over positions (chunks of at least 64, merged).
+# Long caches with few kv heads are split over positions (chunks of at least 64, merged); a
+# task takes up to four query heads of a kv head (groups of 8, 7, 16, 2 and 1 here), with
+# head sizes that are and are not multiples of 16 and 64.
+@pytest.mark.parametrize("variant", _testable_variants())
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize(
-    "hq,hkv,t,d", [(32, 4, 300, 128), (8, 8, 1, 64), (14, 2, 37, 80), (16, 1, 1000, 64), (4, 2, 129, 32)]
+    "hq,hkv,t,d",
+    [(32, 4, 300, 128), (8, 8, 1, 64), (14, 2, 37, 80), (16, 1, 1000, 64), (4, 2, 129, 32), (12, 3, 70, 40)],
 )
-def test_decode_attention_matches_torch(hq, hkv, t, d):
+def test_decode_attention_matches_torch(hq, hkv, t, d, threads, variant):
     g = torch.Generator().manual_seed(t)
     q = torch.randn(1, hq, 1, d, generator=g)
     cache = torch.randn(1, hkv, t + 7, d, generator=g)  # a cache with room left: a strided view
     k, v = cache[:, :, :t], torch.randn(1, hkv, t, d, generator=g) * 3
-    out = engine(3).attention_decode(q, k, v, d**-0.5)
+    out = variant_engine(variant, threads).attention_decode(q, k, v, d**-0.5)
     exact = torch.nn.functional.scaled_dot_product_attention(
         q.double(), k.double(), v.double(), enable_gqa=True
     ).transpose(1, 2)  # [1, 1, hq, d]
@@ -509,17 +522,12 @@ def test_expert_calls_time_their_phases_when_asked():
     assert op.profiled_calls == 0
 
 
-VARIANT_ENGINES: dict[str, CPUEngine] = {}
-
-
 @pytest.mark.parametrize("variant", _testable_variants())
 @pytest.mark.parametrize(("heads", "rows", "k"), [(16, 512, 128), (16, 128, 512), (3, 5, 7), (128, 512, 128)])
 def test_head_matvec_matches_torch(variant, heads, rows, k):
     g = torch.Generator().manual_seed(rows + k)
     a, x = torch.randn(heads, rows, k, generator=g), torch.randn(heads, k, generator=g)
-    if variant not in VARIANT_ENGINES:
-        VARIANT_ENGINES[variant] = CPUEngine(threads=2, variant=variant, prefill="off")
-    got = VARIANT_ENGINES[variant].head_matvec(a, x)
+    got = variant_engine(variant, 2).head_matvec(a, x)
     exact = torch.einsum("hrk,hk->hr", a.double(), x.double())
     assert ((got.double() - exact).norm() / exact.norm()).item() < 1e-6  # float32 sums in another order
 
