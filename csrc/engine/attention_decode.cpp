@@ -15,14 +15,17 @@ void attention_decode(ThreadPool& pool, const VariantKernels& kernels, const Dec
                       std::vector<float>& scratch) {
     const int64_t group = a.n_q_heads / a.n_kv_heads;
     const int64_t threads = pool.size();
-    // A task takes up to four query heads of one kv head (the kernel reads each key and value
-    // once for them) and, when there are fewer such tasks than about two per thread, a chunk
-    // of the positions: one thread would otherwise stream a long cache alone.
-    int64_t heads = std::min<int64_t>(group, 4);
-    const auto tasks_of = [&](int64_t h) { return a.n_kv_heads * ((group + h - 1) / h); };
-    const int64_t want = (2 * threads + tasks_of(heads) - 1) / tasks_of(heads);
+    // A task takes the query heads of one kv head (the kernel reads each key and value once
+    // for a block of them, and the task's chunk of the cache comes from memory once) and,
+    // when there are fewer kv heads than about two tasks per thread, a chunk of the
+    // positions: one thread would otherwise stream a long cache alone. A cache too short to
+    // split that far splits the heads instead, into blocks of four, or one each.
+    const int64_t want = (2 * threads + a.n_kv_heads - 1) / a.n_kv_heads;
     const int64_t n_chunks = std::max<int64_t>(1, std::min(want, a.t / kMinChunk));
-    if (n_chunks == 1 && tasks_of(heads) < 2 * threads) heads = 1;  // a short cache: spread its heads
+    const auto tasks_of = [&](int64_t h) { return a.n_kv_heads * n_chunks * ((group + h - 1) / h); };
+    int64_t heads = group;
+    if (tasks_of(heads) < 2 * threads) heads = std::min<int64_t>(group, 4);
+    if (tasks_of(heads) < 2 * threads && n_chunks == 1) heads = 1;
     const int64_t blocks = (group + heads - 1) / heads;  // per kv head
     const int64_t chunk = (a.t + n_chunks - 1) / n_chunks;
     const int64_t per_head = a.dv + 2;  // a chunk's partial: out[dv], max, sum

@@ -1,8 +1,8 @@
 // Attention of one new position against the cached keys and values of one
 // sequence (a decode step), grouped-query: query head h reads kv head
-// h / (n_q_heads / n_kv_heads). A pool task takes up to four query heads of one kv
-// head on the variant's attend_chunk kernel, which reads each key and value once for
-// them; long caches are split over positions and the chunks merged.
+// h / (n_q_heads / n_kv_heads). A pool task takes the query heads of one kv head (or
+// a block of them) on the variant's attend_chunk kernel, which reads each key and value
+// once for a block; long caches are split over positions and the chunks merged.
 #pragma once
 
 #include <cstdint>

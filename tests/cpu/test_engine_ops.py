@@ -419,13 +419,22 @@ def test_rms_norm_keeps_the_shape_and_refuses_other_layouts():
 
 
 # Long caches with few kv heads are split over positions (chunks of at least 64, merged); a
-# task takes up to four query heads of a kv head (groups of 8, 7, 16, 2 and 1 here), with
-# head sizes that are and are not multiples of 16 and 64.
+# task takes the query heads of a kv head, or blocks of four or one where that leaves too few
+# tasks (groups of 8, 7, 16, 2 and 1 here), with head sizes that are and are not multiples
+# of 16 and 64.
 @pytest.mark.parametrize("variant", _testable_variants())
-@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("threads", [1, 3, 8])
 @pytest.mark.parametrize(
     "hq,hkv,t,d",
-    [(32, 4, 300, 128), (8, 8, 1, 64), (14, 2, 37, 80), (16, 1, 1000, 64), (4, 2, 129, 32), (12, 3, 70, 40)],
+    [
+        (32, 4, 300, 128),
+        (32, 4, 130, 128),
+        (8, 8, 1, 64),
+        (14, 2, 37, 80),
+        (16, 1, 1000, 64),
+        (4, 2, 129, 32),
+        (12, 3, 70, 40),
+    ],
 )
 def test_decode_attention_matches_torch(hq, hkv, t, d, threads, variant):
     g = torch.Generator().manual_seed(t)
