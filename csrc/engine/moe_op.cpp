@@ -352,11 +352,7 @@ void MoEOp::forward_one(const MoECall& call) {
     const int64_t tiles_i = (I + tile_i - 1) / tile_i;
     pool.parallel_for(n * tiles_i, [&](int64_t task, int) {
         const int64_t s = task / tiles_i, r0 = (task % tiles_i) * tile_i, nr = std::min(tile_i, I - r0);
-        const int64_t e = call.ids[slots_[s]];
-        gate_.kernel->dot_rows(gate_.matrix(e) + r0 * gate_.row_bytes, gate_.row_bytes, nr, H, xg, arb_g, 1,
-                               g + s * I + r0, I);
-        up_.kernel->dot_rows(up_.matrix(e) + r0 * up_.row_bytes, up_.row_bytes, nr, H, xu, arb_u, 1, u + s * I + r0, I);
-        kernels_.silu_mul(g + s * I + r0, u + s * I + r0, nr);
+        one_token_gate_up(call.ids[slots_[s]], r0, nr, xg, xu, g + s * I, u + s * I);
     });
     clock_.mark(kMoEGateUp);
     uint8_t* h = scratch(h_act_, arb_d * n);
@@ -383,6 +379,18 @@ void MoEOp::forward_one(const MoECall& call) {
     clock_.mark(kMoEDown);  // the weighted sum is inside the down loop
 }
 
+// Rows [r0, r0 + nr) of one token's h for expert e: g = silu(gate_e x) * up_e x, in g's rows
+// (u: up's rows, scratch); xg, xu: x prepared for gate's and up's kernels.
+void MoEOp::one_token_gate_up(int64_t e, int64_t r0, int64_t nr, const uint8_t* xg, const uint8_t* xu, float* g,
+                              float* u) const {
+    const int64_t H = gate_.cols;
+    const size_t arb_g = act_row_bytes(gate_.kernel->act, H), arb_u = act_row_bytes(up_.kernel->act, H);
+    gate_.kernel->dot_rows(gate_.matrix(e) + r0 * gate_.row_bytes, gate_.row_bytes, nr, H, xg, arb_g, 1, g + r0,
+                           gate_.rows);
+    up_.kernel->dot_rows(up_.matrix(e) + r0 * up_.row_bytes, up_.row_bytes, nr, H, xu, arb_u, 1, u + r0, up_.rows);
+    kernels_.silu_mul(g + r0, u + r0, nr);
+}
+
 // One token in one parallel loop. Tasks are handed out in order from one counter: first
 // the gate/up tiles of every slot, slot by slot, then the down tiles, slot by slot. The
 // task that finishes a slot's last gate/up tile prepares its h and marks it ready; a down
@@ -396,7 +404,6 @@ void MoEOp::one_loop(const MoECall& call, const DecodeSplit& split, const uint8_
     ThreadPool& pool = *pool_;
     const int64_t threads = pool.size();
     const ActFormat fd = down_.kernel->act;
-    const size_t arb_g = act_row_bytes(gate_.kernel->act, H), arb_u = act_row_bytes(up_.kernel->act, H);
     const size_t arb_d = act_row_bytes(fd, I);
     const int64_t rows_i = one_token_rows(I, n, threads, gate_.row_bytes + up_.row_bytes, split);
     const int64_t rows_h = one_token_rows(H, n, threads, down_.row_bytes, split);
@@ -431,12 +438,7 @@ void MoEOp::one_loop(const MoECall& call, const DecodeSplit& split, const uint8_
             if (i >= n_tasks) return;
             if (i < n_gate_up) {
                 const int64_t s = i / tiles_i, r0 = (i % tiles_i) * rows_i, nr = std::min(rows_i, I - r0);
-                const int64_t e = call.ids[slots_[s]];
-                gate_.kernel->dot_rows(gate_.matrix(e) + r0 * gate_.row_bytes, gate_.row_bytes, nr, H, xg, arb_g, 1,
-                                       g + s * I + r0, I);
-                up_.kernel->dot_rows(up_.matrix(e) + r0 * up_.row_bytes, up_.row_bytes, nr, H, xu, arb_u, 1,
-                                     u + s * I + r0, I);
-                kernels_.silu_mul(g + s * I + r0, u + s * I + r0, nr);
+                one_token_gate_up(call.ids[slots_[s]], r0, nr, xg, xu, g + s * I, u + s * I);
                 if (gate_up_left[s].fetch_sub(1, std::memory_order_acq_rel) == 1) {
                     prepare_activation_row(kernels_, fd, g + s * I, I, h + s * arb_d);
                     ready[s].store(1, std::memory_order_release);

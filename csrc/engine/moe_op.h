@@ -111,6 +111,8 @@ private:
     void append_gemm_tasks(int64_t rows, std::vector<MoETask>& tasks) const;
     void forward_one(const MoECall& call);
     void one_loop(const MoECall& call, const DecodeSplit& split, const uint8_t* xg, const uint8_t* xu);
+    void one_token_gate_up(int64_t e, int64_t r0, int64_t nr, const uint8_t* xg, const uint8_t* xu, float* g,
+                           float* u) const;
     std::vector<int64_t> slots_;  // forward_one: the slots with a valid expert id
     // one_loop's counters: gate/up tiles left per slot, whether a slot's h is ready, slots
     // left per down tile; capacity in counters_size_.
