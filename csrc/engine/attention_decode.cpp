@@ -1,13 +1,32 @@
 #include "engine/attention_decode.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <memory>
 
 namespace tandem {
 namespace {
 
 // Positions per chunk below which splitting a head's cache is not worth a merge.
 constexpr int64_t kMinChunk = 64;
+
+// One head's chunks merged: out = Σ_c e^(m_c - M) out_c / Σ_c e^(m_c - M) sum_c, the chunks'
+// partials (out[dv], max, sum) per_head floats apart from first.
+void merge_chunks(const float* first, int64_t n_chunks, int64_t per_head, int64_t dv, float* out) {
+    float top = -INFINITY;
+    for (int64_t c = 0; c < n_chunks; ++c) top = std::max(top, first[c * per_head + dv]);
+    std::fill(out, out + dv, 0.0f);
+    float total = 0.0f;
+    for (int64_t c = 0; c < n_chunks; ++c) {
+        const float* p = first + c * per_head;
+        const float w = std::exp(p[dv] - top);
+        total += w * p[dv + 1];
+        for (int64_t i = 0; i < dv; ++i) out[i] += w * p[i];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t i = 0; i < dv; ++i) out[i] *= inv;
+}
 
 }  // namespace
 
@@ -34,6 +53,11 @@ void attention_decode(ThreadPool& pool, const VariantKernels& kernels, const Dec
     const size_t partials = n_chunks > 1 ? static_cast<size_t>(a.n_q_heads * n_chunks * per_head) : 0;
     if (scratch.size() < scores + partials) scratch.resize(scores + partials);
     float* part = scratch.data() + scores;
+    // Per (kv head, block of heads): chunks still to finish; the task that finishes the last
+    // merges the block's heads, so no second loop follows.
+    const int64_t n_blocks = a.n_kv_heads * blocks;
+    std::unique_ptr<std::atomic<int64_t>[]> left(n_chunks > 1 ? new std::atomic<int64_t>[n_blocks] : nullptr);
+    for (int64_t i = 0; n_chunks > 1 && i < n_blocks; ++i) left[i].store(n_chunks, std::memory_order_relaxed);
 
     pool.parallel_for(a.n_kv_heads * n_chunks * blocks, [&](int64_t task, int thread) {
         const int64_t g = task / (n_chunks * blocks), c = task / blocks % n_chunks, b = task % blocks;
@@ -61,28 +85,13 @@ void attention_decode(ThreadPool& pool, const VariantKernels& kernels, const Dec
                 std::fill(p + i * stride, p + i * stride + a.dv + 2, 0.0f);
                 p[i * stride + a.dv] = -INFINITY;
             }
-            return;
+        } else {
+            kernels.attend_chunk(a.q + h0 * a.d, nh, k, a.k_row_stride, len, a.d, a.scale, v, a.v_row_stride, a.dv,
+                                 mine, p, stride, p + a.dv, p + a.dv + 1, stride);
         }
-        kernels.attend_chunk(a.q + h0 * a.d, nh, k, a.k_row_stride, len, a.d, a.scale, v, a.v_row_stride, a.dv, mine,
-                             p, stride, p + a.dv, p + a.dv + 1, stride);
-    });
-    if (n_chunks == 1) return;
-    // Merge: out = Σ_c e^(m_c - M) out_c / Σ_c e^(m_c - M) sum_c.
-    pool.parallel_for(a.n_q_heads, [&](int64_t h, int) {
-        const float* first = part + h * n_chunks * per_head;
-        float top = -INFINITY;
-        for (int64_t c = 0; c < n_chunks; ++c) top = std::max(top, first[c * per_head + a.dv]);
-        float* out = a.out + h * a.dv;
-        std::fill(out, out + a.dv, 0.0f);
-        float total = 0.0f;
-        for (int64_t c = 0; c < n_chunks; ++c) {
-            const float* p = first + c * per_head;
-            const float w = std::exp(p[a.dv] - top);
-            total += w * p[a.dv + 1];
-            for (int64_t i = 0; i < a.dv; ++i) out[i] += w * p[i];
-        }
-        const float inv = 1.0f / total;
-        for (int64_t i = 0; i < a.dv; ++i) out[i] *= inv;
+        if (left[g * blocks + b].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+        for (int64_t h = h0; h < h0 + nh; ++h)
+            merge_chunks(part + h * n_chunks * per_head, n_chunks, per_head, a.dv, a.out + h * a.dv);
     });
 }
 
