@@ -289,12 +289,15 @@ def test_a_gpu_models_engine_yields_idle_cores_as_the_environment_says(monkeypat
         engine.serve_gpu_steps()
 
 
-def test_the_wide_one_token_kernels_give_the_narrow_ones_results(monkeypatch):
-    """TANDEM_CPU_DECODE_WIDE (Q4_K's 512-bit one-token loop where the variant has one): the
-    same integer sums, float sums in another order."""
+@pytest.mark.parametrize(
+    "types", [(T.Q4_K, T.Q4_K), (T.Q4_K, T.Q6_K)], ids=lambda t: f"{t[0].name}-{t[1].name}"
+)
+def test_the_wide_one_token_kernels_give_the_narrow_ones_results(types, monkeypatch):
+    """TANDEM_CPU_DECODE_WIDE (Q4_K's and Q6_K's 512-bit one-token loops where the variant has
+    them): the same integer sums, float sums in another order."""
     from tandem.cpu.engine import DECODE_WIDE_ENV, _native
 
-    gate, up, down = expert_set((T.Q4_K, T.Q4_K), seed=13)
+    gate, up, down = expert_set(types, seed=13)
     x, ids, weights = routing(1, 4, seed=14)
     outs = {}
     for wide in ("0", "1"):
