@@ -1,17 +1,20 @@
 """Weights per second of one dot kernel on one thread, weights in cache, for a range of token counts.
 
-python benchmarks/dot_kernel_bench.py [GHZ] [TOKENS,...] [VARIANT]
+python benchmarks/dot_kernel_bench.py [GHZ] [TOKENS,...] [VARIANT [wide-ab]]
 Times the engine's dot_rows (activation preparation included) against 512 rows × 2048
-columns of Q4_K, Q6_K, Q5_0 and Q8_0 (well inside L2), on the calling thread, for each
+columns of Q4_K, Q5_K, Q6_K, Q5_0 and Q8_0 (well inside L2), on the calling thread, for each
 token count (default 1,8,16,32,64), and prints multiply-adds per second and per cycle at
 GHZ (default 3.0). At one token it shows whether decode can be compute-bound (a kernel
 reading fewer bytes per second than one core's share of the read bandwidth cannot keep
 up); at several, where the 16-row tiled kernels of AVX-512 VNNI take over from the
-per-row ones (dot_tiled.inc: each type's kMinTokens).
+per-row ones (dot_tiled.inc: each type's kMinTokens). `wide-ab` instead times one token
+with the 512-bit one-token loops and with the 256-bit ones (TANDEM_CPU_DECODE_WIDE) in
+alternation, ten rounds in one process, so that a shared machine's drift falls on both alike.
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 
@@ -23,6 +26,7 @@ from tandem.cpu.engine import CPUEngine, _native
 ROWS, COLS = 512, 2048
 TYPES = (
     GGMLQuantizationType.Q4_K,
+    GGMLQuantizationType.Q5_K,
     GGMLQuantizationType.Q6_K,
     GGMLQuantizationType.Q5_0,
     GGMLQuantizationType.Q8_0,
@@ -59,6 +63,9 @@ def main() -> None:
     tokens = [int(n) for n in sys.argv[2].split(",")] if len(sys.argv) > 2 else [1, 8, 16, 32, 64]
     variant = sys.argv[3] if len(sys.argv) > 3 else CPUEngine(threads=1).kernels
     print(f"variant {variant}, {ROWS} x {COLS}, one thread; G multiply-adds/s (per cycle at {ghz} GHz)")
+    if len(sys.argv) > 4 and sys.argv[4] == "wide-ab":
+        wide_ab(variant)
+        return
     for t in TYPES:
         w = random_weights(t)
         cells = []
@@ -70,6 +77,26 @@ def main() -> None:
             rate = ROWS * COLS * n / seconds
             cells.append(f"{n}: {rate / 1e9:6.1f} ({rate / (ghz * 1e9):4.1f})")
         print(f"{t.name:5s} " + "  ".join(cells))
+
+
+def wide_ab(variant: str) -> None:
+    rates: dict[tuple[str, bool], list[float]] = {}
+    x, out = torch.randn(1, COLS), torch.empty(1, ROWS)
+    weights = {t: random_weights(t) for t in TYPES}
+    for _ in range(10):
+        for t in TYPES:
+            for wide in (True, False):
+                _native().set_decode_wide(wide)
+                args = (variant, int(t), weights[t].data_ptr(), ROWS, COLS, x.data_ptr(), 1, out.data_ptr())
+                rates.setdefault((t.name, wide), []).append(ROWS * COLS / seconds_per_call(args, 1) / 1e9)
+    _native().set_decode_wide(True)
+    for t in TYPES:
+        a, b = rates[(t.name, True)], rates[(t.name, False)]
+        ratios = sorted(x / y for x, y in zip(a, b, strict=True))
+        print(
+            f"{t.name:5s} 512-bit median {statistics.median(a):5.1f}, 256-bit {statistics.median(b):5.1f}; "
+            f"ratio per round: median {statistics.median(ratios):.2f} (range {ratios[0]:.2f}-{ratios[-1]:.2f})"
+        )
 
 
 if __name__ == "__main__":
