@@ -1,9 +1,7 @@
 #include "engine/attention_decode.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <memory>
 
 namespace tandem {
 namespace {
@@ -55,9 +53,10 @@ void attention_decode(ThreadPool& pool, const VariantKernels& kernels, const Dec
     float* part = scratch.data() + scores;
     // Per (kv head, block of heads): chunks still to finish; the task that finishes the last
     // merges the block's heads, so no second loop follows.
-    const int64_t n_blocks = a.n_kv_heads * blocks;
-    std::unique_ptr<std::atomic<int64_t>[]> left(n_chunks > 1 ? new std::atomic<int64_t>[n_blocks] : nullptr);
-    for (int64_t i = 0; n_chunks > 1 && i < n_blocks; ++i) left[i].store(n_chunks, std::memory_order_relaxed);
+    thread_local LoopCounters counters;  // the thread that leads the loop owns them
+    const int64_t n_blocks = n_chunks > 1 ? a.n_kv_heads * blocks : 0;
+    std::atomic<int64_t>* left = counters.get(static_cast<size_t>(n_blocks));
+    for (int64_t i = 0; i < n_blocks; ++i) left[i].store(n_chunks, std::memory_order_relaxed);
 
     pool.parallel_for(a.n_kv_heads * n_chunks * blocks, [&](int64_t task, int thread) {
         const int64_t g = task / (n_chunks * blocks), c = task / blocks % n_chunks, b = task % blocks;

@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "engine/activations.h"
+
 namespace tandem {
 namespace {
 
@@ -416,12 +417,7 @@ void MoEOp::one_loop(const MoECall& call, const DecodeSplit& split, const uint8_
     float* u = up_out_.data();
     float* y = y_.data();
     uint8_t* h = scratch(h_act_, arb_d * n);
-    const size_t n_counters = static_cast<size_t>(2 * n + tiles_h + 1);
-    if (counters_size_ < n_counters) {
-        counters_.reset(new std::atomic<int64_t>[n_counters]);
-        counters_size_ = n_counters;
-    }
-    std::atomic<int64_t>* gate_up_left = counters_.get();
+    std::atomic<int64_t>* gate_up_left = counters_.get(static_cast<size_t>(2 * n + tiles_h + 1));
     std::atomic<int64_t>* ready = gate_up_left + n;
     std::atomic<int64_t>* slots_left = ready + n;
     std::atomic<int64_t>& next = slots_left[tiles_h];

@@ -10,7 +10,6 @@
 #pragma once
 
 #include <array>
-#include <atomic>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -115,9 +114,8 @@ private:
                            float* u) const;
     std::vector<int64_t> slots_;  // forward_one: the slots with a valid expert id
     // one_loop's counters: gate/up tiles left per slot, whether a slot's h is ready, slots
-    // left per down tile; capacity in counters_size_.
-    std::unique_ptr<std::atomic<int64_t>[]> counters_;
-    size_t counters_size_ = 0;
+    // left per down tile, the next task.
+    LoopCounters counters_;
 };
 
 }  // namespace tandem

@@ -37,6 +37,23 @@ inline void cpu_relax() {
 #endif
 }
 
+// Atomic counters for one parallel loop's own bookkeeping (tasks left per group, ready
+// flags), kept from call to call and grown when a call needs more.
+class LoopCounters {
+public:
+    std::atomic<int64_t>* get(size_t n) {
+        if (size_ < n) {
+            counters_.reset(new std::atomic<int64_t>[n]);
+            size_ = n;
+        }
+        return counters_.get();
+    }
+
+private:
+    std::unique_ptr<std::atomic<int64_t>[]> counters_;
+    size_t size_ = 0;
+};
+
 // Binds the calling thread to one logical CPU (best effort: a refusal only costs locality).
 void pin_to(int cpu);
 
