@@ -47,8 +47,11 @@ DEFAULT_PREFETCH_LEVEL = 0
 DECODE_WIDE_ENV = "TANDEM_CPU_DECODE_WIDE"
 # How many streams of rows the one-token kernels walk side by side (csrc/kernels/row_streams.inc):
 # each core keeps that many runs of reads in flight. 1 is the plain walk, the A/B switch.
+# Eight from 8 engine threads on (on the 16-core Xeon's hybrid decode 5-15% over four on
+# Qwen3, DeepSeek-V2-Lite and V3 shapes, BENCHMARKS.md), four below (not measured there).
 DECODE_STREAMS_ENV = "TANDEM_CPU_DECODE_STREAMS"
-DEFAULT_DECODE_STREAMS = 4
+DEFAULT_DECODE_STREAMS = 8
+FEW_THREADS_DECODE_STREAMS = 4
 MAX_DECODE_STREAMS = 8
 DECODE_LOOPS_ENV = "TANDEM_CPU_DECODE_LOOPS"
 DEFAULT_DECODE_LOOPS = 1
@@ -126,7 +129,8 @@ class CPUEngine:
         self.prefetch = _int_env(PREFETCH_ENV, default, 0, 1 << 20)
         self.prefetch_level = _int_env(PREFETCH_LEVEL_ENV, DEFAULT_PREFETCH_LEVEL, 0, 2)
         self.decode_wide = switch(DECODE_WIDE_ENV, default=True)
-        self.decode_streams = _int_env(DECODE_STREAMS_ENV, DEFAULT_DECODE_STREAMS, 1, MAX_DECODE_STREAMS)
+        streams = DEFAULT_DECODE_STREAMS if self.threads >= PREFETCH_MIN_THREADS else FEW_THREADS_DECODE_STREAMS
+        self.decode_streams = _int_env(DECODE_STREAMS_ENV, streams, 1, MAX_DECODE_STREAMS)
         self.decode_loops = _int_env(DECODE_LOOPS_ENV, DEFAULT_DECODE_LOOPS, 1, 2)
         self.decode_tasks = _int_env(DECODE_TASKS_ENV, DEFAULT_DECODE_TASKS, 1, 64)
         self.decode_task_kib = _int_env(DECODE_TASK_KIB_ENV, DEFAULT_DECODE_TASK_KIB, 16, 1 << 20)

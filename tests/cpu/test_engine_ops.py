@@ -334,6 +334,23 @@ def test_decode_streams_give_the_same_experts_bit_for_bit(monkeypatch):
             CPUEngine(threads=2, variant=None, prefill="off")
 
 
+def test_the_default_streams_follow_the_thread_count(monkeypatch):
+    """Eight streams from 8 engine threads on, four below; the variable overrides both."""
+    from tandem.cpu.engine import (
+        DECODE_STREAMS_ENV,
+        DEFAULT_DECODE_STREAMS,
+        FEW_THREADS_DECODE_STREAMS,
+        PREFETCH_MIN_THREADS,
+    )
+
+    monkeypatch.delenv(DECODE_STREAMS_ENV, raising=False)
+    few = CPUEngine(threads=PREFETCH_MIN_THREADS - 1, variant=None, prefill="off", pin=False)
+    many = CPUEngine(threads=PREFETCH_MIN_THREADS, variant=None, prefill="off", pin=False)
+    assert (few.decode_streams, many.decode_streams) == (FEW_THREADS_DECODE_STREAMS, DEFAULT_DECODE_STREAMS) == (4, 8)
+    monkeypatch.setenv(DECODE_STREAMS_ENV, "3")
+    assert CPUEngine(threads=PREFETCH_MIN_THREADS, variant=None, prefill="off", pin=False).decode_streams == 3
+
+
 @pytest.mark.parametrize("types", EXPERT_TYPES, ids=lambda t: f"{t[0].name}-{t[1].name}")
 def test_every_split_of_a_one_token_call_gives_the_same_experts_bit_for_bit(types, monkeypatch):
     """TANDEM_CPU_DECODE_LOOPS (gate/up and down in one parallel loop or two),
