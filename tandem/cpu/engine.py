@@ -129,7 +129,9 @@ class CPUEngine:
         self.prefetch = _int_env(PREFETCH_ENV, default, 0, 1 << 20)
         self.prefetch_level = _int_env(PREFETCH_LEVEL_ENV, DEFAULT_PREFETCH_LEVEL, 0, 2)
         self.decode_wide = switch(DECODE_WIDE_ENV, default=True)
-        streams = DEFAULT_DECODE_STREAMS if self.threads >= PREFETCH_MIN_THREADS else FEW_THREADS_DECODE_STREAMS
+        streams = (
+            DEFAULT_DECODE_STREAMS if self.threads >= PREFETCH_MIN_THREADS else FEW_THREADS_DECODE_STREAMS
+        )
         self.decode_streams = _int_env(DECODE_STREAMS_ENV, streams, 1, MAX_DECODE_STREAMS)
         self.decode_loops = _int_env(DECODE_LOOPS_ENV, DEFAULT_DECODE_LOOPS, 1, 2)
         self.decode_tasks = _int_env(DECODE_TASKS_ENV, DEFAULT_DECODE_TASKS, 1, 64)

@@ -346,7 +346,11 @@ def test_the_default_streams_follow_the_thread_count(monkeypatch):
     monkeypatch.delenv(DECODE_STREAMS_ENV, raising=False)
     few = CPUEngine(threads=PREFETCH_MIN_THREADS - 1, variant=None, prefill="off", pin=False)
     many = CPUEngine(threads=PREFETCH_MIN_THREADS, variant=None, prefill="off", pin=False)
-    assert (few.decode_streams, many.decode_streams) == (FEW_THREADS_DECODE_STREAMS, DEFAULT_DECODE_STREAMS) == (4, 8)
+    assert (
+        (few.decode_streams, many.decode_streams)
+        == (FEW_THREADS_DECODE_STREAMS, DEFAULT_DECODE_STREAMS)
+        == (4, 8)
+    )
     monkeypatch.setenv(DECODE_STREAMS_ENV, "3")
     assert CPUEngine(threads=PREFETCH_MIN_THREADS, variant=None, prefill="off", pin=False).decode_streams == 3
 
