@@ -84,8 +84,9 @@ inline void kq_scale_min(const uint8_t* s, int j, int* sc, int* m) {
 // and beyond, prefetcht1; 2: the last level, prefetcht2), TANDEM_CPU_PREFETCH_LEVEL.
 inline size_t decode_prefetch = 2048;
 inline int decode_prefetch_level = 0;
-// Whether the one-token kernels that have a 512-bit form take it (Q4_K's, Q5_K's, Q6_K's, where the
-// variant has AVX-512 BW and VNNI); false keeps their 256-bit loops. TANDEM_CPU_DECODE_WIDE.
+// Whether the one-token kernels that have a 512-bit form take it (Q4_K's, Q5_K's, Q6_K's and the
+// 32-value block types', where the variant has AVX-512 BW and VNNI); false keeps their 256-bit
+// loops. TANDEM_CPU_DECODE_WIDE.
 inline bool decode_wide_on = true;
 // How many streams of rows the one-token kernels walk side by side (row_streams.inc), 1-8.
 // TANDEM_CPU_DECODE_STREAMS.

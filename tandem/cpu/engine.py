@@ -42,7 +42,8 @@ PREFETCH_MIN_THREADS = 8
 # Which cache the prefetched lines go to: 0 (L1, prefetcht0), 1 (L2), 2 (the last level).
 PREFETCH_LEVEL_ENV = "TANDEM_CPU_PREFETCH_LEVEL"
 DEFAULT_PREFETCH_LEVEL = 0
-# 1: one-token kernels with a 512-bit form (Q4_K's in the avx512 and amx variants) take it;
+# 1: one-token kernels with a 512-bit form (the avx512 and amx variants': Q4_K, Q5_K, Q6_K and the
+# 32-value block types) take it;
 # 0: their 256-bit loop, the A/B switch.
 DECODE_WIDE_ENV = "TANDEM_CPU_DECODE_WIDE"
 # How many streams of rows the one-token kernels walk side by side (csrc/kernels/row_streams.inc):

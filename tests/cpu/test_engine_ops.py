@@ -290,11 +290,14 @@ def test_a_gpu_models_engine_yields_idle_cores_as_the_environment_says(monkeypat
 
 
 @pytest.mark.parametrize(
-    "types", [(T.Q4_K, T.Q4_K), (T.Q4_K, T.Q6_K), (T.Q5_K, T.Q5_K)], ids=lambda t: f"{t[0].name}-{t[1].name}"
+    "types",
+    [(T.Q4_K, T.Q4_K), (T.Q4_K, T.Q6_K), (T.Q5_K, T.Q5_K), (T.Q8_0, T.Q5_0), (T.Q4_0, T.Q5_1), (T.Q4_1, T.Q8_0)],
+    ids=lambda t: f"{t[0].name}-{t[1].name}",
 )
 def test_the_wide_one_token_kernels_give_the_narrow_ones_results(types, monkeypatch):
-    """TANDEM_CPU_DECODE_WIDE (Q4_K's, Q5_K's and Q6_K's 512-bit one-token loops where the
-    variant has them): the same integer sums, float sums in another order."""
+    """TANDEM_CPU_DECODE_WIDE (the 512-bit one-token loops of the K-quants Q4_K, Q5_K and
+    Q6_K and of the 32-value block types, where the variant has them): the same integer
+    sums, float sums in another order."""
     from tandem.cpu.engine import DECODE_WIDE_ENV, _native
 
     gate, up, down = expert_set(types, seed=13)

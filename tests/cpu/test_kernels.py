@@ -28,7 +28,9 @@ TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T
 # (rows, blocks per row, tokens): single rows and tokens, odd counts, and a long row.
 # With 8 tokens or more, AVX-512 VNNI takes the 16-row tiled kernels (dot_tiled.inc):
 # a partial tile of rows, a token remainder, and rows longer than one 1024-column chunk.
-SHAPES = [(1, 1, 1), (5, 3, 1), (7, 2, 33), (3, 8, 4), (37, 5, 20), (18, 40, 9)]
+# One token over an even number of 32-value blocks takes their 512-bit loops
+# (dot_q32_one512.inc), an odd number the 256-bit ones.
+SHAPES = [(1, 1, 1), (5, 3, 1), (9, 6, 1), (6, 64, 1), (7, 2, 33), (3, 8, 4), (37, 5, 20), (18, 40, 9)]
 
 
 FLOAT_DTYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
