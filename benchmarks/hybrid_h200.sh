@@ -6,7 +6,7 @@
 # SHAPE=deepseek-v2-lite LAYERS=27). Expects .whl/gguf-*.whl, .whl/llamacpp-cuda-src.tar.xz (the
 # source; its CUDA backend is built here) and .whl/qwen25-tokenizer.gguf carried, $OUT set.
 # TESTS=1 runs the GPU tests first; AB=none skips tandem's run with eager decode steps;
-# LLAMA=0 leaves llama.cpp out; SWEEP adds runs (below); PROFILE=1 splits a decode step
+# LLAMA=0 leaves llama.cpp out; SWEEP adds runs (benchmarks/sweep_benches.sh); PROFILE=1 splits a decode step
 # (benchmarks/profile_hybrid.py; PROFILE_RUNS='threads:prompt ...', default 16:512 as bench
 # decodes); EXTRA='shape:layers:gib ...' benches more files the same way after the first
 # (tandem's default settings and llama.cpp's), e.g. EXTRA='deepseek-v2-lite:27:auto'; P2=2048
@@ -17,6 +17,7 @@ set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SHAPE=${SHAPE:-qwen3-30b-a3b}; LAYERS=${LAYERS:-48}; NP=${NP:-512}; NG=${NG:-32}; R=${R:-2}; GIB=${GIB:-auto}
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/steps.log"; }
+source benchmarks/sweep_benches.sh
 
 python -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
 LLAMA_PID=
@@ -64,16 +65,7 @@ if [ "${AB:-}" != none ]; then
   TANDEM_CUDA_GRAPH=0 timeout 300 python -m tandem bench -m /tmp/q3.gguf -t 16 -p "$NP" -n "$NG" -r "$R" \
     --gpu-memory "$GIB" --json 2>&1 | tail -1 >> "$OUT/steps.log"
 fi
-# SWEEP: runs separated by '|', each environment words (NAME=value) and bench arguments,
-# e.g. SWEEP='-t 15|TANDEM_CPU_SPIN_US=5000 -t 15'.
-IFS='|' read -r -a sweep <<< "${SWEEP:-}"
-for entry in "${sweep[@]}"; do
-  envs=(); args=()
-  for word in $entry; do case $word in *=*) envs+=("$word");; *) args+=("$word");; esac; done
-  log "tandem bench, $entry"
-  env "${envs[@]}" timeout 200 python -m tandem bench -m /tmp/q3.gguf -t 16 -p "$NP" -n "$NG" -r "$R" \
-    --gpu-memory "$GIB" --json "${args[@]}" 2>&1 | tail -1 >> "$OUT/steps.log"
-done
+sweep_benches /tmp/q3.gguf "$GIB" ""  # SWEEP (benchmarks/sweep_benches.sh)
 if [ -n "${PROFILE:-}" ]; then
   log "where a hybrid step goes"
   for run in ${PROFILE_RUNS:-16:512}; do

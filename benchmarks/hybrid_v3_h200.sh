@@ -9,11 +9,12 @@
 # file is also measured with a prompt of P2 tokens (llama.cpp with -ub P2). LLAMA=0 leaves
 # llama.cpp out (tandem's figures alone, in about half the time); PROFILE=1 splits each file's
 # decode step (benchmarks/profile_hybrid.py, after a 512-token prompt); SWEEP: more tandem runs of
-# each file, as in hybrid_h200.sh (e.g. SWEEP='TANDEM_CPU_DECODE_STREAMS=8').
+# each file (benchmarks/sweep_benches.sh; e.g. SWEEP='TANDEM_CPU_DECODE_STREAMS=8').
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 FILES=${FILES:-5:auto 9:auto}; NP=${NP:-512}; NG=${NG:-32}; R=${R:-2}; P2=${P2:-2048}
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/steps.log"; }
+source benchmarks/sweep_benches.sh
 
 python -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
 LLAMA_PID=
@@ -42,14 +43,7 @@ for spec in $FILES; do
   timeout 300 python -m tandem bench -m /tmp/v3.gguf -t 16 -p "$NP" -n "$NG" -r "$R" --gpu-memory "$gib" --json \
     2>&1 | tail -1 >> "$OUT/steps.log"
   llama -m /tmp/v3.gguf -ngl 99 -ot exps=CPU -fa on -t 16 -p "$NP" -n "$NG" -r "$R" -o md
-  IFS='|' read -r -a sweep <<< "${SWEEP:-}"
-  for entry in "${sweep[@]}"; do  # as hybrid_h200.sh's SWEEP: environment words and bench arguments
-    envs=(); args=()
-    for word in $entry; do case $word in *=*) envs+=("$word");; *) args+=("$word");; esac; done
-    log "tandem bench, $layers layers, $entry"
-    env "${envs[@]}" timeout 300 python -m tandem bench -m /tmp/v3.gguf -t 16 -p "$NP" -n "$NG" -r "$R" \
-      --gpu-memory "$gib" --json "${args[@]}" 2>&1 | tail -1 >> "$OUT/steps.log"
-  done
+  sweep_benches /tmp/v3.gguf "$gib" "$layers layers, "
   if [ -n "${PROFILE:-}" ]; then
     timeout 200 python benchmarks/profile_hybrid.py /tmp/v3.gguf 16 "$gib" 32 512 2>&1 | grep -v -i warn >> "$OUT/steps.log"
   fi

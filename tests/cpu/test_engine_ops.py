@@ -291,7 +291,14 @@ def test_a_gpu_models_engine_yields_idle_cores_as_the_environment_says(monkeypat
 
 @pytest.mark.parametrize(
     "types",
-    [(T.Q4_K, T.Q4_K), (T.Q4_K, T.Q6_K), (T.Q5_K, T.Q5_K), (T.Q8_0, T.Q5_0), (T.Q4_0, T.Q5_1), (T.Q4_1, T.Q8_0)],
+    [
+        (T.Q4_K, T.Q4_K),
+        (T.Q4_K, T.Q6_K),
+        (T.Q5_K, T.Q5_K),
+        (T.Q8_0, T.Q5_0),
+        (T.Q4_0, T.Q5_1),
+        (T.Q4_1, T.Q8_0),
+    ],
     ids=lambda t: f"{t[0].name}-{t[1].name}",
 )
 def test_the_wide_one_token_kernels_give_the_narrow_ones_results(types, monkeypatch):
