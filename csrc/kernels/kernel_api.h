@@ -144,10 +144,10 @@ struct PrefillAttention {
 // prefill_scratch_floats(group * nq, d, dv) floats.
 using AttendPrefillFn = void (*)(const PrefillAttention& a, int64_t kv_head, int64_t i0, int64_t nq, float* scratch);
 inline int64_t prefill_scratch_floats(int64_t rows, int64_t d, int64_t dv) {
-    // outputs, max and sum per row, a block of scores per row (at most 64 keys), a pointer
-    // per row, alignment
+    // outputs, max, sum and rescaling factor per row, a block of scores per row (at most 64
+    // keys), a pointer per row, alignment
     (void)d;
-    return rows * (dv + 2 + 64) + rows * static_cast<int64_t>(sizeof(void*) / sizeof(float)) + 16;
+    return rows * (dv + 3 + 64) + rows * static_cast<int64_t>(sizeof(void*) / sizeof(float)) + 16;
 }
 
 // The sum of n bytes read as 64-bit words (and single bytes at the end), at the
