@@ -239,6 +239,9 @@ void bind_engine(nb::module_& m) {
         nb::arg("max_task_bytes") = DecodeSplit{}.max_task_bytes,
         "How one-token calls divide their work: the experts in one loop or two, about how many "
         "tasks a thread gets, and the most weight bytes a task reads; process-wide.");
+    m.def("set_decode_output_by_groups", &set_decode_output_by_groups, nb::arg("on"),
+          "Fused decode layers run o by kv-head groups inside the attention's loop (TANDEM_CPU_DECODE_O_GROUPS).");
+    m.def("decode_output_by_groups", &decode_output_by_groups);
     m.def("decode_split", [] {
         const DecodeSplit split = decode_split();
         return std::make_tuple(split.one_loop, split.tasks_per_thread, split.max_task_bytes);

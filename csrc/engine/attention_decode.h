@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "engine/thread_pool.h"
+#include "engine/weight_matrix.h"
 #include "kernels/kernel_api.h"
 
 namespace tandem {
@@ -26,5 +27,25 @@ struct DecodeAttention {
 
 void attention_decode(ThreadPool& pool, const VariantKernels& kernels, const DecodeAttention& a,
                       std::vector<float>& scratch);
+
+// The attention and then the output projection out = W · attention(...) in one parallel
+// loop, W taken by kv-head groups of columns: W · x = Σ_g W[:, cols of group g] · x_g. A
+// group's columns start as soon as its heads are done, while other groups' heads still
+// read the cache; each row sums its groups' partials in group order, so the result does
+// not depend on the threads (it differs from one whole-row dot by float rounding).
+// Only where output_by_groups_fits.
+struct OutputByGroups {
+    const WeightMatrix* w = nullptr;  // rows × (n_q_heads · dv)
+    float* out = nullptr;             // [rows]
+    std::vector<uint8_t>* act = nullptr;      // scratch: each group's prepared activation
+    std::vector<float>* partial = nullptr;    // scratch: [groups][rows]
+};
+bool output_by_groups_fits(const WeightMatrix& w, int64_t n_kv_heads);
+void attention_decode_output(ThreadPool& pool, const VariantKernels& kernels, const DecodeAttention& a,
+                             std::vector<float>& scratch, const OutputByGroups& o);
+
+// Whether fused decode layers take attention_decode_output (TANDEM_CPU_DECODE_O_GROUPS), process-wide.
+void set_decode_output_by_groups(bool on);
+bool decode_output_by_groups();
 
 }  // namespace tandem

@@ -216,9 +216,15 @@ void DecodeLayer::step(const float* x, float* out, const float* cos, const float
     a.k_row_stride = a.v_row_stride = d;
     a.scale = s.attn_scale;
     a.out = attn_.data();
-    attention_decode(*pool_, kernels_, a, scores_);
-    mark(kAttention);
-    gemv(attn_.data(), {{&s.o, o_.data()}});
+    if (decode_output_by_groups() && output_by_groups_fits(s.o, s.n_kv_heads)) {
+        // o by kv-head groups inside the attention's loop: its time counts as attention's
+        attention_decode_output(*pool_, kernels_, a, scores_, OutputByGroups{&s.o, o_.data(), &o_act_, &o_partial_});
+        mark(kAttention);
+    } else {
+        attention_decode(*pool_, kernels_, a, scores_);
+        mark(kAttention);
+        gemv(attn_.data(), {{&s.o, o_.data()}});
+    }
     add_bias(o_.data(), s.o_bias, s.hidden);
     norm(kernels_, s.post_attn_norm, o_.data(), 1, s.hidden, o_.data());
     for (int64_t i = 0; i < s.hidden; ++i) o_[i] += x[i];  // o_: the residual stream from here

@@ -96,6 +96,8 @@ private:
     std::vector<uint8_t> act_[3];  // prepared activations per ActFormat
     std::vector<Tile> tiles_;
     std::vector<float> h_, q_, k_, v_, attn_, o_, ffn_, g_, u_, d_, logits_, scores_;
+    std::vector<uint8_t> o_act_;  // o by kv-head groups (attention_decode_output): their activations
+    std::vector<float> o_partial_;  // and their partial sums
     std::vector<int64_t> ids_;
     std::vector<float> weights_;
 };

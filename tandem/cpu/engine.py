@@ -60,6 +60,10 @@ DECODE_TASKS_ENV = "TANDEM_CPU_DECODE_TASKS"
 DEFAULT_DECODE_TASKS = 4
 DECODE_TASK_KIB_ENV = "TANDEM_CPU_DECODE_TASK_KIB"
 DEFAULT_DECODE_TASK_KIB = 256
+# 1: a fused decode layer's o projection runs by kv-head groups of columns inside the
+# attention's parallel loop, each group as soon as its heads are done (the A/B switch; off
+# until measured on a many-core machine).
+DECODE_O_GROUPS_ENV = "TANDEM_CPU_DECODE_O_GROUPS"
 
 # How long the pool's idle workers spin before parking, microseconds. Between
 # two engine calls of a decode step torch runs on the calling thread alone, so
@@ -137,11 +141,13 @@ class CPUEngine:
         self.decode_loops = _int_env(DECODE_LOOPS_ENV, DEFAULT_DECODE_LOOPS, 1, 2)
         self.decode_tasks = _int_env(DECODE_TASKS_ENV, DEFAULT_DECODE_TASKS, 1, 64)
         self.decode_task_kib = _int_env(DECODE_TASK_KIB_ENV, DEFAULT_DECODE_TASK_KIB, 16, 1 << 20)
+        self.decode_o_groups = switch(DECODE_O_GROUPS_ENV, default=False)
         # process-wide: the last engine made sets them
         _native().set_decode_prefetch(self.prefetch, self.prefetch_level)
         _native().set_decode_wide(self.decode_wide)
         _native().set_decode_streams(self.decode_streams)
         _native().set_decode_split(self.decode_loops == 1, self.decode_tasks, self.decode_task_kib << 10)
+        _native().set_decode_output_by_groups(self.decode_o_groups)
         # Pinning more threads than cores would stack two on one core for good.
         self.pool = _native().ThreadPool(self.threads, pin and self.threads <= usable_cores(), self.spin_us)
 

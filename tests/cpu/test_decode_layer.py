@@ -158,6 +158,56 @@ def test_the_split_of_a_steps_work_leaves_its_logits_alone(tiny_dir):
         assert torch.equal(other, logits[0])
 
 
+@pytest.mark.parametrize("prompt_len", [9, 300])  # one chunk of the cache, then several merged
+def test_o_by_kv_head_groups_gives_the_whole_rows_logits(tiny_dir, prompt_len):
+    """TANDEM_CPU_DECODE_O_GROUPS: o by kv-head groups of columns inside the attention's loop
+    (2 groups of 64 Q8_0 columns here) sums the groups' partials in group order: the logits
+    of the whole-row dots within float rounding, and the same bits for every split."""
+    model = load(tiny_dir, "qwen3moe", "Q8_0").model
+    config = model.config
+    assert config.num_key_value_heads >= 2  # the grouped path applies
+    assert config.num_attention_heads * config.head_dim // config.num_key_value_heads % 32 == 0
+    prompt = torch.randint(3, 400, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    logits = {}
+    with torch.inference_mode():
+        cache = new_cache(model)
+        model(input_ids=prompt, **{cache_kwarg(model): cache}, use_cache=True)
+        for groups, tasks in (
+            (False, DEFAULT_DECODE_TASKS),
+            (True, DEFAULT_DECODE_TASKS),
+            (True, 1),
+            (True, 64),
+        ):
+            _native().set_decode_output_by_groups(groups)
+            _native().set_decode_split(True, tasks, 256 << 10)
+            step_cache = copy.deepcopy(cache)
+            calls = model.forward.calls
+            out = model(input_ids=torch.tensor([[17]]), **{cache_kwarg(model): step_cache}, use_cache=True)
+            assert model.forward.calls == calls + 1  # the fused step
+            logits[(groups, tasks)] = out.logits
+    _native().set_decode_output_by_groups(False)
+    _native().set_decode_split(True, DEFAULT_DECODE_TASKS)
+    whole, grouped = logits[(False, DEFAULT_DECODE_TASKS)], logits[(True, DEFAULT_DECODE_TASKS)]
+    assert rel(grouped, whole) < 1e-5
+    for tasks in (1, 64):
+        assert torch.equal(logits[(True, tasks)], grouped)
+
+
+def test_the_o_groups_switch(monkeypatch):
+    from tandem.cpu.engine import DECODE_O_GROUPS_ENV, CPUEngine
+    from tandem.errors import TandemError
+
+    for value, on in (("1", True), ("0", False), ("", False)):
+        monkeypatch.setenv(DECODE_O_GROUPS_ENV, value)
+        engine = CPUEngine(threads=2, variant=None, prefill="off")
+        assert engine.decode_o_groups == on == _native().decode_output_by_groups()
+    monkeypatch.setenv(DECODE_O_GROUPS_ENV, "sometimes")
+    with pytest.raises(TandemError, match=DECODE_O_GROUPS_ENV):
+        CPUEngine(threads=2, variant=None, prefill="off")
+    monkeypatch.delenv(DECODE_O_GROUPS_ENV)
+    CPUEngine(threads=2, variant=None, prefill="off")  # the process-wide switch back off
+
+
 def test_other_calls_take_the_layer_modules(tiny_dir):
     model = load(tiny_dir, "qwen3moe").model
     layer = decoder_layers(model)[0]
