@@ -34,7 +34,7 @@ void merge_chunks(const float* first, int64_t n_chunks, int64_t per_head, int64_
 class AttentionTasks {
 public:
     AttentionTasks(const VariantKernels& kernels, const DecodeAttention& a, int64_t threads,
-                   std::vector<float>& scratch, size_t extra_floats)
+                   std::vector<float>& scratch)
         : kernels_(kernels), a_(a) {
         group_ = a.n_q_heads / a.n_kv_heads;
         // A task takes the query heads of one kv head (the kernel reads each key and value once
@@ -54,10 +54,9 @@ public:
         per_thread_ = heads_ * chunk_ + 2 * heads_;    // scores, then one chunk's max and sum
         const size_t scores = static_cast<size_t>(threads * per_thread_);
         const size_t partials = n_chunks_ > 1 ? static_cast<size_t>(a.n_q_heads * n_chunks_ * per_head_) : 0;
-        if (scratch.size() < scores + partials + extra_floats) scratch.resize(scores + partials + extra_floats);
+        if (scratch.size() < scores + partials) scratch.resize(scores + partials);
         scratch_ = scratch.data();
         part_ = scratch_ + scores;
-        extra_ = part_ + partials;
         // Per (kv head, block of heads): chunks still to finish; the task that finishes the last
         // merges the block's heads.
         thread_local LoopCounters counters;  // the thread that leads the loop owns them
@@ -67,7 +66,6 @@ public:
     }
     int64_t count() const { return a_.n_kv_heads * n_chunks_ * blocks_; }
     int64_t per_group() const { return n_chunks_ * blocks_; }  // tasks of one kv head, consecutive
-    float* extra() const { return extra_; }  // extra_floats after the kernels' own scratch
 
     void run(int64_t task, int thread) const {
         const DecodeAttention& a = a_;
@@ -111,7 +109,6 @@ private:
     int64_t group_ = 1, n_chunks_ = 1, heads_ = 1, blocks_ = 1, chunk_ = 1, per_head_ = 0, per_thread_ = 0;
     float* scratch_ = nullptr;
     float* part_ = nullptr;
-    float* extra_ = nullptr;
     std::atomic<int64_t>* left_ = nullptr;
 };
 
@@ -121,7 +118,7 @@ std::atomic<bool> g_output_by_groups{false};
 
 void attention_decode(ThreadPool& pool, const VariantKernels& kernels, const DecodeAttention& a,
                       std::vector<float>& scratch) {
-    const AttentionTasks tasks(kernels, a, pool.size(), scratch, 0);
+    const AttentionTasks tasks(kernels, a, pool.size(), scratch);
     pool.parallel_for(tasks.count(), [&](int64_t task, int thread) { tasks.run(task, thread); });
 }
 
@@ -140,7 +137,7 @@ void attention_decode_output(ThreadPool& pool, const VariantKernels& kernels, co
     const WeightMatrix& w = *o.w;
     const int64_t groups = a.n_kv_heads, rows = w.rows, cols = w.cols / groups;
     const int64_t threads = pool.size();
-    const AttentionTasks att(kernels, a, threads, scratch, 0);
+    const AttentionTasks att(kernels, a, threads, scratch);
     // The projection's tasks: row tiles of every group, group by group (the first groups'
     // heads finish first), about decode_split().tasks_per_thread a thread in all.
     const size_t group_bytes = w.row_bytes / static_cast<size_t>(groups);
