@@ -7,12 +7,13 @@
 # (the embedded model's tokenizer alone) carried, $OUT set. SKIP_TESTS=1 skips the tests;
 # PROFILE=1 adds a prompt and a decode profile and the MoE op alone (PROFILE=prompt: the first alone); CROSSOVER=1 the
 # prefill kernels against the dot kernels on one matrix; DOTS=1 the dot kernels of avx512 and amx on one thread. AB names an environment setting for a second tandem run (default: the fused
-# decode layers off; AB=none: no second run). LLAMA=0 leaves llama.cpp out, BENCH=0 the tandem bench;
+# decode layers off; AB=none: no second run); SWEEP adds runs (benchmarks/sweep_benches.sh). LLAMA=0 leaves llama.cpp out, BENCH=0 the tandem bench;
 # LLAMA_JOBS: compile jobs for llama.cpp (default 6, beside the tests).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 THREADS=${THREADS:-16}; LAYERS=${LAYERS:-48}; NP=${NP:-512}; NG=${NG:-32}; R=${R:-2}
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/steps.log"; }
+source benchmarks/sweep_benches.sh
 
 python -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
 LLAMA_PID=
@@ -52,6 +53,7 @@ log "tandem bench, $AB"
 env $AB timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" --json \
   2>&1 | tail -1 | tee -a "$OUT/steps.log"
 fi
+sweep_benches /tmp/q3.gguf "" ""
 fi
 if [ -n "${CROSSOVER:-}" ]; then
 log "prefill kernels against the dot kernels, one linear layer"

@@ -36,12 +36,13 @@ using namespace tandem;
 
 namespace {
 
-GemmPath gemm_path(const std::string& name, int64_t min_tokens) {
+GemmPath gemm_path(const std::string& name, int64_t min_tokens, bool int8_first) {
     GemmPath path;
     if (name.empty()) return path;
     path.kernels = &gemm_named(name);
     if (min_tokens < 1) throw std::invalid_argument("gemm_min_tokens must be at least 1");
     path.min_tokens = min_tokens;
+    path.int8_first = int8_first;
     return path;
 }
 
@@ -414,15 +415,16 @@ void bind_engine(nb::module_& m) {
 
     nb::class_<LinearOp>(m, "LinearOp")
         .def(nb::new_([](std::shared_ptr<ThreadPool> pool, const std::string& variant, uintptr_t data, int ggml_type,
-                         int64_t rows, int64_t cols, const std::string& gemm, int64_t gemm_min_tokens) {
+                         int64_t rows, int64_t cols, const std::string& gemm, int64_t gemm_min_tokens,
+                         bool gemm_int8_first) {
                  const VariantKernels& kernels = kernels_named(variant);
                  return std::make_shared<LinearOp>(
                      std::move(pool), kernels,
                      make_weight_matrix(kernels, "weight", ptr<const uint8_t>(data), ggml_type, 1, rows, cols),
-                     gemm_path(gemm, gemm_min_tokens));
+                     gemm_path(gemm, gemm_min_tokens, gemm_int8_first));
              }),
              nb::arg("pool"), nb::arg("variant"), nb::arg("data"), nb::arg("ggml_type"), nb::arg("rows"),
-             nb::arg("cols"), nb::arg("gemm") = "", nb::arg("gemm_min_tokens") = 32)
+             nb::arg("cols"), nb::arg("gemm") = "", nb::arg("gemm_min_tokens") = 32, nb::arg("gemm_int8_first") = false)
         .def(
             "forward",
             [](LinearOp& op, uintptr_t x, int64_t n_tok, int64_t x_stride, uintptr_t out) {
@@ -436,16 +438,19 @@ void bind_engine(nb::module_& m) {
     nb::class_<MoEOp>(m, "MoEOp")
         .def(nb::new_([](std::shared_ptr<ThreadPool> pool, const std::string& variant, int64_t n_experts,
                          int64_t hidden, int64_t inter, uintptr_t gate, int gate_type, uintptr_t up, int up_type,
-                         uintptr_t down, int down_type, const std::string& gemm, int64_t gemm_min_tokens) {
+                         uintptr_t down, int down_type, const std::string& gemm, int64_t gemm_min_tokens,
+                         bool gemm_int8_first) {
                  const VariantKernels& kernels = kernels_named(variant);
                  auto g = make_weight_matrix(kernels, "gate", ptr<const uint8_t>(gate), gate_type, n_experts, inter, hidden);
                  auto u = make_weight_matrix(kernels, "up", ptr<const uint8_t>(up), up_type, n_experts, inter, hidden);
                  auto d = make_weight_matrix(kernels, "down", ptr<const uint8_t>(down), down_type, n_experts, hidden, inter);
-                 return std::make_shared<MoEOp>(std::move(pool), kernels, g, u, d, gemm_path(gemm, gemm_min_tokens));
+                 return std::make_shared<MoEOp>(std::move(pool), kernels, g, u, d,
+                                                gemm_path(gemm, gemm_min_tokens, gemm_int8_first));
              }),
              nb::arg("pool"), nb::arg("variant"), nb::arg("n_experts"), nb::arg("hidden"), nb::arg("inter"),
              nb::arg("gate"), nb::arg("gate_type"), nb::arg("up"), nb::arg("up_type"), nb::arg("down"),
-             nb::arg("down_type"), nb::arg("gemm") = "", nb::arg("gemm_min_tokens") = 32)
+             nb::arg("down_type"), nb::arg("gemm") = "", nb::arg("gemm_min_tokens") = 32,
+             nb::arg("gemm_int8_first") = false)
         .def(
             "forward",
             [](MoEOp& op, int64_t n_tok, int64_t top_k, uintptr_t x, uintptr_t ids, uintptr_t w, uintptr_t out) {

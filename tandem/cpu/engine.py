@@ -30,6 +30,11 @@ DEFAULT_GEMM_MIN_TOKENS = 32
 # calls; on the 16-core Sapphire Rapids machine they beat the AMX-BF16 path up to 64 tokens
 # on a 2048 × 2048 Q4_K/Q6_K matrix and up to 512 on a 768 × 2048 one (BENCHMARKS.md).
 DEFAULT_GEMM_MIN_TOKENS_TILED = 128
+# Q4_K and Q5_K, whose prompt-sized dots run on AMX-INT8 tiles with the amx kernels,
+# stay on them at every token count: on the 16-core Sapphire Rapids machine they beat the
+# AMX-BF16 path at 4-512 tokens on 2048 × 2048 and 768 × 2048 Q4_K matrices (BENCHMARKS.md).
+# Off, they take the bf16 path from gemm_min_tokens on like every other type.
+GEMM_INT8_FIRST_ENV = "TANDEM_CPU_GEMM_INT8_FIRST"
 
 # How far ahead of the block in hand the one-token kernels prefetch weights, bytes
 # (0: off). With 16 threads on the 16-core Sapphire Rapids machine 2048 took the
@@ -108,6 +113,7 @@ class CPUEngine:
         pin: bool = True,
         prefill: str | None = None,
         gemm_min_tokens: int | None = None,
+        gemm_int8_first: bool | None = None,
     ):
         self.variant = select_variant(override=variant)
         self.kernels = self.variant  # the dot kernels' table (the amx one adds AMX-INT8 tiles to avx512's)
@@ -126,6 +132,9 @@ class CPUEngine:
         if gemm_min_tokens < 1:
             raise TandemError(f"gemm_min_tokens must be at least 1, got {gemm_min_tokens}")
         self.gemm_min_tokens = gemm_min_tokens
+        self.gemm_int8_first = (
+            switch(GEMM_INT8_FIRST_ENV, default=True) if gemm_int8_first is None else gemm_int8_first
+        )
         self.spin_us = _int_env(SPIN_ENV, DEFAULT_SPIN_US, 0, 1_000_000)
         self.threads = threads or default_threads()
         if self.threads < 1:
@@ -456,6 +465,7 @@ class EngineLinear:
                 *weight.shape,
                 engine.prefill,
                 engine.gemm_min_tokens,
+                engine.gemm_int8_first,
             )
         except ValueError as error:
             raise UnsupportedError(f"tensor {weight.name!r}: {error}") from None
@@ -501,6 +511,7 @@ class EngineExperts:
                 *args,
                 engine.prefill,
                 engine.gemm_min_tokens,
+                engine.gemm_int8_first,
             )
         except ValueError as error:
             raise UnsupportedError(f"experts {gate.name!r}: {error}") from None

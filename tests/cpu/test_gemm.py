@@ -6,6 +6,9 @@ Bounds (asserted):
   and within 2^-8 of Σ|w|·|x| of the plain float product: the most that rounding
   both operands to bf16 can move it;
 - the linear op on the prefill path: the same two bounds;
+- by default, Q4_K and Q5_K stay on the dot kernels' AMX-INT8 tiles where the amx
+  kernels have them, at any token count (the op's output equals dot_rows bit for bit),
+  and other types still take the prefill path;
 - the MoE op with some experts on the prefill path and some on the dot kernels:
   relative L2 error below 5e-4 against a float64 reference taking the same path
   per expert, below 3e-2 against the float32 torch arithmetic, and identical
@@ -81,7 +84,14 @@ def test_kernel_refuses_rows_not_a_multiple_of_32(name):
 
 
 def prefill_engine(name: str, threads: int, min_tokens: int) -> CPUEngine:
-    return CPUEngine(threads=threads, prefill=name, gemm_min_tokens=min_tokens)
+    # Every type on the prefill path from min_tokens on, the AMX-INT8 ones too.
+    return CPUEngine(threads=threads, prefill=name, gemm_min_tokens=min_tokens, gemm_int8_first=False)
+
+
+def assert_exact_8_bit(out, blocks, ggml_type, rows, x, engine):
+    exact = reference.dot_rows(blocks, ggml_type, rows, x, kernels.act_format(engine.kernels, ggml_type))
+    scale = x.double().abs() @ dequantized(blocks, ggml_type, rows).abs().T
+    assert ((out.double() - exact).abs() <= 1e-5 * scale + 1e-30).all()
 
 
 @needs_prefill
@@ -100,10 +110,25 @@ def test_linear_op_takes_the_prefill_path_from_its_threshold(name, ggml_type, n,
     linear = engine.linear(QuantTensor(blocks, ggml_type, (rows, cols), "blk.0.w"))
     assert_within_bf16_bounds(linear(x), blocks, ggml_type, rows, x)
     # Below the threshold the same op takes the 8-bit dot kernels: their exact reference holds.
-    few = x[:5]
-    exact = reference.dot_rows(blocks, ggml_type, rows, few, kernels.act_format(engine.kernels, ggml_type))
-    scale = few.double().abs() @ dequantized(blocks, ggml_type, rows).abs().T
-    assert ((linear(few).double() - exact).abs() <= 1e-5 * scale + 1e-30).all()
+    assert_exact_8_bit(linear(x[:5]), blocks, ggml_type, rows, x[:5], engine)
+
+
+@needs_prefill
+@pytest.mark.parametrize("name", PREFILL)
+@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+def test_int8_tile_types_keep_the_dot_kernels_by_default(name, ggml_type):
+    from tandem.quant.quant_tensor import QuantTensor
+
+    rows, cols, n = 70, 512, 150
+    blocks = weights(ggml_type, rows, cols, seed=3)
+    x = activations(n, cols, seed=4)
+    engine = CPUEngine(threads=2, prefill=name, gemm_min_tokens=32)
+    assert engine.gemm_int8_first
+    out = engine.linear(QuantTensor(blocks, ggml_type, (rows, cols), "blk.0.w"))(x)
+    if engine.kernels == "amx" and ggml_type != T.Q6_K:  # its AMX-INT8 tiles: dot_rows bit for bit
+        assert torch.equal(out, kernels.dot_rows(engine.kernels, blocks, ggml_type, rows, x))
+    else:
+        assert_within_bf16_bounds(out, blocks, ggml_type, rows, x)
 
 
 def experts_mixed(engine: CPUEngine, gate, up, down, x, ids, weights) -> torch.Tensor:
