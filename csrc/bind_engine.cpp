@@ -305,7 +305,7 @@ void bind_engine(nb::module_& m) {
         [](ThreadPool& pool, const std::string& variant, uintptr_t q, int64_t q_head, int64_t q_row, uintptr_t k,
            int64_t k_head, int64_t k_row, uintptr_t v, int64_t v_head, int64_t v_row, uintptr_t out, int64_t out_head,
            int64_t out_row, int64_t n, int64_t n_q_heads, int64_t n_kv_heads, int64_t d, int64_t dv, int64_t window,
-           float scale, int64_t q_offset) {
+           float scale, int64_t q_offset, bool bf16) {
             if (n < 1 || n_q_heads < 1 || n_kv_heads < 1 || n_q_heads % n_kv_heads != 0 || d < 1 || dv < 1 ||
                 window < 0 || q_offset < 0)
                 throw std::invalid_argument("attention_prefill: bad head counts or sizes");
@@ -331,9 +331,23 @@ void bind_engine(nb::module_& m) {
             const VariantKernels& kernels = kernels_named(variant);
             nb::gil_scoped_release release;
             thread_local std::vector<float> scratch;
-            attention_prefill(pool, kernels, a, n, n_kv_heads, scratch);
+            attention_prefill(pool, kernels, a, n, n_kv_heads, scratch, bf16);
         },
-        "A prompt's causal grouped-query attention (element strides; see kernels/kernel_api.h).");
+        nb::arg("pool"), nb::arg("variant"), nb::arg("q"), nb::arg("q_head"), nb::arg("q_row"), nb::arg("k"),
+        nb::arg("k_head"), nb::arg("k_row"), nb::arg("v"), nb::arg("v_head"), nb::arg("v_row"), nb::arg("out"),
+        nb::arg("out_head"), nb::arg("out_row"), nb::arg("n"), nb::arg("n_q_heads"), nb::arg("n_kv_heads"),
+        nb::arg("d"), nb::arg("dv"), nb::arg("window"), nb::arg("scale"), nb::arg("q_offset"), nb::arg("bf16") = false,
+        "A prompt's causal grouped-query attention (element strides; see kernels/kernel_api.h); bf16: on the "
+        "variant's AMX-BF16 kernel where it has one and the sizes suit it.");
+    m.def(
+        "attention_prefill_bf16_applies",
+        [](const std::string& variant, int64_t d, int64_t dv) {
+            PrefillAttention a;
+            a.d = d;
+            a.dv = dv;
+            return prefill_bf16_applies(kernels_named(variant), a);
+        },
+        "Whether attention_prefill(..., bf16=True) takes the AMX-BF16 kernel for these head sizes.");
     m.def(
         "softmax_top_k",
         [](ThreadPool& pool, uintptr_t logits, int64_t n, int64_t n_experts, int64_t k, bool renormalize,

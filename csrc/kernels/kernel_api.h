@@ -138,7 +138,16 @@ struct PrefillAttention {
     int64_t out_head = 0, out_row = 0;
     int64_t group = 1, d = 0, dv = 0, window = 0, q_offset = 0;
     float scale = 1.0f;
+    // The bf16 kernel's keys and values (VariantKernels::attend_prefill_bf16), packed by the
+    // engine as its tiles' B operands, per kv head (kb_head, vb_head elements apart), zero
+    // past the last key, in blocks of kPrefillBf16Keys keys:
+    //   kb: per 16 keys, per 32 columns c: [pair p][key j][2] = k[key j][32c + 2p + e]
+    //   vb: per 32 keys, per 16 columns u: [pair p][column i][2] = v[key 2p + e][16u + i]
+    const uint16_t* kb = nullptr;
+    const uint16_t* vb = nullptr;
+    int64_t kb_head = 0, vb_head = 0;
 };
+constexpr int64_t kPrefillBf16Keys = 128;
 
 // Query positions [i0, i0 + nq) of every query head reading kv head kv_head. scratch:
 // prefill_scratch_floats(group * nq, d, dv) floats.
@@ -148,6 +157,13 @@ inline int64_t prefill_scratch_floats(int64_t rows, int64_t d, int64_t dv) {
     // keys), a pointer per row, alignment
     (void)d;
     return rows * (dv + 3 + 64) + rows * static_cast<int64_t>(sizeof(void*) / sizeof(float)) + 16;
+}
+
+// The bf16 kernel's scratch: outputs, max, sum and factor per row, a block of scores and
+// of bf16 weights per row, the bf16 queries, four result tiles, each part 64-byte aligned.
+inline int64_t prefill_bf16_scratch_floats(int64_t rows, int64_t d, int64_t dv) {
+    const int64_t padded = (rows + 15) / 16 * 16;
+    return padded * (dv + 3 + kPrefillBf16Keys + kPrefillBf16Keys / 2 + d / 2) + 4 * 256 + 8 * 16 + 16;
 }
 
 // The sum of n bytes read as 64-bit words (and single bytes at the end), at the
@@ -166,6 +182,9 @@ struct VariantKernels {
     ReadWordsFn read_words;
     const TypeKernel* types;
     int n_types;
+    // A prompt's attention on AMX-BF16 tiles (d a multiple of 32, dv of 16; the keys and
+    // values packed: PrefillAttention::kb, vb); null where the variant has none.
+    AttendPrefillFn attend_prefill_bf16 = nullptr;
 
     const TypeKernel* find(int ggml_type) const {
         for (int i = 0; i < n_types; ++i)

@@ -157,6 +157,7 @@ def memory_floor(weights, decode_tok_s: float) -> dict:
         "decode_task_kib": engine.decode_task_kib,
         "decode_o_groups": engine.decode_o_groups,
         "gemm_int8_first": engine.gemm_int8_first,
+        "attention_bf16": engine.attention_bf16_runs(),
         "read_bandwidth_gb_s": bandwidth / 1e9,
     }
     moe = moe_of(weights)

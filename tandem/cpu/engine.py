@@ -35,6 +35,10 @@ DEFAULT_GEMM_MIN_TOKENS_TILED = 128
 # AMX-BF16 path at 4-512 tokens on 2048 × 2048 and 768 × 2048 Q4_K matrices (BENCHMARKS.md).
 # Off, they take the bf16 path from gemm_min_tokens on like every other type.
 GEMM_INT8_FIRST_ENV = "TANDEM_CPU_GEMM_INT8_FIRST"
+# A prompt's attention on AMX-BF16 tiles where the amx kernels run it (head sizes of a
+# multiple of 32): q · scale, k, v and the softmax weights rounded to bf16, every sum in
+# float32 (kernels/attention_prefill_amx.inc). Off, the float32 kernel.
+ATTENTION_BF16_ENV = "TANDEM_CPU_ATTENTION_BF16"
 
 # How far ahead of the block in hand the one-token kernels prefetch weights, bytes
 # (0: off). With 16 threads on the 16-core Sapphire Rapids machine 2048 took the
@@ -114,6 +118,7 @@ class CPUEngine:
         prefill: str | None = None,
         gemm_min_tokens: int | None = None,
         gemm_int8_first: bool | None = None,
+        attention_bf16: bool | None = None,
     ):
         self.variant = select_variant(override=variant)
         self.kernels = self.variant  # the dot kernels' table (the amx one adds AMX-INT8 tiles to avx512's)
@@ -134,6 +139,9 @@ class CPUEngine:
         self.gemm_min_tokens = gemm_min_tokens
         self.gemm_int8_first = (
             switch(GEMM_INT8_FIRST_ENV, default=True) if gemm_int8_first is None else gemm_int8_first
+        )
+        self.attention_bf16 = (
+            switch(ATTENTION_BF16_ENV, default=True) if attention_bf16 is None else attention_bf16
         )
         self.spin_us = _int_env(SPIN_ENV, DEFAULT_SPIN_US, 0, 1_000_000)
         self.threads = threads or default_threads()
@@ -188,6 +196,10 @@ class CPUEngine:
         )
         return out
 
+    def attention_bf16_runs(self, d: int = 128, dv: int = 128) -> bool:
+        """Whether a prompt's attention with these head sizes runs on the AMX-BF16 kernel."""
+        return self.attention_bf16 and _native().attention_prefill_bf16_applies(self.kernels, d, dv)
+
     def attention_prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0
     ) -> torch.Tensor | None:
@@ -238,6 +250,7 @@ class CPUEngine:
             window,
             scale,
             k.shape[2] - t,
+            self.attention_bf16,
         )
         return out
 

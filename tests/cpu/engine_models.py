@@ -34,7 +34,7 @@ def count_calls(monkeypatch, method: str) -> list:
 
 
 def without_bf16_prefill(monkeypatch) -> None:
-    """The process's engine without the bf16 prefill kernels (AMX's by default where it runs):
-    F16 weights then take the float dot kernels, and a prompt's logits differ from torch's
-    by float rounding alone, whatever the machine."""
-    monkeypatch.setattr(engine, "_default", CPUEngine(prefill="off"))
+    """The process's engine without the bf16 prefill kernels and prompt attention (AMX's by
+    default where it runs): F16 weights then take the float dot kernels, and a prompt's
+    logits differ from torch's by float rounding alone, whatever the machine."""
+    monkeypatch.setattr(engine, "_default", CPUEngine(prefill="off", attention_bf16=False))

@@ -1,4 +1,13 @@
-"""The engine's prompt attention (kernels/attention_prefill.inc) against torch's SDPA in float64."""
+"""The engine's prompt attention against torch's SDPA in float64.
+
+Bounds (asserted), of the largest output error against the largest output or value:
+- the float32 kernel (kernels/attention_prefill.inc): 1e-5 of the largest output;
+- the AMX-BF16 kernel (kernels/attention_prefill_amx.inc), where the amx kernels run it:
+  2^-8 of the largest |v| against SDPA on q · scale, k and v rounded to bf16 (the weights'
+  own rounding to bf16 moves an output by at most 2^-9 of it), and 2^-5 against SDPA on
+  the float inputs; head sizes it does not take (d not a multiple of 32) keep the float32
+  kernel's bound.
+"""
 
 from __future__ import annotations
 
@@ -40,16 +49,54 @@ def reference(q, k, v, scale, window):
     ],
 )
 def test_matches_sdpa(variant, hq, hkv, t, prefix, d, dv, window):
+    q, k, v = inputs(hq, hkv, t, prefix, d, dv)
+    scale = d**-0.5
+    out = CPUEngine(threads=3, variant=variant, attention_bf16=False).attention_prefill(
+        q, k, v, scale, window
+    )
+    want = reference(q, k, v, scale, window)
+    assert out.shape == (1, t, hq, dv)
+    assert float((out.double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def inputs(hq, hkv, t, prefix, d, dv):
     g = torch.Generator().manual_seed(t + d)
     # The projections' layout, [1, T, H, D] viewed as [1, H, T, D]: strided rows.
     q = torch.randn(1, t, hq, d, generator=g).transpose(1, 2)
     k = torch.randn(1, prefix + t, hkv, d, generator=g).transpose(1, 2)
     v = torch.randn(1, prefix + t, hkv, dv, generator=g).transpose(1, 2)
+    return q, k, v
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    "hq,hkv,t,prefix,d,dv,window",
+    [
+        (8, 1, 37, 0, 64, 64, 0),  # part of one key block, a partial row tile
+        (32, 4, 300, 0, 128, 128, 0),  # Qwen3-30B-A3B's heads, three key blocks
+        (6, 2, 200, 0, 64, 80, 0),  # an odd number of 16-column value tiles
+        (4, 1, 150, 0, 256, 256, 40),  # a sliding window
+        (2, 2, 1, 0, 32, 32, 0),  # a single position
+        (4, 2, 70, 45, 64, 64, 0),  # after a cached prefix
+        (4, 1, 90, 131, 128, 128, 50),  # after a prefix longer than a key block, with a window
+        (6, 2, 100, 0, 48, 80, 0),  # d not a multiple of 32: the float32 kernel
+    ],
+)
+def test_bf16_kernel_matches_sdpa_on_bf16_inputs(variant, hq, hkv, t, prefix, d, dv, window):
+    q, k, v = inputs(hq, hkv, t, prefix, d, dv)
     scale = d**-0.5
-    out = CPUEngine(threads=3, variant=variant).attention_prefill(q, k, v, scale, window)
+    engine = CPUEngine(threads=3, variant=variant, attention_bf16=True)
+    out = engine.attention_prefill(q, k, v, scale, window).double()
     want = reference(q, k, v, scale, window)
-    assert out.shape == (1, t, hq, dv)
-    assert float((out.double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    if not engine.attention_bf16_runs(d, dv):  # no such kernel here, or not for these sizes
+        assert variant != "amx" or d % 32
+        assert float((out - want).abs().max()) <= 1e-5 * float(want.abs().max())
+        return
+    bf16 = [x.to(torch.bfloat16).double() for x in (q * scale, k, v)]
+    rounded = reference(*bf16, 1.0, window)
+    v_max = float(v.abs().max())
+    assert float((out - rounded).abs().max()) <= 2.0**-8 * v_max
+    assert float((out - want).abs().max()) <= 2.0**-5 * v_max
 
 
 def test_refuses_tensors_outside_its_form():
