@@ -1,57 +1,12 @@
 #include "engine/attention_prefill.h"
 
 #include <algorithm>
-#include <cstring>
 
 namespace tandem {
 
-namespace {
-
-uint16_t bf16_of(float x) {  // round to nearest even; NaN stays NaN
-    uint32_t u;
-    std::memcpy(&u, &x, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-    return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-// The keys and values as the bf16 kernel's B operands (kernel_api.h: PrefillAttention::kb,
-// vb) into kb and vb, zero past the last key: one pool task per kv head and 32 keys.
-void pack_bf16(ThreadPool& pool, PrefillAttention& a, int64_t n_keys, int64_t n_kv_heads, uint16_t* kb,
-               uint16_t* vb) {
-    const int64_t keys = (n_keys + kPrefillBf16Keys - 1) / kPrefillBf16Keys * kPrefillBf16Keys;
-    const int64_t chunks = a.d / 32, col_tiles = a.dv / 16;
-    a.kb_head = keys * a.d;
-    a.vb_head = keys * a.dv;
-    pool.parallel_for(n_kv_heads * (keys / 32), [&](int64_t task, int) {
-        const int64_t g = task / (keys / 32), k0 = task % (keys / 32) * 32;
-        const float* k = a.k + g * a.k_head;
-        const float* v = a.v + g * a.v_head;
-        for (int64_t tile = k0 / 16; tile < k0 / 16 + 2; ++tile)  // the keys: two tiles of 16
-            for (int64_t c = 0; c < chunks; ++c) {
-                uint16_t* dst = kb + g * a.kb_head + (tile * chunks + c) * 512;
-                for (int64_t p = 0; p < 16; ++p)
-                    for (int64_t j = 0; j < 16; ++j) {
-                        const int64_t key = tile * 16 + j;
-                        for (int64_t e = 0; e < 2; ++e)
-                            dst[(p * 16 + j) * 2 + e] = key < n_keys ? bf16_of(k[key * a.k_row + 32 * c + 2 * p + e]) : 0;
-                    }
-            }
-        for (int64_t u = 0; u < col_tiles; ++u) {  // the values: one pair block of 32 keys
-            uint16_t* dst = vb + g * a.vb_head + (k0 / 32 * col_tiles + u) * 512;
-            for (int64_t p = 0; p < 16; ++p)
-                for (int64_t i = 0; i < 16; ++i)
-                    for (int64_t e = 0; e < 2; ++e) {
-                        const int64_t key = k0 + 2 * p + e;
-                        dst[(p * 16 + i) * 2 + e] = key < n_keys ? bf16_of(v[key * a.v_row + 16 * u + i]) : 0;
-                    }
-        }
-    });
-}
-
-}  // namespace
-
 bool prefill_bf16_applies(const VariantKernels& kernels, const PrefillAttention& a) {
-    return kernels.attend_prefill_bf16 != nullptr && a.d % 32 == 0 && a.dv % 16 == 0;
+    return kernels.attend_prefill_bf16 != nullptr && kernels.pack_prefill_bf16 != nullptr && a.d % 32 == 0 &&
+           a.dv % 16 == 0;
 }
 
 void attention_prefill(ThreadPool& pool, const VariantKernels& kernels, const PrefillAttention& args, int64_t n,
@@ -72,10 +27,18 @@ void attention_prefill(ThreadPool& pool, const VariantKernels& kernels, const Pr
         per_thread = prefill_bf16_scratch_floats(a.group * block, a.d, a.dv);
         const size_t need = static_cast<size_t>(packed + per_thread * pool.size());
         if (scratch.size() < need) scratch.resize(need);
+        // The keys and values as the kernel's B operands, once for every task: one pool
+        // task per kv head and 32 keys.
         auto* kb = reinterpret_cast<uint16_t*>(scratch.data());
-        pack_bf16(pool, a, n_keys, n_kv_heads, kb, kb + n_kv_heads * keys * a.d);
+        uint16_t* vb = kb + n_kv_heads * keys * a.d;
         a.kb = kb;
-        a.vb = kb + n_kv_heads * keys * a.d;
+        a.vb = vb;
+        a.kb_head = keys * a.d;
+        a.vb_head = keys * a.dv;
+        pool.parallel_for(n_kv_heads * (keys / 32), [&](int64_t task, int) {
+            const int64_t g = task / (keys / 32), k0 = task % (keys / 32) * 32;
+            kernels.pack_prefill_bf16(a, g, k0, n_keys, kb + g * a.kb_head, vb + g * a.vb_head);
+        });
         task_scratch = scratch.data() + packed;
     } else {
         per_thread = prefill_scratch_floats(a.group * block, a.d, a.dv);

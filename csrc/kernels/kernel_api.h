@@ -148,6 +148,10 @@ struct PrefillAttention {
     int64_t kb_head = 0, vb_head = 0;
 };
 constexpr int64_t kPrefillBf16Keys = 128;
+// Keys [k0, k0 + 32) of kv head kv_head into its packed keys kb and values vb (the head's
+// own, PrefillAttention::kb, vb), zero from n_keys on.
+using PackPrefillFn = void (*)(const PrefillAttention& a, int64_t kv_head, int64_t k0, int64_t n_keys, uint16_t* kb,
+                               uint16_t* vb);
 
 // Query positions [i0, i0 + nq) of every query head reading kv head kv_head. scratch:
 // prefill_scratch_floats(group * nq, d, dv) floats.
@@ -185,6 +189,7 @@ struct VariantKernels {
     // A prompt's attention on AMX-BF16 tiles (d a multiple of 32, dv of 16; the keys and
     // values packed: PrefillAttention::kb, vb); null where the variant has none.
     AttendPrefillFn attend_prefill_bf16 = nullptr;
+    PackPrefillFn pack_prefill_bf16 = nullptr;
 
     const TypeKernel* find(int ggml_type) const {
         for (int i = 0; i < n_types; ++i)
