@@ -94,8 +94,10 @@ void MoEOp::forward(const MoECall& call) {
     if (n_tok == 1 && k > 0 && !(gemm_.takes(gate_, 1) && gemm_.takes(up_, 1) && gemm_.takes(down_, 1)))
         return forward_one(call);
     clock_.start();
-    std::memset(call.out, 0, sizeof(float) * static_cast<size_t>(n_tok * H));
-    if (k <= 0) return;
+    if (k <= 0) {
+        std::memset(call.out, 0, sizeof(float) * static_cast<size_t>(n_tok * H));
+        return;
+    }
     ThreadPool& pool = *pool_;
 
     // 1. Group the (token, slot) pairs by expert: assignment a of expert e lies
@@ -297,19 +299,28 @@ void MoEOp::forward(const MoECall& call) {
 
     // 5. out[t] = Σ_j w[t, j] · y[assignment of (t, j)], slots in order, so the
     //    sum is the same whatever the thread count. Column chunks keep one
-    //    token's reduction parallel at decode.
+    //    token's reduction parallel at decode. The first slot's product is
+    //    stored, not added to zeros (the same value, but for the sign of a zero):
+    //    out is written once, on the pool, with no pass to clear it first.
     constexpr int64_t kChunk = 256;
     const int64_t chunks = (H + kChunk - 1) / kChunk;
     pool.parallel_for(n_tok * chunks, [&](int64_t i, int) {
         const int64_t tok = i / chunks, c0 = (i % chunks) * kChunk, c1 = std::min(H, c0 + kChunk);
         float* o = call.out + tok * H;
+        bool first = true;
         for (int64_t j = 0; j < k; ++j) {
             const int64_t a = slot_assignment_[tok * k + j];
             if (a < 0) continue;
             const float wt = call.weights[tok * k + j];
             const float* ya = y + a * H;
-            for (int64_t c = c0; c < c1; ++c) o[c] += wt * ya[c];
+            if (first) {
+                for (int64_t c = c0; c < c1; ++c) o[c] = wt * ya[c];
+            } else {
+                for (int64_t c = c0; c < c1; ++c) o[c] += wt * ya[c];
+            }
+            first = false;
         }
+        if (first) std::fill(o + c0, o + c1, 0.0f);  // every slot dropped
     });
     clock_.mark(kMoESum);
     if (n_tok > 1) pool.rest();  // decode (one token) keeps its workers spinning for the next op
