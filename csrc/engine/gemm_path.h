@@ -15,7 +15,7 @@ struct GemmPath {
     const GemmKernels* kernels = nullptr;  // null: every call takes the 8-bit dot kernels
     int64_t min_tokens = 32;               // fewer tokens than this per matrix: dot kernels
     // Types whose dot kernels take AMX-INT8 tiles at prompt sizes (a laid-out kernel: Q4_K,
-    // Q5_K) keep them at every token count: they beat the bf16 tiles there (BENCHMARKS.md).
+    // Q5_K, Q6_K) keep them at every token count: they beat the bf16 tiles there (BENCHMARKS.md).
     bool int8_first = false;
 
     bool takes(const WeightMatrix& w, int64_t n_tok) const {

@@ -114,4 +114,18 @@ struct alignas(64) AmxTileConfig {
 };
 static_assert(sizeof(AmxTileConfig) == 64, "AMX tile configuration layout");
 
+// Tiles 0-7 of 16 rows × 64 bytes. Load it with _tile_loadconfig(&kAmxTiles16x64): a
+// configuration built in a local before the load is not safe, since GCC 12 can drop the
+// stores into it as dead (it kept the palette and lost the sizes: every tile
+// instruction then faulted).
+constexpr AmxTileConfig amx_tiles_16x64() {
+    AmxTileConfig c{};
+    for (int i = 0; i < 8; ++i) {
+        c.colsb[i] = 64;
+        c.rows[i] = 16;
+    }
+    return c;
+}
+alignas(64) inline constexpr AmxTileConfig kAmxTiles16x64 = amx_tiles_16x64();
+
 }  // namespace tandem::detail

@@ -30,9 +30,9 @@ DEFAULT_GEMM_MIN_TOKENS = 32
 # calls; on the 16-core Sapphire Rapids machine they beat the AMX-BF16 path up to 64 tokens
 # on a 2048 × 2048 Q4_K/Q6_K matrix and up to 512 on a 768 × 2048 one (BENCHMARKS.md).
 DEFAULT_GEMM_MIN_TOKENS_TILED = 128
-# Q4_K and Q5_K, whose prompt-sized dots run on AMX-INT8 tiles with the amx kernels,
-# stay on them at every token count: on the 16-core Sapphire Rapids machine they beat the
-# AMX-BF16 path at 4-512 tokens on 2048 × 2048 and 768 × 2048 Q4_K matrices (BENCHMARKS.md).
+# Q4_K, Q5_K and Q6_K, whose prompt-sized dots run on AMX-INT8 tiles with the amx kernels,
+# stay on them at every token count: on the 16-core Sapphire Rapids machine Q4_K's beat the
+# AMX-BF16 path at 4-512 tokens on 2048 × 2048 and 768 × 2048 matrices (BENCHMARKS.md).
 # Off, they take the bf16 path from gemm_min_tokens on like every other type.
 GEMM_INT8_FIRST_ENV = "TANDEM_CPU_GEMM_INT8_FIRST"
 # A prompt's attention on AMX-BF16 tiles where the amx kernels run it (head sizes of a

@@ -6,7 +6,7 @@ Bounds (asserted):
   and within 2^-8 of Σ|w|·|x| of the plain float product: the most that rounding
   both operands to bf16 can move it;
 - the linear op on the prefill path: the same two bounds;
-- by default, Q4_K and Q5_K stay on the dot kernels' AMX-INT8 tiles where the amx
+- by default, Q4_K, Q5_K and Q6_K stay on the dot kernels' AMX-INT8 tiles where the amx
   kernels have them, at any token count (the op's output equals dot_rows bit for bit),
   and other types still take the prefill path;
 - the MoE op with some experts on the prefill path and some on the dot kernels:
@@ -115,7 +115,7 @@ def test_linear_op_takes_the_prefill_path_from_its_threshold(name, ggml_type, n,
 
 @needs_prefill
 @pytest.mark.parametrize("name", PREFILL)
-@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
 def test_int8_tile_types_keep_the_dot_kernels_by_default(name, ggml_type):
     from tandem.quant.quant_tensor import QuantTensor
 
@@ -125,7 +125,7 @@ def test_int8_tile_types_keep_the_dot_kernels_by_default(name, ggml_type):
     engine = CPUEngine(threads=2, prefill=name, gemm_min_tokens=32)
     assert engine.gemm_int8_first
     out = engine.linear(QuantTensor(blocks, ggml_type, (rows, cols), "blk.0.w"))(x)
-    if engine.kernels == "amx" and ggml_type != T.Q6_K:  # its AMX-INT8 tiles: dot_rows bit for bit
+    if engine.kernels == "amx" and ggml_type != T.Q8_0:  # its AMX-INT8 tiles: dot_rows bit for bit
         assert torch.equal(out, kernels.dot_rows(engine.kernels, blocks, ggml_type, rows, x))
     else:
         assert_within_bf16_bounds(out, blocks, ggml_type, rows, x)

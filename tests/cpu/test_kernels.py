@@ -120,13 +120,13 @@ def test_variants_give_the_same_integer_results():
 
 
 @pytest.mark.skipif("amx" not in VARIANTS, reason="needs a CPU with AMX")
-@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q5_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("n_tok", [16, 33, 64])
 def test_amx_tiles_equal_the_vnni_tiles_bit_for_bit(ggml_type, n_tok):
     # The amx variant makes the tiled kernels' integer sums on AMX-INT8 tiles (dot_amx_kq.inc),
     # then takes the avx512 variant's float steps in the same order, wherever both take tiles
-    # (from 10 tokens; below, one side may take the per-row kernels, whose float sums run in
-    # another order). 37 rows: a partial row tile; 1280 columns: five super-blocks; 33 tokens:
+    # (from 10 tokens, Q6_K's from 14; below, one side may take the per-row kernels, whose
+    # float sums run in another order). 37 rows: a partial row tile; 1280 columns: five super-blocks; 33 tokens:
     # a partial group of 16.
     w = weights(ggml_type, 37, 1280, seed=n_tok)
     x = activations(n_tok, 1280, seed=n_tok + 1)

@@ -1,4 +1,4 @@
-"""The kernels' laid-out tokens (LaidOutKernel, the amx variant's Q4_K and Q5_K) and the ops on them.
+"""The kernels' laid-out tokens (LaidOutKernel, the amx variant's Q4_K, Q5_K and Q6_K) and the ops on them.
 
 A token's outputs depend only on its own activations, so every bound here is
 bit-for-bit equality:
@@ -46,8 +46,8 @@ def laid_out(variant: str, w: QuantTensor, rows: int, x: torch.Tensor, tok_tile:
 
 
 @needs_amx
-@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q5_K], ids=lambda t: t.name)
-@pytest.mark.parametrize("n_tok", [8, 17, 33, 300])
+@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("n_tok", [12, 17, 33, 300])
 @pytest.mark.parametrize("tok_tile", [16, 48, 256])
 def test_laid_out_tokens_equal_dot_rows_bit_for_bit(ggml_type, n_tok, tok_tile):
     # 37 rows: a partial row tile; 1280 columns: five super-blocks; odd token counts: partial groups.
@@ -60,7 +60,7 @@ def test_laid_out_tokens_equal_dot_rows_bit_for_bit(ggml_type, n_tok, tok_tile):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_only_kernels_with_a_laid_out_path_offer_it(variant):
-    w = quant(T.Q6_K, (16, 256), seed=0)
+    w = quant(T.Q8_0, (16, 256), seed=0)
     with pytest.raises(ValueError, match="no laid-out kernel"):
         laid_out(variant, w, 16, torch.zeros(16, 256), 16)
     if variant != "amx":  # the AMX tiles are the only laid-out kernels
@@ -69,7 +69,7 @@ def test_only_kernels_with_a_laid_out_path_offer_it(variant):
 
 
 @needs_amx
-@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q5_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [37, 300])
 @pytest.mark.parametrize("n_tok", [8, 17, 300, 600])
 def test_the_linear_op_on_laid_out_tokens_equals_one_dot_rows_call(ggml_type, rows, n_tok):
@@ -86,10 +86,10 @@ def test_the_linear_op_on_laid_out_tokens_equals_one_dot_rows_call(ggml_type, ro
 def test_experts_on_laid_out_tokens_equal_the_avx512_variant(types):
     gate_type, down_type = types
     n_experts, hidden, inter = 8, 512, 768
-    # Assignments per expert: below the AMX threshold of 8 (dot_rows on both sides), one or
-    # more groups of 16 and partial groups, and more than one 64-token tile on the avx512
-    # side, none of which leaves it fewer than 10 tokens (Q5_K's VNNI-tile threshold).
-    counts = [0, 3, 7, 12, 17, 40, 100, 150]
+    # Assignments per expert: below the AMX thresholds of 8 and 12 (dot_rows on both sides),
+    # one or more groups of 16 and partial groups, and more than one 64-token tile on the
+    # avx512 side, none of which leaves it fewer than 14 tokens (Q6_K's VNNI-tile threshold).
+    counts = [0, 3, 7, 14, 17, 40, 100, 150]
     dropped = [n_experts]  # makes the slot count even
     slots = torch.tensor([e for e, c in enumerate(counts) for _ in range(c)] + dropped)
     slots = slots[torch.randperm(len(slots), generator=torch.Generator().manual_seed(0))]
