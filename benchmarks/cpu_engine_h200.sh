@@ -8,7 +8,8 @@
 # PROFILE=1 adds a prompt and a decode profile and the MoE op alone (PROFILE=prompt: the first alone); CROSSOVER=1 the
 # prefill kernels against the dot kernels on one matrix; DOTS=1 the dot kernels of avx512 and amx on one thread. AB names an environment setting for a second tandem run (default: the fused
 # decode layers off; AB=none: no second run); SWEEP adds runs (benchmarks/sweep_benches.sh). LLAMA=0 leaves llama.cpp out, BENCH=0 the tandem bench;
-# LLAMA_JOBS: compile jobs for llama.cpp (default 6, beside the tests).
+# LLAMA_JOBS: compile jobs for llama.cpp (default 6, beside the tests). tandem's decode follows its
+# prompt, so llama-bench runs tg at depth NP too, and tandem bench once more with an 8-token prompt.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 THREADS=${THREADS:-16}; LAYERS=${LAYERS:-48}; NP=${NP:-512}; NG=${NG:-32}; R=${R:-2}
@@ -54,6 +55,9 @@ log "tandem bench, $AB"
 env $AB timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" --json \
   2>&1 | tail -1 | tee -a "$OUT/steps.log"
 fi
+# tandem's decode follows its prompt (tg @ dNP); one with an almost empty cache for llama-bench's plain tg
+log "tandem bench, -p 8"
+timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p 8 -n "$NG" -r "$R" --json 2>&1 | tail -1 | tee -a "$OUT/steps.log"
 sweep_benches /tmp/q3.gguf "" ""
 fi
 if [ -n "${CROSSOVER:-}" ]; then
@@ -82,4 +86,7 @@ fi
 if [ -n "$LLAMA_PID" ] && [ -x /tmp/l/b/bin/llama-bench ]; then
   timeout 240 /tmp/l/b/bin/llama-bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" -o md > "$OUT/llama_bench.txt" 2>&1
   log "llama-bench rc=$?"; cat "$OUT/llama_bench.txt" | tee -a "$OUT/steps.log"
+  # tandem bench decodes after its prompt; llama-bench's tg starts from an empty cache unless -d fills it
+  timeout 240 /tmp/l/b/bin/llama-bench -m /tmp/q3.gguf -t "$THREADS" -p 0 -n "$NG" -d "$NP" -r "$R" -o md > "$OUT/llama_bench_depth.txt" 2>&1
+  log "llama-bench at depth $NP rc=$?"; grep "@ d" "$OUT/llama_bench_depth.txt" | tee -a "$OUT/steps.log"
 fi

@@ -60,7 +60,7 @@ def test_table(tiny_moe, capsys):
     lines = out.splitlines()
     assert any(" pp8 " in line and "±" in line for line in lines), out
     assert "fused decode    2 of 2 decoder layers" in lines, out
-    assert any(" tg4 " in line and "±" in line for line in lines), out
+    assert any(" tg4 @ d8 " in line and "±" in line for line in lines), out  # decode follows the prompt
     assert any(line.startswith("read bandwidth") for line in lines), out
     assert any(line.startswith("decode floor") for line in lines), out
 

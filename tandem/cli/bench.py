@@ -193,10 +193,13 @@ def spread(values: list[float]) -> float:
 def print_report(r: dict) -> None:
     name = Path(r["model"]).name
     width = max(len(name), len("model"))
-    print(f"{'model':<{width}}  threads  {'test':<8} {'tok/s':>18}")
-    for test, key in ((f"pp{r['n_prompt']}", "prefill_tok_s"), (f"tg{r['n_gen']}", "decode_tok_s")):
+    # Decode follows the prompt: llama-bench names that test "tgN @ dP" (its -d P fills the cache first).
+    tests = ((f"pp{r['n_prompt']}", "prefill_tok_s"), (f"tg{r['n_gen']} @ d{r['n_prompt']}", "decode_tok_s"))
+    test_width = max(len(test) for test, _ in tests)
+    print(f"{'model':<{width}}  threads  {'test':<{test_width}} {'tok/s':>18}")
+    for test, key in tests:
         speed = f"{r[key]:.2f} ± {spread(r[key + '_runs']):.2f}"
-        print(f"{name:<{width}}  {r['threads']:>7}  {test:<8} {speed:>18}")
+        print(f"{name:<{width}}  {r['threads']:>7}  {test:<{test_width}} {speed:>18}")
     print(f"median of {r['repeats']} runs after a warm-up, on {r['device']}; ± is half the range")
     if "decode_layers" in r:
         print(f"fused decode    {r['decode_layers_fused']} of {r['decode_layers']} decoder layers")
