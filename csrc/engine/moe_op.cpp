@@ -12,26 +12,41 @@ namespace {
 
 using Task = MoETask;
 
-// (expert, row tile, assignment tile) tasks over the active experts; an expert with
-// laid-out tokens takes tiles of laid_out_token_tile assignments (k: the dot length),
-// usually all of them.
+// A task's cost in token-rows: rows × (tokens + kRowTokens), kRowTokens standing for
+// reading (or rewriting) its weight rows once.
+constexpr int64_t kRowTokens = 16;
+
+// (expert, row tile, assignment tile) tasks over the active experts, of about equal
+// cost: about eight per thread, so that the threads that run out steal what is left in
+// small pieces. An expert with many tokens gets short row tiles, one with few tokens
+// long ones (up to 256 rows where its tokens are plain rows, so that a tile's weights
+// stay in L2 while they stream past; any length on laid-out tokens, which the kernels
+// take 16 rows at a time). An expert with laid-out tokens takes tiles of
+// laid_out_token_tile assignments (k: the dot length), usually all of them.
 void make_tasks(const std::vector<int64_t>& count, const std::vector<int64_t>& offset, const MoELaidOut& laid,
                 int64_t rows, int64_t k, int threads, std::vector<Task>& tasks) {
     tasks.clear();
-    int64_t active = 0, max_count = 0;
+    int64_t max_count = 0, total = 0;
     for (int64_t c : count) {
-        active += c > 0;
+        if (c > 0) total += rows * (c + kRowTokens);
         max_count = std::max(max_count, c);
     }
-    const TileShape tile = choose_tiles(rows * std::max<int64_t>(active, 1), max_count, threads);
+    const int64_t plain_tokens = std::min<int64_t>(std::max<int64_t>(max_count, 1), 64);
+    const int64_t target = std::max<int64_t>(1, total / (8 * static_cast<int64_t>(threads)));
     for (size_t e = 0; e < count.size(); ++e) {
         if (count[e] == 0) continue;
         const bool on_laid = laid.laid(static_cast<int64_t>(e));
-        const int64_t tokens = on_laid ? laid_out_token_tile(count[e], k) : tile.tokens;
-        for (int64_t a0 = 0; a0 < count[e]; a0 += tokens)
-            for (int64_t r0 = 0; r0 < rows; r0 += tile.rows)
-                tasks.push_back(Task{static_cast<int64_t>(e), r0, std::min(tile.rows, rows - r0), offset[e] + a0,
-                                     std::min(tokens, count[e] - a0), false, on_laid});
+        const int64_t tokens = on_laid ? laid_out_token_tile(count[e], k) : plain_tokens;
+        for (int64_t a0 = 0; a0 < count[e]; a0 += tokens) {
+            const int64_t na = std::min(tokens, count[e] - a0);
+            const int64_t most = on_laid ? rows : std::min<int64_t>(rows, 256);
+            const int64_t want = std::clamp<int64_t>(target / (na + kRowTokens), 16, most);
+            const int64_t tiles = (rows + want - 1) / want;
+            const int64_t nr = std::min(rows, ((rows + tiles - 1) / tiles + 15) / 16 * 16);  // equal tiles
+            for (int64_t r0 = 0; r0 < rows; r0 += nr)
+                tasks.push_back(Task{static_cast<int64_t>(e), r0, std::min(nr, rows - r0), offset[e] + a0, na, false,
+                                     on_laid});
+        }
     }
 }
 

@@ -66,10 +66,9 @@ class GrowingLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
-        self._k = self._v = None
+        self._k = self._v = None  # allocated by the first write, at its size (a prompt's, plus HEADROOM)
         self.length = 0
         self.is_initialized = True
-        self._reserve(0, key_states, value_states)
 
     def _reserve(self, end: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
         """Room for `end` positions in buffers shaped like like_k / like_v (except the length)."""

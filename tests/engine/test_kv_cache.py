@@ -34,18 +34,30 @@ def test_appends_equal_dynamic_layer_and_grow_by_doubling():
 
 def test_next_row_and_advance_write_in_place():
     layer = GrowingLayer()
-    k, v, pos = layer.next_row(2, 8)  # an empty layer: allocated on first use
-    assert pos == 0 and k.shape == (1, 2, HEADROOM, 8)
+    k, v, pos = layer.next_row(2, 8)  # an empty layer: allocated on first use, for its row and HEADROOM more
+    assert pos == 0 and k.shape == (1, 2, 1 + HEADROOM, 8)
     k[:, :, 0] = 1.0
     v[:, :, 0] = 2.0
     layer.advance()
     assert layer.get_seq_length() == 1 and layer.keys.shape == (1, 2, 1, 8)
     assert bool((layer.keys == 1).all()) and bool((layer.values == 2).all())
-    k2, v2 = kv(HEADROOM - 1, 3)
+    k2, v2 = kv(HEADROOM, 3)
     layer.update(k2, v2)
+    assert layer._k.data_ptr() == k.data_ptr()  # it fitted
     k3, _, pos = layer.next_row(2, 8)  # full: the buffer grows and keeps what it had
-    assert pos == HEADROOM and k3.shape[2] == 2 * HEADROOM + 1
+    assert pos == 1 + HEADROOM and k3.shape[2] == 2 * HEADROOM + 2
     assert torch.equal(layer.keys[:, :, 1:], k2)
+
+
+def test_a_prompt_allocates_its_buffers_once(monkeypatch):
+    made = []
+    new_zeros = torch.Tensor.new_zeros
+    monkeypatch.setattr(torch.Tensor, "new_zeros", lambda self, *a, **kw: made.append(a) or new_zeros(self, *a, **kw))
+    layer = GrowingLayer()
+    k, v = kv(512, 4)
+    layer.update(k, v)  # the first write sizes the buffers: no empty allocation before it
+    assert len(made) == 2  # keys and values, once each
+    assert layer._k.shape[2] == 512 + HEADROOM and torch.equal(layer.keys, k) and torch.equal(layer.values, v)
 
 
 def test_room_a_reserve_adds_is_zero_and_a_graph_step_writes_at_its_position():
