@@ -52,7 +52,9 @@ def test_next_row_and_advance_write_in_place():
 def test_a_prompt_allocates_its_buffers_once(monkeypatch):
     made = []
     new_zeros = torch.Tensor.new_zeros
-    monkeypatch.setattr(torch.Tensor, "new_zeros", lambda self, *a, **kw: made.append(a) or new_zeros(self, *a, **kw))
+    monkeypatch.setattr(
+        torch.Tensor, "new_zeros", lambda self, *a, **kw: made.append(a) or new_zeros(self, *a, **kw)
+    )
     layer = GrowingLayer()
     k, v = kv(512, 4)
     layer.update(k, v)  # the first write sizes the buffers: no empty allocation before it
