@@ -45,20 +45,33 @@ log "synth"
 python -m tandem synth --shape qwen3-30b-a3b --layers "$LAYERS" --quant Q4_K_M --tokenizer-from .whl/qwen25-tokenizer.gguf -o /tmp/q3.gguf > "$OUT/synth.log" 2>&1
 log "synth rc=$? $(ls -la /tmp/q3.gguf)"
 sync  # the file's 18 GB of dirty pages written back before anything is timed, not during it
+# llama-bench right after tandem's first bench, so that the machine has least time to
+# drift between the two (its read bandwidth moved by a third within one run, BENCHMARKS.md):
+# pp and tg, then tg at tandem's depth (its tg starts from an empty cache unless -d fills it).
+llama_benches() {
+  [ -n "$LLAMA_PID" ] && [ -x /tmp/l/b/bin/llama-bench ] || return 0
+  timeout 240 /tmp/l/b/bin/llama-bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" -o md > "$OUT/llama_bench.txt" 2>&1
+  log "llama-bench rc=$?"; cat "$OUT/llama_bench.txt" | tee -a "$OUT/steps.log"
+  timeout 240 /tmp/l/b/bin/llama-bench -m /tmp/q3.gguf -t "$THREADS" -p 0 -n "$NG" -d "$NP" -r "$R" -o md > "$OUT/llama_bench_depth.txt" 2>&1
+  log "llama-bench at depth $NP rc=$?"; grep "@ d" "$OUT/llama_bench_depth.txt" | tee -a "$OUT/steps.log"
+}
 if [ "${BENCH:-1}" != 0 ]; then
 log "tandem bench"
 timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" --json > "$OUT/tandem_bench.txt" 2>&1
 log "tandem bench rc=$?"; tail -8 "$OUT/tandem_bench.txt" | tee -a "$OUT/steps.log"
+llama_benches
+# tandem's decode follows its prompt (tg @ dNP); one with an almost empty cache for llama-bench's plain tg
+log "tandem bench, -p 8"
+timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p 8 -n "$NG" -r "$R" --json 2>&1 | tail -1 | tee -a "$OUT/steps.log"
 AB=${AB:-TANDEM_CPU_FUSED_DECODE=0}
 if [ "$AB" != none ]; then
 log "tandem bench, $AB"
 env $AB timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" --json \
   2>&1 | tail -1 | tee -a "$OUT/steps.log"
 fi
-# tandem's decode follows its prompt (tg @ dNP); one with an almost empty cache for llama-bench's plain tg
-log "tandem bench, -p 8"
-timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p 8 -n "$NG" -r "$R" --json 2>&1 | tail -1 | tee -a "$OUT/steps.log"
 sweep_benches /tmp/q3.gguf "" ""
+else
+llama_benches
 fi
 if [ -n "${CROSSOVER:-}" ]; then
 log "prefill kernels against the dot kernels, one linear layer"
@@ -82,11 +95,4 @@ timeout 120 python benchmarks/moe_op_bench.py /tmp/q3.gguf "$THREADS" 20 >> "$OU
 log "profile"
 timeout 200 python benchmarks/profile_decode.py /tmp/q3.gguf "$THREADS" 8 2>&1 | grep -v Warn | tail -14 >> "$OUT/steps.log"
 fi
-fi
-if [ -n "$LLAMA_PID" ] && [ -x /tmp/l/b/bin/llama-bench ]; then
-  timeout 240 /tmp/l/b/bin/llama-bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" -o md > "$OUT/llama_bench.txt" 2>&1
-  log "llama-bench rc=$?"; cat "$OUT/llama_bench.txt" | tee -a "$OUT/steps.log"
-  # tandem bench decodes after its prompt; llama-bench's tg starts from an empty cache unless -d fills it
-  timeout 240 /tmp/l/b/bin/llama-bench -m /tmp/q3.gguf -t "$THREADS" -p 0 -n "$NG" -d "$NP" -r "$R" -o md > "$OUT/llama_bench_depth.txt" 2>&1
-  log "llama-bench at depth $NP rc=$?"; grep "@ d" "$OUT/llama_bench_depth.txt" | tee -a "$OUT/steps.log"
 fi
