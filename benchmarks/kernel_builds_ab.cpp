@@ -3,7 +3,8 @@
 // drifts by tens of percent within minutes, only a ratio measured round by round settles
 // a change of a few percent. The first build is the reference; each build's output must
 // equal its output bit for bit ("DIFF" says where it does not).
-// kernel_builds_ab GGML_TYPE ROUNDS BUILDS [TOKENS,... [cold]]: 512 rows × 2048 columns of
+// kernel_builds_ab GGML_TYPE ROUNDS BUILDS [TOKENS,... [cold]]: 512 rows × 2048 columns (K=768 in
+// the environment: 768, an expert's down matrix) of
 // random blocks, one thread, the dot_rows of the amx variant (activations quantized
 // beforehand). The weights stay in cache, or with `cold` each call takes the next of 1,024
 // copies (576 MiB of Q4_K), so that they come from memory as an expert's do in a prompt.
@@ -53,7 +54,7 @@ int main(int argc, char** argv) {
         return 2;
     }
     const TypeKernel& tk = *builds[0]->find(type);
-    const int rows = 512, k = 2048;
+    const int rows = 512, k = std::getenv("K") != nullptr ? std::atoi(std::getenv("K")) : 2048;  // a multiple of 256
     const size_t row_bytes = static_cast<size_t>(k / tk.block_elems) * tk.block_bytes;
     std::mt19937 rng(1);
     const size_t copies = cold ? 1024 : 1, matrix = rows * row_bytes;

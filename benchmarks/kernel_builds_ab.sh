@@ -4,7 +4,7 @@
 # the reference, e.g. one from `git archive REV csrc | tar x -C DIR`.
 # benchmarks/kernel_builds_ab.sh SRC0 SRC1 [SRC2 ...]; TYPES (ggml type numbers, default
 # "12 13": Q4_K, Q5_K), ROUNDS (default 15), TOKENS (default 16,32,64,512), COLD=1 (weights
-# from memory, not cache), CXX.
+# from memory, not cache), K (columns, default 2048), CXX.
 set -eu
 [ $# -ge 2 ] && [ $# -le 6 ] || { echo "usage: $0 SRC0 SRC1 [... up to six csrc directories]" >&2; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
