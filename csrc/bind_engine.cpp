@@ -259,6 +259,12 @@ void bind_engine(nb::module_& m) {
         },
         "g[i] = silu(g[i]) * u[i], one kernel call (tests).");
     m.def(
+        "add_scaled",
+        [](const std::string& variant, float a, uintptr_t x, int64_t n, uintptr_t y) {
+            kernels_named(variant).add_scaled(a, ptr<const float>(x), n, ptr<float>(y));
+        },
+        "y[i] += a * x[i], one kernel call (tests).");
+    m.def(
         "gelu_tanh_mul",
         [](const std::string& variant, uintptr_t g, uintptr_t u, int64_t n) {
             kernels_named(variant).gelu_tanh_mul(ptr<float>(g), ptr<const float>(u), n);

@@ -313,29 +313,20 @@ void MoEOp::forward(const MoECall& call) {
     clock_.mark(kMoEDown);
 
     // 5. out[t] = Σ_j w[t, j] · y[assignment of (t, j)], slots in order, so the
-    //    sum is the same whatever the thread count. Column chunks keep one
-    //    token's reduction parallel at decode. The first slot's product is
-    //    stored, not added to zeros (the same value, but for the sign of a zero):
-    //    out is written once, on the pool, with no pass to clear it first.
+    //    sum is the same whatever the thread count, and the same as forward_one's
+    //    (add_scaled onto zeros, slot by slot). Column chunks keep one token's
+    //    reduction parallel; each task clears its own chunk, with no pass over
+    //    the whole output first.
     constexpr int64_t kChunk = 256;
     const int64_t chunks = (H + kChunk - 1) / kChunk;
     pool.parallel_for(n_tok * chunks, [&](int64_t i, int) {
         const int64_t tok = i / chunks, c0 = (i % chunks) * kChunk, c1 = std::min(H, c0 + kChunk);
         float* o = call.out + tok * H;
-        bool first = true;
+        std::fill(o + c0, o + c1, 0.0f);
         for (int64_t j = 0; j < k; ++j) {
             const int64_t a = slot_assignment_[tok * k + j];
-            if (a < 0) continue;
-            const float wt = call.weights[tok * k + j];
-            const float* ya = y + a * H;
-            if (first) {
-                for (int64_t c = c0; c < c1; ++c) o[c] = wt * ya[c];
-            } else {
-                for (int64_t c = c0; c < c1; ++c) o[c] += wt * ya[c];
-            }
-            first = false;
+            if (a >= 0) kernels_.add_scaled(call.weights[tok * k + j], y + a * H + c0, c1 - c0, o + c0);
         }
-        if (first) std::fill(o + c0, o + c1, 0.0f);  // every slot dropped
     });
     clock_.mark(kMoESum);
     if (n_tok > 1) pool.rest();  // decode (one token) keeps its workers spinning for the next op
@@ -399,8 +390,7 @@ void MoEOp::forward_one(const MoECall& call) {
             const int64_t j = slots_[s], e = call.ids[j];
             down_.kernel->dot_rows(down_.matrix(e) + r0 * down_.row_bytes, down_.row_bytes, nr, I, h + s * arb_d,
                                    arb_d, 1, tmp, nr);
-            const float wt = call.weights[j];
-            for (int64_t r = 0; r < nr; ++r) o[r] += wt * tmp[r];
+            kernels_.add_scaled(call.weights[j], tmp, nr, o);
         }
     });
     clock_.mark(kMoEDown);  // the weighted sum is inside the down loop
@@ -476,11 +466,7 @@ void MoEOp::one_loop(const MoECall& call, const DecodeSplit& split, const uint8_
             if (slots_left[tile].fetch_sub(1, std::memory_order_acq_rel) != 1) continue;
             float* o = call.out + r0;
             std::fill(o, o + nr, 0.0f);
-            for (int64_t j = 0; j < n; ++j) {
-                const float wt = call.weights[slots_[j]];
-                const float* yj = y + j * H + r0;
-                for (int64_t r = 0; r < nr; ++r) o[r] += wt * yj[r];
-            }
+            for (int64_t j = 0; j < n; ++j) kernels_.add_scaled(call.weights[slots_[j]], y + j * H + r0, nr, o);
         }
     });
     clock_.mark(kMoEDown);  // gate/up, h and down in one loop, timed as one

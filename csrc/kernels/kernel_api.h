@@ -105,6 +105,8 @@ struct TypeKernel {
 using SiluMulFn = void (*)(float* g, const float* u, int64_t n);
 // g[i] = gelu_tanh(g[i]) * u[i] (the tanh-approximated GELU, Gemma's), same contract.
 using GeluMulFn = void (*)(float* g, const float* u, int64_t n);
+// y[i] += a · x[i] for i < n (the MoE op's weighted sum).
+using AddScaledFn = void (*)(float a, const float* x, int64_t n, float* y);
 
 // out[r] = x[r] / sqrt(mean(x[r]²) + eps) * w for rows of n floats (out may be x).
 using RmsNormFn = void (*)(const float* x, const float* w, int64_t rows, int64_t n, float eps, float* out);
@@ -180,6 +182,7 @@ struct VariantKernels {
     QuantizeRowFn quantize_q8_256;
     SiluMulFn silu_mul;
     GeluMulFn gelu_tanh_mul;
+    AddScaledFn add_scaled;
     RmsNormFn rms_norm;
     AttendChunkFn attend_chunk;
     AttendPrefillFn attend_prefill;

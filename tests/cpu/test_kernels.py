@@ -177,6 +177,22 @@ def test_silu_mul_matches_torch(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("n", [1, 7, 16, 37, 2048])  # the vector loops, their tails, and both
+def test_add_scaled_matches_float64(variant, n):
+    from tandem import _cpu
+
+    g = torch.Generator().manual_seed(n)
+    x, y = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    a = -0.37
+    exact = y.double() + a * x.double()
+    out = y.clone()
+    _cpu.add_scaled(variant, a, x.data_ptr(), n, out.data_ptr())
+    # One rounding (a fused multiply-add) or two (a product, then a sum): within 2 ulps.
+    assert ((out.double() - exact).abs() <= 2 * 2.0**-24 * (exact.abs() + abs(a) * x.double().abs())).all()
+    assert not torch.equal(out, y)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("rows,n", [(1, 2048), (3, 128), (5, 13), (200, 640)])  # 200 rows: on the pool
 def test_rms_norm_matches_float64(variant, rows, n):
     from tandem import _cpu
