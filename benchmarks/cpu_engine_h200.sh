@@ -8,6 +8,7 @@
 # PROFILE=1 adds a prompt and a decode profile and the MoE op alone (PROFILE=prompt: the first alone); CROSSOVER=1 the
 # prefill kernels against the dot kernels on one matrix; DOTS=1 the dot kernels of avx512 and amx on one thread. AB names an environment setting for a second tandem run (default: the fused
 # decode layers off; AB=none: no second run); SWEEP adds runs (benchmarks/sweep_benches.sh). LLAMA=0 leaves llama.cpp out, BENCH=0 the tandem bench;
+# PAIRS=N runs the first tandem bench and llama-bench N times in turn;
 # LLAMA_JOBS: compile jobs for llama.cpp (default 6, beside the tests). tandem's decode follows its
 # prompt, so llama-bench runs tg at depth NP too, and tandem bench once more with an 8-token prompt.
 set -u
@@ -56,10 +57,12 @@ llama_benches() {
   log "llama-bench at depth $NP rc=$?"; grep "@ d" "$OUT/llama_bench_depth.txt" | tee -a "$OUT/steps.log"
 }
 if [ "${BENCH:-1}" != 0 ]; then
-log "tandem bench"
+for pair in $(seq "${PAIRS:-1}"); do  # PAIRS=N: N tandem, llama.cpp pairs back to back
+log "tandem bench ($pair)"
 timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p "$NP" -n "$NG" -r "$R" --json > "$OUT/tandem_bench.txt" 2>&1
 log "tandem bench rc=$?"; tail -8 "$OUT/tandem_bench.txt" | tee -a "$OUT/steps.log"
 llama_benches
+done
 # tandem's decode follows its prompt (tg @ dNP); one with an almost empty cache for llama-bench's plain tg
 log "tandem bench, -p 8"
 timeout 300 python -m tandem bench -m /tmp/q3.gguf -t "$THREADS" -p 8 -n "$NG" -r "$R" --json 2>&1 | tail -1 | tee -a "$OUT/steps.log"
