@@ -36,7 +36,7 @@ log "tests"
 timeout 240 python -m pytest -v -p no:cacheprovider tests/cpu/test_kernels.py tests/cpu/test_engine_ops.py \
   tests/cpu/test_gemm.py tests/cpu/test_decode_layer.py tests/engine/test_kv_cache.py tests/cpu/test_rope.py \
   tests/cpu/test_dequant_rows.py tests/cpu/test_attention_prefill.py tests/cpu/test_router_engine.py \
-  tests/cpu/test_laid_out.py > "$OUT/tests.log" 2>&1; log "tests rc=$?"; grep -v PASSED "$OUT/tests.log" | tail -40 >> "$OUT/steps.log"
+  tests/cpu/test_laid_out.py tests/cpu/test_numa.py > "$OUT/tests.log" 2>&1; log "tests rc=$?"; grep -v PASSED "$OUT/tests.log" | tail -40 >> "$OUT/steps.log"
 grep -c "amx\] PASSED" "$OUT/tests.log" | sed 's/^/amx prefill tests passed: /' >> "$OUT/steps.log"
 fi
 # Nothing else may run while either tool is timed: a compile beside the engine's pinned

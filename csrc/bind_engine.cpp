@@ -4,6 +4,7 @@
 // tandem/cpu/ check dtype, shape and contiguity before any address gets here.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/map.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
@@ -24,6 +25,7 @@
 #include "engine/dequant_rows.h"
 #include "engine/gemm_path.h"
 #include "engine/linear_op.h"
+#include "engine/numa.h"
 #include "engine/moe_op.h"
 #include "engine/rope.h"
 #include "engine/router.h"
@@ -180,12 +182,16 @@ MoECall make_call(int64_t n_tok, int64_t top_k, uintptr_t x, uintptr_t ids, uint
 
 void bind_engine(nb::module_& m) {
     nb::class_<ThreadPool>(m, "ThreadPool", "Persistent worker threads; n_threads counts the calling thread.")
-        .def(nb::new_([](int n_threads, bool pin, int spin_us) {
+        .def(nb::new_([](int n_threads, bool pin, int spin_us, int node_groups) {
                  if (n_threads < 1 || n_threads > 4096) throw std::invalid_argument("threads must be in 1 ... 4096");
                  if (spin_us < 0 || spin_us > 1000000) throw std::invalid_argument("spin_us must be in 0 ... 1000000");
-                 return std::make_shared<ThreadPool>(n_threads, pin, spin_us);
+                 if (node_groups < 0 || node_groups > 4096)
+                     throw std::invalid_argument("node_groups must be in 0 ... 4096");
+                 return std::make_shared<ThreadPool>(n_threads, pin, spin_us, node_groups);
              }),
-             nb::arg("n_threads"), nb::arg("pin") = true, nb::arg("spin_us") = ThreadPool::kDefaultSpinMicroseconds)
+             nb::arg("n_threads"), nb::arg("pin") = true, nb::arg("spin_us") = ThreadPool::kDefaultSpinMicroseconds,
+             nb::arg("node_groups") = 0,
+             "node_groups: 0 groups threads by NUMA node, 1 makes one group, N > 1 simulates N nodes (tests).")
         .def(
             "set_spin_us",
             [](ThreadPool& pool, int spin_us) {
@@ -198,6 +204,15 @@ void bind_engine(nb::module_& m) {
                      "After this long idle, spinning workers yield their cores between polls (negative: never).")
         .def_prop_ro("size", &ThreadPool::size)
         .def_prop_ro("cpus", &ThreadPool::cpus, "The core each thread is pinned to (empty: not pinned).")
+        .def_prop_ro(
+            "node_groups",
+            [](const ThreadPool& pool) {
+                std::vector<std::pair<int, int>> out;  // (OS node, threads) per group
+                for (int j = 0; j < pool.n_nodes(); ++j)
+                    out.emplace_back(pool.node_id(j), pool.node_first(j + 1) - pool.node_first(j));
+                return out;
+            },
+            "(NUMA node, threads) of each group of threads, in thread order.")
         .def("wait_idle", &ThreadPool::wait_idle, nb::call_guard<nb::gil_scoped_release>());
     m.def(
         "read_bandwidth",
@@ -217,6 +232,21 @@ void bind_engine(nb::module_& m) {
         [](ThreadPool& pool, uintptr_t data, size_t bytes) { prefault(pool, ptr<const unsigned char>(data), bytes); },
         nb::arg("pool"), nb::arg("data"), nb::arg("bytes"), nb::call_guard<nb::gil_scoped_release>(),
         "Touch every page of the range with all threads (maps lazily mapped file pages now).");
+    m.def(
+        "page_nodes",
+        [](uintptr_t data, size_t bytes) { return page_nodes(ptr<const uint8_t>(data), bytes); },
+        nb::arg("data"), nb::arg("bytes"), "The NUMA node of each page of the range (negative: unknown).");
+    m.def(
+        "node_row_edge",
+        [](const ThreadPool& pool, int64_t rows, int group) { return node_row_edge(pool, rows, group); },
+        nb::arg("pool"), nb::arg("rows"), nb::arg("group"), "Where a node group's rows of a matrix start.");
+    m.def(
+        "placement_totals",
+        [] {
+            const Placement p = placement_totals();
+            return std::make_pair(p.bytes, p.refused);
+        },
+        "(bytes moved to their node group's node, calls the kernel refused) over the process.");
     m.def("cores_in_order", &cores_in_order, "Usable logical CPUs, first thread of each core first, by NUMA node.");
     m.def("variants_built", &variants_built, "Kernel variants compiled into this extension.");
     m.def("kernel_types", &kernel_types, "ggml type numbers a variant has kernels for.");

@@ -131,6 +131,14 @@ def test_system_probes():
     memory = system.memory()
     if sys.platform == "linux":
         assert memory is not None and memory["total"] >= memory["available"] > 0
+    nodes = system.numa_nodes()
+    if Path("/sys/devices/system/node/online").exists():
+        assert nodes and sum(nodes.values()) == system.usable_cores()
+
+
+def test_cpu_lists_read_as_linux_writes_them():
+    assert system._cpu_list("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
+    assert system._cpu_list("0") == [0]
 
 
 def test_installed_metadata():
@@ -157,6 +165,7 @@ def test_doctor_text():
     assert out.startswith(f"tandem {tandem.__version__}")
     for needle in ("CPU features", "avx2", "kernel variant", "memory", "torch", "transformers"):
         assert needle in out
+    assert ("NUMA " in out) == bool(system.numa_nodes())
 
 
 def test_doctor_json():
@@ -171,6 +180,7 @@ def test_doctor_json():
     assert report["extension"]["march_native"] is False
     assert isinstance(report["torch"]["cuda_available"], bool)
     assert report["memory"]["total"] > 0
+    assert report["cpu"]["numa_nodes"] == {str(n): c for n, c in system.numa_nodes().items()}
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@
 #include "engine/activations.h"
 #include "engine/attention_decode.h"
 #include "engine/linear_op.h"
+#include "engine/numa.h"
 #include "engine/router.h"
 
 namespace tandem {
@@ -126,11 +127,18 @@ void DecodeLayer::gemv(const float* x, std::initializer_list<Job> jobs) {
     const int64_t even = (total_rows + 2 * threads - 1) / (2 * threads);
     const int64_t tile = std::min(one_token_rows(total_rows, 1, threads, row_bytes, decode_split()),
                                   std::max<int64_t>(4, (even + 3) / 4 * 4));
+    // Node by node (engine/numa.h): group g's rows of every job, for group g's threads.
     tiles_.clear();
-    for (int j = 0; j < n_jobs; ++j)
-        for (int64_t r0 = 0; r0 < job[j].w->rows; r0 += tile)
-            tiles_.push_back(Tile{j, r0, std::min(tile, job[j].w->rows - r0)});
-    pool_->parallel_for(static_cast<int64_t>(tiles_.size()), [&](int64_t i, int) {
+    node_tasks_.assign(static_cast<size_t>(pool_->n_nodes()), 0);
+    for (int g = 0; g < pool_->n_nodes(); ++g)
+        for (int j = 0; j < n_jobs; ++j) {
+            const int64_t end = node_row_edge(*pool_, job[j].w->rows, g + 1);
+            for (int64_t r0 = node_row_edge(*pool_, job[j].w->rows, g); r0 < end; r0 += tile)
+                tiles_.push_back(Tile{j, r0, std::min(tile, end - r0)});
+            node_tasks_[static_cast<size_t>(g)] = static_cast<int64_t>(tiles_.size());
+        }
+    for (int g = pool_->n_nodes() - 1; g > 0; --g) node_tasks_[g] -= node_tasks_[g - 1];
+    pool_->parallel_for_nodes(node_tasks_.data(), [&](int64_t i, int) {
         const Tile& t = tiles_[i];
         const WeightMatrix& w = *job[t.job].w;
         const ActFormat f = w.kernel->act;

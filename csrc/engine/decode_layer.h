@@ -95,6 +95,7 @@ private:
     PhaseClock<kPhases> clock_;
     std::vector<uint8_t> act_[3];  // prepared activations per ActFormat
     std::vector<Tile> tiles_;
+    std::vector<int64_t> node_tasks_;  // tiles_ per node group
     std::vector<float> h_, q_, k_, v_, attn_, o_, ffn_, g_, u_, d_, logits_, scores_;
     std::vector<uint8_t> o_act_;  // o by kv-head groups (attention_decode_output): their activations
     std::vector<float> o_partial_;  // and their partial sums

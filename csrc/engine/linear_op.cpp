@@ -4,6 +4,7 @@
 #include <stdexcept>
 
 #include "engine/activations.h"
+#include "engine/numa.h"
 
 namespace tandem {
 
@@ -58,7 +59,9 @@ uint8_t* aligned_scratch(std::vector<uint8_t>& buf, size_t n) {
 
 LinearOp::LinearOp(std::shared_ptr<ThreadPool> pool, const VariantKernels& kernels, WeightMatrix weight,
                    GemmPath gemm)
-    : pool_(std::move(pool)), kernels_(kernels), weight_(weight), gemm_(gemm) {}
+    : pool_(std::move(pool)), kernels_(kernels), weight_(weight), gemm_(gemm) {
+    place_rows(*pool_, weight_);
+}
 
 void LinearOp::forward(const float* x, int64_t n_tok, int64_t x_stride, float* out) {
     if (n_tok <= 0) return;
@@ -80,15 +83,26 @@ void LinearOp::forward(const float* x, int64_t n_tok, int64_t x_stride, float* o
     prepare_activations(*pool_, kernels_, format, x, n_tok, w.cols, x_stride, act);
 
     const TileShape tile = choose_tiles(w.rows, n_tok, pool_->size());
-    const int64_t row_tiles = (w.rows + tile.rows - 1) / tile.rows;
     const int64_t tok_tiles = (n_tok + tile.tokens - 1) / tile.tokens;
+    // Row tiles node by node (engine/numa.h): group g's rows for group g's threads.
+    row_tiles_.clear();
+    node_tasks_.assign(static_cast<size_t>(pool_->n_nodes()), 0);
+    for (int g = 0; g < pool_->n_nodes(); ++g) {
+        const int64_t end = node_row_edge(*pool_, w.rows, g + 1);
+        for (int64_t r0 = node_row_edge(*pool_, w.rows, g); r0 < end; r0 += tile.rows) {
+            row_tiles_.push_back(r0);
+            node_tasks_[static_cast<size_t>(g)] += tok_tiles;
+        }
+    }
     const DotRowsFn dot = w.kernel->dot_rows;
     // Token tiles innermost in the task order: consecutive tasks of one thread's
     // range share weight rows, which then come from cache.
-    pool_->parallel_for(row_tiles * tok_tiles, [&](int64_t task, int) {
-        const int64_t r0 = (task / tok_tiles) * tile.rows;
+    pool_->parallel_for_nodes(node_tasks_.data(), [&](int64_t task, int) {
+        const int64_t i = task / tok_tiles, r0 = row_tiles_[static_cast<size_t>(i)];
         const int64_t t0 = (task % tok_tiles) * tile.tokens;
-        const int64_t nr = std::min(tile.rows, w.rows - r0);
+        // A tile ends where the next begins (slices of the groups are adjacent).
+        const int64_t end = i + 1 < static_cast<int64_t>(row_tiles_.size()) ? row_tiles_[i + 1] : w.rows;
+        const int64_t nr = end - r0;
         const int64_t nt = std::min(tile.tokens, n_tok - t0);
         dot(w.data + r0 * w.row_bytes, w.row_bytes, nr, w.cols, act + t0 * arb, arb, nt, out + t0 * w.rows + r0,
             w.rows);

@@ -38,6 +38,8 @@ private:
     GemmScratch gemm_scratch_;
 
     std::vector<uint8_t> laid_;  // the call's tokens laid out (LaidOutKernel)
+    std::vector<int64_t> row_tiles_;   // a dot call's row tiles, node by node (first rows)
+    std::vector<int64_t> node_tasks_;  // and its tasks per node group
 
     void forward_gemm(const float* x, int64_t n_tok, int64_t x_stride, float* out);
     void forward_laid_out(const float* x, int64_t n_tok, int64_t x_stride, float* out);

@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "engine/activations.h"
+#include "engine/numa.h"
 
 namespace tandem {
 namespace {
@@ -93,6 +94,7 @@ MoEOp::MoEOp(std::shared_ptr<ThreadPool> pool, const VariantKernels& kernels, We
     if (up.n_experts != gate.n_experts || down.n_experts != gate.n_experts || up.rows != gate.rows ||
         up.cols != gate.cols || down.rows != gate.cols || down.cols != gate.rows)
         throw std::invalid_argument("experts: gate, up and down shapes disagree");
+    for (const WeightMatrix* w : {&gate_, &up_, &down_}) place_rows(*pool_, *w);
 }
 
 void MoEOp::submit(const MoECall& call) {
@@ -408,24 +410,40 @@ void MoEOp::one_token_gate_up(int64_t e, int64_t r0, int64_t nr, const uint8_t* 
     kernels_.silu_mul(g + r0, u + r0, nr);
 }
 
-// One token in one parallel loop. Tasks are handed out in order from one counter: first
-// the gate/up tiles of every slot, slot by slot, then the down tiles, slot by slot. The
-// task that finishes a slot's last gate/up tile prepares its h and marks it ready; a down
-// task of that slot waits for the mark (every gate/up task is already taken by then, so
-// the wait is at most one task long). The task that finishes a down tile's last slot sums
-// w_j down_j h_j over the slots in slot order, as forward_one's two loops and the
-// many-token path do, so all three agree bit for bit. No barrier stands between gate/up
-// and down: threads done with gate/up start on the first slots' down rows at once.
+// One token in one parallel loop. Tasks are handed out in order: first the gate/up tiles
+// of every slot, slot by slot, then the down tiles, slot by slot. The task that finishes
+// a slot's last gate/up tile prepares its h and marks it ready; a down task of that slot
+// waits for the mark (every gate/up task is already taken by then, so the wait is at most
+// one task long). The task that finishes a down tile's last slot sums w_j down_j h_j over
+// the slots in slot order, as forward_one's two loops and the many-token path do, so all
+// three agree bit for bit. No barrier stands between gate/up and down: threads done with
+// gate/up start on the first slots' down rows at once.
+// On several NUMA nodes (engine/numa.h) each group of threads has its own rows of every
+// matrix, and its own counters for them: a thread takes its group's gate/up tiles, then
+// the other groups' left, then its group's down tiles, then the others'.
 void MoEOp::one_loop(const MoECall& call, const DecodeSplit& split, const uint8_t* xg, const uint8_t* xu) {
     const int64_t H = gate_.cols, I = gate_.rows, n = static_cast<int64_t>(slots_.size());
     ThreadPool& pool = *pool_;
     const int64_t threads = pool.size();
+    const int groups = pool.n_nodes();
     const ActFormat fd = down_.kernel->act;
     const size_t arb_d = act_row_bytes(fd, I);
     const int64_t rows_i = one_token_rows(I, n, threads, gate_.row_bytes + up_.row_bytes, split);
     const int64_t rows_h = one_token_rows(H, n, threads, down_.row_bytes, split);
-    const int64_t tiles_i = (I + rows_i - 1) / rows_i, tiles_h = (H + rows_h - 1) / rows_h;
-    const int64_t n_gate_up = n * tiles_i, n_tasks = n_gate_up + n * tiles_h;
+    // Row tiles node by node: tiles [first_i[g], first_i[g + 1]) of I are group g's.
+    auto cut = [&](int64_t rows, int64_t tile, std::vector<int64_t>& starts, std::vector<int64_t>& first) {
+        starts.clear();
+        first.assign(1, 0);
+        for (int g = 0; g < groups; ++g) {
+            const int64_t end = node_row_edge(pool, rows, g + 1);
+            for (int64_t r0 = node_row_edge(pool, rows, g); r0 < end; r0 += tile) starts.push_back(r0);
+            first.push_back(static_cast<int64_t>(starts.size()));
+        }
+        starts.push_back(rows);  // a tile ends where the next begins
+    };
+    cut(I, rows_i, tile_i_, first_i_);
+    cut(H, rows_h, tile_h_, first_h_);
+    const int64_t tiles_i = first_i_[groups], tiles_h = first_h_[groups];
     gate_out_.resize(std::max<size_t>(gate_out_.size(), static_cast<size_t>(n * I)));
     up_out_.resize(std::max<size_t>(up_out_.size(), static_cast<size_t>(n * I)));
     y_.resize(std::max<size_t>(y_.size(), static_cast<size_t>(n * H)));
@@ -433,40 +451,55 @@ void MoEOp::one_loop(const MoECall& call, const DecodeSplit& split, const uint8_
     float* u = up_out_.data();
     float* y = y_.data();
     uint8_t* h = scratch(h_act_, arb_d * n);
-    std::atomic<int64_t>* gate_up_left = counters_.get(static_cast<size_t>(2 * n + tiles_h + 1));
+    std::atomic<int64_t>* gate_up_left = counters_.get(static_cast<size_t>(2 * n + tiles_h + 2 * groups));
     std::atomic<int64_t>* ready = gate_up_left + n;
     std::atomic<int64_t>* slots_left = ready + n;
-    std::atomic<int64_t>& next = slots_left[tiles_h];
+    std::atomic<int64_t>* next_gate_up = slots_left + tiles_h;  // per group
+    std::atomic<int64_t>* next_down = next_gate_up + groups;
     for (int64_t s = 0; s < n; ++s) {
         gate_up_left[s].store(tiles_i, std::memory_order_relaxed);
         ready[s].store(0, std::memory_order_relaxed);
     }
     for (int64_t t = 0; t < tiles_h; ++t) slots_left[t].store(n, std::memory_order_relaxed);
-    next.store(0, std::memory_order_relaxed);  // parallel_for's publication orders these before the loop
+    for (int q = 0; q < groups; ++q) {
+        next_gate_up[q].store(0, std::memory_order_relaxed);
+        next_down[q].store(0, std::memory_order_relaxed);
+    }  // parallel_for's publication orders these before the loop
 
-    pool.parallel_for(threads, [&](int64_t, int) {
-        for (;;) {
-            const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
-            if (i >= n_tasks) return;
-            if (i < n_gate_up) {
-                const int64_t s = i / tiles_i, r0 = (i % tiles_i) * rows_i, nr = std::min(rows_i, I - r0);
+    pool.parallel_for(threads, [&](int64_t, int thread) {
+        const int own = pool.node_of_thread(thread);
+        for (int q = 0; q < groups; ++q) {  // gate/up: the group's tiles, then the others'
+            const int grp = (own + q) % groups;
+            const int64_t count = first_i_[grp + 1] - first_i_[grp];
+            for (;;) {
+                const int64_t i = next_gate_up[grp].fetch_add(1, std::memory_order_relaxed);
+                if (i >= n * count) break;
+                const int64_t s = i / count, tile = first_i_[grp] + i % count;
+                const int64_t r0 = tile_i_[tile], nr = tile_i_[tile + 1] - r0;
                 one_token_gate_up(call.ids[slots_[s]], r0, nr, xg, xu, g + s * I, u + s * I);
                 if (gate_up_left[s].fetch_sub(1, std::memory_order_acq_rel) == 1) {
                     prepare_activation_row(kernels_, fd, g + s * I, I, h + s * arb_d);
                     ready[s].store(1, std::memory_order_release);
                 }
-                continue;
             }
-            const int64_t d = i - n_gate_up, s = d / tiles_h, tile = d % tiles_h;
-            const int64_t r0 = tile * rows_h, nr = std::min(rows_h, H - r0);
-            wait_for(ready[s]);
-            const int64_t e = call.ids[slots_[s]];
-            down_.kernel->dot_rows(down_.matrix(e) + r0 * down_.row_bytes, down_.row_bytes, nr, I, h + s * arb_d,
-                                   arb_d, 1, y + s * H + r0, H);
-            if (slots_left[tile].fetch_sub(1, std::memory_order_acq_rel) != 1) continue;
-            float* o = call.out + r0;
-            std::fill(o, o + nr, 0.0f);
-            for (int64_t j = 0; j < n; ++j) kernels_.add_scaled(call.weights[slots_[j]], y + j * H + r0, nr, o);
+        }
+        for (int q = 0; q < groups; ++q) {  // down, the same way
+            const int grp = (own + q) % groups;
+            const int64_t count = first_h_[grp + 1] - first_h_[grp];
+            for (;;) {
+                const int64_t i = next_down[grp].fetch_add(1, std::memory_order_relaxed);
+                if (i >= n * count) break;
+                const int64_t s = i / count, tile = first_h_[grp] + i % count;
+                const int64_t r0 = tile_h_[tile], nr = tile_h_[tile + 1] - r0;
+                wait_for(ready[s]);
+                const int64_t e = call.ids[slots_[s]];
+                down_.kernel->dot_rows(down_.matrix(e) + r0 * down_.row_bytes, down_.row_bytes, nr, I,
+                                       h + s * arb_d, arb_d, 1, y + s * H + r0, H);
+                if (slots_left[tile].fetch_sub(1, std::memory_order_acq_rel) != 1) continue;
+                float* o = call.out + r0;
+                std::fill(o, o + nr, 0.0f);
+                for (int64_t j = 0; j < n; ++j) kernels_.add_scaled(call.weights[slots_[j]], y + j * H + r0, nr, o);
+            }
         }
     });
     clock_.mark(kMoEDown);  // gate/up, h and down in one loop, timed as one

@@ -113,6 +113,7 @@ private:
     void one_token_gate_up(int64_t e, int64_t r0, int64_t nr, const uint8_t* xg, const uint8_t* xu, float* g,
                            float* u) const;
     std::vector<int64_t> slots_;  // forward_one: the slots with a valid expert id
+    std::vector<int64_t> tile_i_, first_i_, tile_h_, first_h_;  // one_loop's row tiles, node by node
     // one_loop's counters: gate/up tiles left per slot, whether a slot's h is ready, slots
     // left per down tile, the next task.
     LoopCounters counters_;

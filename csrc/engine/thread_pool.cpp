@@ -58,20 +58,16 @@ std::vector<int> parse_cpu_list(const std::string& text) {
     return out;
 }
 
-int node_of(int cpu) {
-    for (int node = 0; node < 64; ++node) {
-        const std::string list = read_text("/sys/devices/system/node/node" + std::to_string(node) + "/cpulist");
-        if (list.empty()) {
-            if (node > 0) break;
-            continue;
-        }
-        const auto cpus = parse_cpu_list(list);
+}  // namespace
+
+int node_of_cpu(int cpu) {
+    // Node numbers need not be consecutive: the online list names them.
+    for (int node : parse_cpu_list(read_text("/sys/devices/system/node/online"))) {
+        const auto cpus = parse_cpu_list(read_text("/sys/devices/system/node/node" + std::to_string(node) + "/cpulist"));
         if (std::find(cpus.begin(), cpus.end(), cpu) != cpus.end()) return node;
     }
     return 0;
 }
-
-}  // namespace
 
 void pin_to(int cpu) {
 #if defined(__linux__)
@@ -102,7 +98,7 @@ std::vector<int> cores_in_order() {
         const std::string topo = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
         auto siblings = parse_cpu_list(read_text(topo + "thread_siblings_list"));
         const int rank = static_cast<int>(std::count_if(siblings.begin(), siblings.end(), [&](int s) { return s < cpu; }));
-        keys.emplace_back(node_of(cpu), rank, read_int(topo + "physical_package_id", 0),
+        keys.emplace_back(node_of_cpu(cpu), rank, read_int(topo + "physical_package_id", 0),
                           read_int(topo + "core_id", cpu), cpu);
     }
     std::sort(keys.begin(), keys.end());
@@ -111,7 +107,7 @@ std::vector<int> cores_in_order() {
     return out;
 }
 
-ThreadPool::ThreadPool(int n_threads, bool pin, int spin_us)
+ThreadPool::ThreadPool(int n_threads, bool pin, int spin_us, int node_groups)
     : n_threads_(std::max(1, n_threads)),
       spin_us_(std::max(0, spin_us)),
       ranges_(new Range[static_cast<size_t>(std::max(1, n_threads))]) {
@@ -119,7 +115,32 @@ ThreadPool::ThreadPool(int n_threads, bool pin, int spin_us)
         const auto cores = cores_in_order();
         if (static_cast<int>(cores.size()) >= n_threads_) cpus_.assign(cores.begin(), cores.begin() + n_threads_);
     }
+    group_threads(node_groups);
     for (int t = 1; t < n_threads_; ++t) workers_.emplace_back([this, t] { worker_main(t); });
+}
+
+void ThreadPool::group_threads(int node_groups) {
+    auto node_at = [&](int t) { return cpus_.empty() ? 0 : node_of_cpu(cpus_[static_cast<size_t>(t)]); };
+    node_first_.assign(1, 0);
+    node_ids_.clear();
+    if (node_groups > 1) {
+        const int groups = std::min(node_groups, n_threads_);
+        for (int j = 0; j < groups; ++j) {
+            node_ids_.push_back(node_at(n_threads_ * j / groups));
+            node_first_.push_back(n_threads_ * (j + 1) / groups);
+        }
+    } else {
+        node_ids_.push_back(node_at(0));
+        for (int t = 1; t < n_threads_ && node_groups == 0 && !cpus_.empty(); ++t) {
+            if (node_at(t) == node_ids_.back()) continue;
+            node_first_.push_back(t);
+            node_ids_.push_back(node_at(t));
+        }
+        node_first_.push_back(n_threads_);
+    }
+    node_of_thread_.assign(static_cast<size_t>(n_threads_), 0);
+    for (int j = 0; j < n_nodes(); ++j)
+        for (int t = node_first(j); t < node_first(j + 1); ++t) node_of_thread_[static_cast<size_t>(t)] = j;
 }
 
 ThreadPool::~ThreadPool() {
@@ -144,7 +165,15 @@ ThreadPool::~ThreadPool() {
 // store/load pairs form a Dekker handshake). The caller returns when every
 // task is done, not when every worker has come and gone: a worker still
 // parked when the loop ends (woken late by the OS) costs nothing.
-void ThreadPool::parallel_for(int64_t n_tasks, TaskFn task, void* ctx) {
+void ThreadPool::parallel_for(int64_t n_tasks, TaskFn task, void* ctx) { run_loop(n_tasks, nullptr, task, ctx); }
+
+void ThreadPool::parallel_for_nodes(const int64_t* node_tasks, TaskFn task, void* ctx) {
+    int64_t n_tasks = 0;
+    for (int j = 0; j < n_nodes(); ++j) n_tasks += node_tasks[j];
+    run_loop(n_tasks, n_nodes() > 1 ? node_tasks : nullptr, task, ctx);
+}
+
+void ThreadPool::run_loop(int64_t n_tasks, const int64_t* node_tasks, TaskFn task, void* ctx) {
     if (n_tasks <= 0) return;
     std::lock_guard<std::mutex> loop(loop_mutex_);
     if (n_threads_ == 1 || n_tasks == 1) {
@@ -156,9 +185,22 @@ void ThreadPool::parallel_for(int64_t n_tasks, TaskFn task, void* ctx) {
     while (busy_.load(std::memory_order_seq_cst) != 0) cpu_relax();
     task_ = task;
     ctx_ = ctx;
-    for (int t = 0; t < n_threads_; ++t) {
-        ranges_[t].next.store(n_tasks * t / n_threads_, std::memory_order_relaxed);
-        ranges_[t].end = n_tasks * (t + 1) / n_threads_;
+    if (node_tasks == nullptr) {
+        for (int t = 0; t < n_threads_; ++t) {
+            ranges_[t].next.store(n_tasks * t / n_threads_, std::memory_order_relaxed);
+            ranges_[t].end = n_tasks * (t + 1) / n_threads_;
+        }
+    } else {  // each group's tasks over its own threads
+        int64_t first = 0;
+        for (int j = 0; j < n_nodes(); ++j) {
+            const int64_t n = node_tasks[j];
+            const int t0 = node_first(j), count = node_first(j + 1) - t0;
+            for (int i = 0; i < count; ++i) {
+                ranges_[t0 + i].next.store(first + n * i / count, std::memory_order_relaxed);
+                ranges_[t0 + i].end = first + n * (i + 1) / count;
+            }
+            first += n;
+        }
     }
     done_.store(0, std::memory_order_relaxed);
     generation_.fetch_add(1, std::memory_order_seq_cst);  // even: published

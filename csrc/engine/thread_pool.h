@@ -67,7 +67,11 @@ public:
     // pool a few hundred times per token with torch work between calls; a
     // parked worker costs a futex wake-up (tens of microseconds, in series
     // over the workers) when the next loop starts.
-    explicit ThreadPool(int n_threads, bool pin, int spin_us = kDefaultSpinMicroseconds);
+    // node_groups: 0 groups the threads by the NUMA node of their cores (one group when
+    // unpinned), 1 makes one group whatever the machine (NUMA off), N > 1 makes N equal
+    // groups of consecutive threads, each on the node of its first thread's core (a
+    // machine's nodes simulated, for tests).
+    explicit ThreadPool(int n_threads, bool pin, int spin_us = kDefaultSpinMicroseconds, int node_groups = 0);
     static constexpr int kDefaultSpinMicroseconds = 200;
     ~ThreadPool();
     ThreadPool(const ThreadPool&) = delete;
@@ -85,6 +89,14 @@ public:
     int yield_us() const { return static_cast<int>(yield_us_.load(std::memory_order_relaxed)); }
     const std::vector<int>& cpus() const { return cpus_; }
 
+    // The threads in groups by NUMA node (engine/numa.h): group j is threads
+    // [node_first(j), node_first(j + 1)), on OS node node_id(j). One group on a
+    // machine of one node. Threads of a group are consecutive (cores_in_order).
+    int n_nodes() const { return static_cast<int>(node_ids_.size()); }
+    int node_first(int group) const { return node_first_[static_cast<size_t>(group)]; }
+    int node_id(int group) const { return node_ids_[static_cast<size_t>(group)]; }
+    int node_of_thread(int thread) const { return node_of_thread_[static_cast<size_t>(thread)]; }
+
     // Runs task for every index on all threads and returns when all are done.
     // Calls from different threads are serialized.
     void parallel_for(int64_t n_tasks, TaskFn task, void* ctx);
@@ -93,6 +105,19 @@ public:
     void parallel_for(int64_t n_tasks, F&& body) {
         parallel_for(
             n_tasks, [](void* ctx, int64_t i, int t) { (*static_cast<F*>(ctx))(i, t); },
+            static_cast<void*>(&body));
+    }
+
+    // The same, with the tasks in node order: node_tasks[j] tasks for group j, its
+    // indices after those of groups 0 ... j-1. Group j's threads start on them (each
+    // its own contiguous range), then steal as in parallel_for. With one group this
+    // is parallel_for.
+    void parallel_for_nodes(const int64_t* node_tasks, TaskFn task, void* ctx);
+
+    template <typename F>
+    void parallel_for_nodes(const int64_t* node_tasks, F&& body) {
+        parallel_for_nodes(
+            node_tasks, [](void* ctx, int64_t i, int t) { (*static_cast<F*>(ctx))(i, t); },
             static_cast<void*>(&body));
     }
 
@@ -114,6 +139,8 @@ private:
         int64_t end = 0;
     };
 
+    void run_loop(int64_t n_tasks, const int64_t* node_tasks, TaskFn task, void* ctx);
+    void group_threads(int node_groups);
     void worker_main(int thread);
     void driver_main();
     void run_tasks(int thread);
@@ -123,6 +150,9 @@ private:
     std::atomic<int64_t> spin_us_;
     std::atomic<int64_t> yield_us_{-1};
     std::vector<int> cpus_;  // the core of each thread (empty: not pinned)
+    std::vector<int> node_first_;      // group j: threads [node_first_[j], node_first_[j + 1])
+    std::vector<int> node_ids_;        // OS node of each group
+    std::vector<int> node_of_thread_;  // group of each thread
     std::vector<std::thread> workers_;
     std::unique_ptr<Range[]> ranges_;
 
@@ -149,5 +179,8 @@ private:
 // Logical CPUs this process may use, one per physical core first (hyper-thread
 // siblings after), grouped by NUMA node.
 std::vector<int> cores_in_order();
+
+// The NUMA node of a logical CPU (0 where the machine says nothing).
+int node_of_cpu(int cpu);
 
 }  // namespace tandem

@@ -148,6 +148,7 @@ def memory_floor(weights, decode_tok_s: float) -> dict:
         "cpu_variant": engine.variant,
         "cpu_kernels": engine.kernels,
         "engine_threads": engine.threads,
+        "numa_groups": [list(group) for group in engine.pool.node_groups],  # (node, threads) each
         "decode_prefetch_bytes": engine.prefetch,
         "decode_prefetch_level": engine.prefetch_level,
         "decode_wide": engine.decode_wide,

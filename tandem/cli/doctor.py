@@ -78,6 +78,7 @@ def _cpu_section() -> dict[str, Any]:
         "logical_cores": system.logical_cores(),
         "usable_cores": system.usable_cores(),
         "physical_cores": system.physical_cores(),
+        "numa_nodes": _guarded(system.numa_nodes),
         "features": None,
         "kernel_variant": None,
         "runnable_variants": None,
@@ -180,6 +181,15 @@ def _render_cpu(section: dict[str, Any], memory: Any) -> list[str]:
         f"cores      {section['logical_cores']} logical ({section['usable_cores']} usable by this process), "
         f"{physical if physical is not None else 'unknown'} physical",
     ]
+    nodes = section.get("numa_nodes")
+    if isinstance(nodes, dict) and nodes:
+        listed = ", ".join(f"node {n}: {c} usable CPUs" for n, c in nodes.items())
+        grouping = (
+            "the engine's threads are grouped by node and each group reads its own rows of the weights"
+            if len(nodes) > 1
+            else "one node"
+        )
+        lines.append(f"NUMA       {len(nodes)} ({listed}); {grouping} (${system.NUMA_ENV})")
     if isinstance(memory, dict) and "total" in memory:
         lines.append(
             f"memory     {memory['total'] / GIB:.1f} GiB total, {memory['available'] / GIB:.1f} GiB available"

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 
 from tandem.cpu.features import _native, select_prefill, select_variant
-from tandem.cpu.system import physical_cores, usable_cores
+from tandem.cpu.system import NUMA_ENV, physical_cores, usable_cores
 from tandem.env_switches import switch
 from tandem.errors import TandemError, UnsupportedError
 from tandem.quant.quant_tensor import QuantTensor
@@ -78,6 +78,10 @@ DECODE_O_GROUPS_ENV = "TANDEM_CPU_DECODE_O_GROUPS"
 # two engine calls of a decode step torch runs on the calling thread alone, so
 # spinning workers cost no one anything, while a parked one delays the next
 # call by a wake-up; calls with many tokens let the workers park at once.
+# NUMA ($NUMA_ENV): "auto" groups the pool's threads by the node of their cores, each group
+# owning its share of every weight matrix's rows (placed on its node at load,
+# engine/numa.h); "off" makes one group; N >= 2 simulates N nodes on any machine (tests
+# of the node-by-node task order: every group's memory stays on the node it is on).
 SPIN_ENV = "TANDEM_CPU_SPIN_US"
 DEFAULT_SPIN_US = 200
 # The spin once the engine serves a model on a GPU (CPUEngine.serve_gpu_steps): on the
@@ -102,6 +106,20 @@ def _int_env(name: str, default: int, low: int, high: int) -> int:
     return value
 
 
+def numa_groups() -> int:
+    """$TANDEM_CPU_NUMA as the pool's node_groups: auto 0, off 1, N >= 2 simulated nodes."""
+    raw = os.environ.get(NUMA_ENV, "").strip().lower()
+    if raw in ("", "auto"):
+        return 0
+    if raw in ("off", "0", "1"):
+        return 1
+    if raw.isdigit() and 2 <= int(raw) <= 4096:
+        return int(raw)
+    raise TandemError(
+        f"{NUMA_ENV} must be auto, off or a node count 2 ... 4096, got {os.environ[NUMA_ENV]!r}"
+    )
+
+
 def default_threads() -> int:
     """One thread per physical core this process may use: hyper-thread pairs share vector units."""
     return max(1, min(physical_cores() or usable_cores(), usable_cores()))
@@ -119,6 +137,7 @@ class CPUEngine:
         gemm_min_tokens: int | None = None,
         gemm_int8_first: bool | None = None,
         attention_bf16: bool | None = None,
+        node_groups: int | None = None,
     ):
         self.variant = select_variant(override=variant)
         self.kernels = self.variant  # the dot kernels' table (the amx one adds AMX-INT8 tiles to avx512's)
@@ -165,8 +184,11 @@ class CPUEngine:
         _native().set_decode_streams(self.decode_streams)
         _native().set_decode_split(self.decode_loops == 1, self.decode_tasks, self.decode_task_kib << 10)
         _native().set_decode_output_by_groups(self.decode_o_groups)
+        self.node_groups = numa_groups() if node_groups is None else node_groups
         # Pinning more threads than cores would stack two on one core for good.
-        self.pool = _native().ThreadPool(self.threads, pin and self.threads <= usable_cores(), self.spin_us)
+        self.pool = _native().ThreadPool(
+            self.threads, pin and self.threads <= usable_cores(), self.spin_us, self.node_groups
+        )
 
     def supports(self, ggml_type) -> bool:
         return int(ggml_type) in _native().kernel_types(self.kernels)

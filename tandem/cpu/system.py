@@ -55,6 +55,39 @@ def _split_field(line: str) -> tuple[str, str, str]:
     return line.partition(":")
 
 
+# How the CPU engine groups its threads by NUMA node (tandem.cpu.engine.numa_groups).
+NUMA_ENV = "TANDEM_CPU_NUMA"
+
+
+def numa_nodes() -> dict[int, int]:
+    """Online NUMA nodes and how many of their logical CPUs this process may use ({} if unknown)."""
+    root = Path("/sys/devices/system/node")
+    try:
+        online = _cpu_list(root.joinpath("online").read_text())
+    except OSError:
+        return {}
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    nodes = {}
+    for node in online:
+        try:
+            cpus = _cpu_list(root.joinpath(f"node{node}", "cpulist").read_text())
+        except OSError:
+            continue
+        nodes[node] = len([c for c in cpus if usable is None or c in usable])
+    return nodes
+
+
+def _cpu_list(text: str) -> list[int]:
+    """Linux's list format: "0-3,8,10-11" -> [0, 1, 2, 3, 8, 10, 11]."""
+    out: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        out += range(int(first), int(last or first) + 1)
+    return out
+
+
 def memory() -> dict[str, int] | None:
     """{'total': bytes, 'available': bytes} from /proc/meminfo; None where it is missing."""
     try:
