@@ -44,6 +44,7 @@ def test_json_moe(tiny_moe, capsys):
     # A tiny model fits in cache, so its decode may beat the DRAM floor: only positivity must hold.
     assert report["decode_floor_tok_s"] > 0 and report["decode_fraction_of_floor"] > 0
     assert report["decode_layers_fused"] == report["decode_layers"] == 2  # both layers ran fused
+    assert sum(threads for _, threads in report["numa_groups"]) == report["engine_threads"]
 
 
 def test_json_dense_has_no_floor(tiny_dense, capsys):
