@@ -203,6 +203,8 @@ void bind_engine(nb::module_& m) {
         .def_prop_rw("yield_us", &ThreadPool::yield_us, &ThreadPool::set_yield_us,
                      "After this long idle, spinning workers yield their cores between polls (negative: never).")
         .def_prop_ro("size", &ThreadPool::size)
+        .def_prop_rw("steal_peek", &ThreadPool::steal_peek, &ThreadPool::set_steal_peek,
+                     "Whether idle threads read another's range before taking from it (benchmarks).")
         .def_prop_ro("cpus", &ThreadPool::cpus, "The core each thread is pinned to (empty: not pinned).")
         .def_prop_ro(
             "node_groups",
@@ -221,6 +223,16 @@ void bind_engine(nb::module_& m) {
         },
         nb::arg("pool"), nb::arg("variant"), nb::arg("data"), nb::arg("bytes"), nb::arg("repeats") = 3,
         nb::call_guard<nb::gil_scoped_release>(), "Best of `repeats` reads of the buffer, bytes per second.");
+    m.def(
+        "loop_seconds",
+        [](ThreadPool& pool, const std::string& variant, uintptr_t data, size_t bytes, int64_t n_tasks,
+           size_t task_bytes, int loops) {
+            return loop_seconds(pool, kernels_named(variant), ptr<const unsigned char>(data), bytes, n_tasks,
+                                task_bytes, loops);
+        },
+        nb::arg("pool"), nb::arg("variant"), nb::arg("data"), nb::arg("bytes"), nb::arg("n_tasks"),
+        nb::arg("task_bytes"), nb::arg("loops"), nb::call_guard<nb::gil_scoped_release>(),
+        "Mean seconds per loop of n_tasks tasks reading task_bytes each (benchmarks/pool_loop_bench.py).");
     m.def(
         "read_words",
         [](const std::string& variant, uintptr_t data, size_t bytes) {

@@ -15,6 +15,12 @@ namespace tandem {
 double read_bandwidth(ThreadPool& pool, const VariantKernels& kernels, const unsigned char* data, size_t bytes,
                       int repeats);
 
+// Mean seconds per parallel loop of n_tasks tasks, each reading task_bytes (from memory:
+// every loop reads the next part of `bytes` of data, cycling), over `loops` loops back to
+// back: with task_bytes 0 the pool's own cost of a loop, otherwise a decode phase's shape.
+double loop_seconds(ThreadPool& pool, const VariantKernels& kernels, const unsigned char* data, size_t bytes,
+                    int64_t n_tasks, size_t task_bytes, int loops);
+
 // Maps every page of [data, data + bytes) into the process now, with all
 // threads, so that the first decode steps do not pay a page fault per 4 KiB
 // of weights they touch (mmap maps a file's pages lazily, on first access).

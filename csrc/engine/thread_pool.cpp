@@ -213,10 +213,15 @@ void ThreadPool::run_loop(int64_t n_tasks, const int64_t* node_tasks, TaskFn tas
 }
 
 void ThreadPool::run_tasks(int thread) {
-    // Own range first, then the others', nearest thread first.
+    // Own range first, then the others', nearest thread first. Another's range is read
+    // before it is taken from: at a loop's end every thread goes through every range, and
+    // an atomic add on each would pull every range's line from core to core, exclusive,
+    // while the last tasks run; a read leaves it shared.
+    const bool peek = steal_peek_.load(std::memory_order_relaxed);
     int64_t ran = 0;
     for (int step = 0; step < n_threads_; ++step) {
         Range& range = ranges_[(thread + step) % n_threads_];
+        if (step > 0 && peek && range.next.load(std::memory_order_relaxed) >= range.end) continue;
         for (;;) {
             const int64_t i = range.next.fetch_add(1, std::memory_order_relaxed);
             if (i >= range.end) break;

@@ -86,6 +86,10 @@ public:
     // Python thread of a GPU model's decode loop) then runs at once instead of waiting
     // for a time slice. Negative: never (the default).
     void set_yield_us(int yield_us) { yield_us_.store(yield_us, std::memory_order_relaxed); }
+    // Whether a thread out of tasks reads another's range before it takes from it (on, the
+    // default), or takes at once (an atomic add on every range, the former way; benchmarks).
+    void set_steal_peek(bool on) { steal_peek_.store(on, std::memory_order_relaxed); }
+    bool steal_peek() const { return steal_peek_.load(std::memory_order_relaxed); }
     int yield_us() const { return static_cast<int>(yield_us_.load(std::memory_order_relaxed)); }
     const std::vector<int>& cpus() const { return cpus_; }
 
@@ -149,6 +153,7 @@ private:
     int n_threads_;
     std::atomic<int64_t> spin_us_;
     std::atomic<int64_t> yield_us_{-1};
+    std::atomic<bool> steal_peek_{true};
     std::vector<int> cpus_;  // the core of each thread (empty: not pinned)
     std::vector<int> node_first_;      // group j: threads [node_first_[j], node_first_[j + 1])
     std::vector<int> node_ids_;        // OS node of each group
